@@ -1,0 +1,1 @@
+"""Shared core: image I/O, batch runner, faces (detection, alignment, paste-back), devices."""

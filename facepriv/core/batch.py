@@ -1,0 +1,260 @@
+"""The batch runner every command uses on folders of photos.
+
+* Inputs: files, folders (recursive, ``glob``), or text lists (``@list.txt`` / ``*.txt``, one
+  path per line, ``#`` comments). The output tree mirrors the input tree under ``out``.
+* One bad file never stops the batch: its error is recorded and reported at the end.
+* A JSONL manifest (``out/manifest.jsonl``; ``manifest.rankN.jsonl`` per process under
+  accelerate) gets one line per input as soon as it is done: input, output, status, faces,
+  timings, error, and a hash of the settings. ``resume=True`` skips inputs whose last record
+  succeeded with the same settings, an unchanged input and an existing output.
+* Outputs are written atomically by the commands (see :mod:`facepriv.core.io`); Ctrl-C stops
+  after the current file is finished or discarded, never leaving a half-written one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, FaceprivError
+from .io import IMAGE_SUFFIXES
+from .progress import make_progress, stderr_console
+
+OK_STATUSES = ("ok", "copied", "skipped")
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    path: Path  # absolute input path
+    rel: Path  # relative path under the output folder
+
+
+@dataclass
+class ItemResult:
+    status: str = "ok"  # ok | copied (no face, copied through) | skipped | error
+    output: Path | None = None
+    faces: int = 0
+    error: str | None = None
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    counts: dict[str, int]
+    failures: list[tuple[str, str]]
+    resumed: int
+    elapsed: float
+    manifest: Path
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("error", 0)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def to_json(self) -> dict:
+        return {
+            "total": self.total, "counts": self.counts, "resumed": self.resumed,
+            "failures": [{"input": p, "error": e} for p, e in self.failures],
+            "elapsed_s": round(self.elapsed, 3), "manifest": str(self.manifest),
+            "interrupted": self.interrupted,
+        }
+
+
+def _is_image(p: Path, glob: str | None) -> bool:
+    if p.name.startswith("."):
+        return False
+    if glob:
+        return fnmatch.fnmatch(p.name, glob) or fnmatch.fnmatch(p.as_posix(), glob)
+    return p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _read_list(path: Path) -> list[Path]:
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line).expanduser()
+            out.append(p if p.is_absolute() else (path.parent / p))
+    return out
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], *, glob: str | None = None, recursive: bool = True,
+                   exclude: Iterable[Path] = ()) -> list[InputItem]:
+    """Expand files, folders and list files into input items with output-relative paths.
+
+    With one folder the outputs mirror its tree; with several arguments each one's outputs go
+    under a sub-folder named after it, so names never collide. ``exclude``: folders never
+    entered (the output folder, when it sits inside an input folder).
+    """
+    excl = [Path(e).resolve() for e in exclude]
+    groups: list[tuple[Path, list[tuple[Path, Path]]]] = []
+    for raw in inputs:
+        s = str(raw)
+        is_list = s.startswith("@")
+        p = Path(s[1:] if is_list else s).expanduser()
+        if not p.exists():
+            raise ConfigError(f"input {p} does not exist")
+        if is_list or (p.is_file() and p.suffix.lower() in LIST_SUFFIXES):
+            files = _read_list(p)
+            groups.append((p, [(f, Path(f.name)) for f in files]))
+        elif p.is_dir():
+            root = p.resolve()
+            found = []
+            walker = root.rglob("*") if recursive else root.glob("*")
+            for f in sorted(walker):
+                if any(f == e or e in f.parents for e in excl):
+                    continue
+                if any(part.startswith(".") for part in f.relative_to(root).parts[:-1]):
+                    continue
+                if f.is_file() and _is_image(f, glob):
+                    found.append((f, f.relative_to(root)))
+            groups.append((p, found))
+        else:
+            groups.append((p, [(p, Path(p.name))]))
+    multi = len(groups) > 1
+    items: list[InputItem] = []
+    seen: dict[Path, Path] = {}
+    for arg, files in groups:
+        prefix = Path(arg.stem if arg.is_file() and arg.suffix.lower() in LIST_SUFFIXES else arg.name)
+        for f, rel in files:
+            rel = (prefix / rel) if (multi and arg.is_dir()) else rel
+            if rel in seen and seen[rel] != f.resolve():
+                raise ConfigError(f"two inputs map to the same output {rel}: {seen[rel]} and {f}")
+            seen[rel] = f.resolve()
+            items.append(InputItem(f.resolve(), rel))
+    return items
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Manifest:
+    """Append-only JSONL record of a batch run (one line per input, flushed immediately)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @staticmethod
+    def read_all(out_dir: Path) -> list[dict]:
+        rows = []
+        for f in sorted(Path(out_dir).glob("manifest*.jsonl")):
+            for line in f.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut short by a crash is ignored
+        return rows
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _stamp(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def done_inputs(out_dir: Path, cfg_hash: str) -> set[str]:
+    """Inputs whose latest record in the manifests succeeded with these settings and still holds."""
+    latest: dict[str, dict] = {}
+    for row in Manifest.read_all(out_dir):
+        if "input" in row:
+            latest[row["input"]] = row
+    done = set()
+    for inp, row in latest.items():
+        if row.get("status") not in OK_STATUSES or row.get("config") != cfg_hash:
+            continue
+        p = Path(inp)
+        try:
+            if [row.get("input_size"), row.get("input_mtime_ns")] != list(_stamp(p)):
+                continue
+        except OSError:
+            continue
+        out = row.get("output")
+        if out and not Path(out).exists():
+            continue
+        done.add(inp)
+    return done
+
+
+def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], ItemResult], *,
+              out_dir: str | os.PathLike, config: dict, resume: bool = False, description: str = "processing",
+              output_suffix: str | None = None, rank: int | None = None, world_size: int = 1,
+              progress: bool = True, verbose: bool = False, command: str = "") -> BatchSummary:
+    """Run ``process(item, output_path)`` over ``items``; see the module docstring.
+
+    ``rank``/``world_size`` shard the items across processes (each writes its own manifest).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config_hash(config)
+    if world_size > 1:
+        items = list(items)[(rank or 0)::world_size]
+    name = "manifest.jsonl" if world_size <= 1 else f"manifest.rank{rank or 0}.jsonl"
+    manifest = Manifest(out_dir / name)
+    already = done_inputs(out_dir, cfg) if resume else set()
+    todo = [it for it in items if str(it.path) not in already]
+    resumed = len(items) - len(todo)
+    counts: dict[str, int] = {}
+    failures: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    interrupted = False
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task(description, total=len(todo))
+        for item in todo:
+            dst = out_dir / item.rel
+            if output_suffix:
+                dst = dst.with_suffix(output_suffix)
+            t_item = time.perf_counter()
+            try:
+                res = process(item, dst)
+            except KeyboardInterrupt:
+                interrupted = True
+                break
+            except FaceprivError as exc:
+                res = ItemResult(status="error", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
+                msg = f"{type(exc).__name__}: {exc}"
+                if verbose:
+                    msg += "\n" + traceback.format_exc()
+                res = ItemResult(status="error", error=msg)
+            res.timings.setdefault("total_s", round(time.perf_counter() - t_item, 4))
+            counts[res.status] = counts.get(res.status, 0) + 1
+            if res.status == "error":
+                failures.append((str(item.path), res.error or "unknown error"))
+            try:
+                size, mtime = _stamp(item.path)
+            except OSError:
+                size, mtime = None, None
+            manifest.append({
+                "input": str(item.path), "output": str(res.output) if res.output else None,
+                "status": res.status, "faces": res.faces, "error": res.error, "timings": res.timings,
+                "config": cfg, "input_size": size, "input_mtime_ns": mtime, "command": command,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **res.extra,
+            })
+            bar.advance(task)
+    if interrupted:
+        stderr_console.print("[yellow]interrupted: finished files are kept, rerun with --resume to continue")
+    return BatchSummary(len(items), counts, failures, resumed, time.perf_counter() - t0, manifest.path, interrupted)

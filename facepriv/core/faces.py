@@ -1,0 +1,102 @@
+"""Detected faces and the detector interface.
+
+A detector takes an RGB ``uint8`` image ``(H, W, 3)`` and returns :class:`Face` objects with a
+box, a score and five landmarks in a fixed order, in image pixel coordinates:
+
+    0 left eye, 1 right eye, 2 nose tip, 3 left mouth corner, 4 right mouth corner
+
+"left" means the left side **of the image** (the subject's right), as in MTCNN and the
+ArcFace template. Detectors that report another order must reorder to this one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+@dataclass
+class Face:
+    box: np.ndarray  # (4,) float32: x1, y1, x2, y2
+    landmarks: np.ndarray  # (5, 2) float32, order LANDMARK_NAMES
+    score: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def size(self) -> float:
+        """Shorter side of the box in pixels (what --min-face-size compares against)."""
+        return min(self.width, self.height)
+
+    def to_json(self) -> dict:
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+            "score": round(float(self.score), 4),
+        }
+
+
+class FaceDetector(ABC):
+    """Interface every face detector implements."""
+
+    name: str = "detector"
+
+    @abstractmethod
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in an RGB uint8 image, best first."""
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[list[Face]]:
+        return [self.detect(im) for im in images]
+
+
+def order_landmarks(points: np.ndarray) -> np.ndarray:
+    """Put five landmarks into facepriv's order (image-left eye/mouth corner first).
+
+    Useful for detectors whose "left" means the subject's left.
+    """
+    pts = np.asarray(points, dtype=np.float32).reshape(5, 2).copy()
+    if pts[0, 0] > pts[1, 0]:
+        pts[[0, 1]] = pts[[1, 0]]
+    if pts[3, 0] > pts[4, 0]:
+        pts[[3, 4]] = pts[[4, 3]]
+    return pts
+
+
+ON_NO_FACE = ("skip", "copy", "error")
+
+
+@dataclass
+class FacePolicy:
+    """Which detected faces a command works on, and what to do when there are none.
+
+    on_no_face: ``skip`` (write nothing), ``copy`` (write the image through unchanged, metadata
+    still stripped) or ``error`` (count the file as failed). max_faces keeps the largest N;
+    min_face_size drops faces whose box's shorter side is smaller (pixels).
+    """
+
+    on_no_face: str = "copy"
+    max_faces: int | None = None
+    min_face_size: float = 20.0
+
+    def __post_init__(self):
+        if self.on_no_face not in ON_NO_FACE:
+            raise ValueError(f"on_no_face must be one of {ON_NO_FACE}, not {self.on_no_face!r}")
+        if self.max_faces is not None and self.max_faces < 1:
+            raise ValueError("max_faces must be at least 1")
+
+    def select(self, faces: list[Face]) -> list[Face]:
+        kept = [f for f in faces if f.size >= self.min_face_size]
+        if self.max_faces is not None:
+            kept = sorted(kept, key=lambda f: f.width * f.height, reverse=True)[: self.max_faces]
+        return kept

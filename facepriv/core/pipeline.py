@@ -1,0 +1,66 @@
+"""Load -> detect -> edit faces -> save: the per-photo step every command shares.
+
+Commands (deid, protect, patch apply) provide only the edit function; this module applies the
+face policy, the output options and the bookkeeping the batch runner records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .batch import InputItem, ItemResult
+from .errors import NoFaceError
+from .faces import Face, FaceDetector, FacePolicy
+from .io import DEFAULT_MAX_PIXELS, LoadedImage, load_image, save_image
+
+
+@dataclass
+class SaveOptions:
+    quality: int = 95
+    keep_metadata: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if not 1 <= int(self.quality) <= 100:
+            raise ValueError("quality must be between 1 and 100")
+
+
+EditFn = Callable[[torch.Tensor, list[Face], LoadedImage], torch.Tensor]
+
+
+def process_photo(item: InputItem, dst: Path, *, detector: FaceDetector, policy: FacePolicy, edit: EditFn,
+                  save: SaveOptions, device: torch.device | str = "cpu") -> ItemResult:
+    """Run ``edit(image_tensor, faces, loaded)`` on one photo and write the result to ``dst``.
+
+    ``image_tensor`` is float RGB (3, H, W) in [0, 1] on ``device``; ``edit`` returns the same.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    img = load_image(item.path, max_pixels=save.max_pixels)
+    timings["load_s"] = round(time.perf_counter() - t, 4)
+    t = time.perf_counter()
+    faces = policy.select(detector.detect(img.rgb))
+    timings["detect_s"] = round(time.perf_counter() - t, 4)
+    if not faces:
+        if policy.on_no_face == "error":
+            raise NoFaceError(f"no face found in {item.path}")
+        if policy.on_no_face == "skip":
+            return ItemResult(status="skipped", faces=0, timings=timings, extra={"reason": "no face"})
+        t = time.perf_counter()
+        save_image(img, dst, quality=save.quality, keep_metadata=save.keep_metadata)
+        timings["save_s"] = round(time.perf_counter() - t, 4)
+        return ItemResult(status="copied", output=dst, faces=0, timings=timings, extra={"reason": "no face"})
+    t = time.perf_counter()
+    x = img.to_tensor(device)
+    y = edit(x, faces, img)
+    timings["edit_s"] = round(time.perf_counter() - t, 4)
+    t = time.perf_counter()
+    save_image(img.with_pixels(y), dst, quality=save.quality, keep_metadata=save.keep_metadata)
+    timings["save_s"] = round(time.perf_counter() - t, 4)
+    return ItemResult(status="ok", output=dst, faces=len(faces), timings=timings,
+                      extra={"boxes": [f.to_json()["box"] for f in faces]})
