@@ -1,7 +1,8 @@
 """Measure where MTCNN's five landmarks fall in the crops other FR models were trained on.
 
-The ArcFace 112x112 template is published; FaceNet, dlib and the fer expression model were
-trained on crops made differently (detector boxes + margins, dlib's face chips). This script
+The ArcFace 112x112 template is published; FaceNet, dlib, the fer expression model and the
+CelebA-HQ face diffusion models were trained on crops made differently (detector boxes +
+margins, dlib's face chips, the CelebA-HQ/FFHQ eye-mouth rule). This script
 reproduces each crop on real photos, maps MTCNN's landmarks into it and prints the mean
 position of each point - the numbers in ``facepriv/core/align.py``'s TEMPLATES.
 
@@ -48,7 +49,7 @@ def main() -> int:
             return []
         return [(b, p, lm) for b, p, lm in zip(boxes, probs, lms) if p > 0.95]
 
-    acc = {"facenet-160": [], "dlib-150": [], "fer-64": []}
+    acc = {"facenet-160": [], "dlib-150": [], "fer-64": [], "celebahq-256": []}
     dlib_pred = None
     if args.dlib_68 and args.dlib_68.is_file():
         import dlib
@@ -68,12 +69,25 @@ def main() -> int:
         if len(faces) != 1:
             continue  # keep the measurement unambiguous: one clear face per photo
         box, _, lm = faces[0]
+        box, lm = np.asarray(box, dtype=np.float64), np.asarray(lm, dtype=np.float64)
         # FaceNet: facenet-pytorch's crop of the box + margin 32 (of 160), resized to 160x160.
         margin = 32
         bw, bh = box[2] - box[0], box[3] - box[1]
         mx, my = margin * bw / (160 - margin), margin * bh / (160 - margin)
         x0, y0, x1, y1 = box[0] - mx / 2, box[1] - my / 2, box[2] + mx / 2, box[3] + my / 2
         acc["facenet-160"].append((lm - [x0, y0]) * [160 / (x1 - x0), 160 / (y1 - y0)])
+        # CelebA-HQ / FFHQ: the crop rule of Karras et al. (eyes + mouth corners), at 256 px.
+        eye_avg = (lm[0] + lm[1]) / 2
+        mouth_avg = (lm[3] + lm[4]) / 2
+        e2e, e2m = lm[1] - lm[0], mouth_avg - eye_avg
+        xv = e2e - np.array([-e2m[1], e2m[0]])
+        xv = xv / np.hypot(*xv) * max(np.hypot(*e2e) * 2.0, np.hypot(*e2m) * 1.8)
+        yv = np.array([-xv[1], xv[0]])
+        c = eye_avg + e2m * 0.1
+        origin = c - xv - yv  # top-left corner of the square crop
+        basis = np.stack([xv, yv], 1) * 2  # columns: crop x and y axes (full side)
+        uv = np.linalg.solve(basis, (lm - origin).T).T
+        acc["celebahq-256"].append(uv * 256)
         if dlib_pred is not None:
             import dlib
 

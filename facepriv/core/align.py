@@ -54,13 +54,17 @@ TEMPLATES: dict[str, Template] = {
     #  - facenet-160: FaceNet's MTCNN crop (box + 32 px margin at 160 px, as in facenet-pytorch
     #    and Sandberg's LFW evaluation);
     #  - dlib-150: dlib.get_face_chip(size=150, padding=0.25) from the 68-point predictor;
-    #  - fer-64: the OpenCV Haar-cascade face box the fer expression model crops, at 64 px.
+    #  - fer-64: the OpenCV Haar-cascade face box the fer expression model crops, at 64 px;
+    #  - celebahq-256: the CelebA-HQ / FFHQ crop rule (Karras et al.) that pixel-space face
+    #    diffusion models (google/ddpm-celebahq-256) were trained on, at 256 px.
     "facenet-160": Template("facenet-160", (160, 160), (
         (49.53, 68.20), (108.68, 67.51), (79.20, 93.09), (52.78, 112.16), (108.04, 111.15))),
     "dlib-150": Template("dlib-150", (150, 150), (
         (40.54, 34.04), (103.43, 33.97), (71.04, 70.44), (43.23, 97.50), (100.88, 97.91))),
     "fer-64": Template("fer-64", (64, 64), (
         (20.35, 25.37), (43.60, 25.03), (32.02, 38.85), (21.63, 49.18), (43.34, 48.65))),
+    "celebahq-256": Template("celebahq-256", (256, 256), (
+        (96.16, 121.38), (159.78, 121.65), (127.35, 158.71), (98.52, 186.46), (157.97, 186.25))),
 }
 
 
