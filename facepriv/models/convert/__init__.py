@@ -1,0 +1,1 @@
+"""Converters from foreign weight formats (TensorFlow graphs, ...) into torch state dicts."""
