@@ -1,0 +1,162 @@
+"""Shared CLI plumbing: global options, option types, error handling and output.
+
+The CLI only parses arguments, calls the library and prints. Progress bars and messages go to
+stderr; stdout carries the human summary or, with ``--json``, exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..core.errors import ConfigError, FaceprivError
+
+out_console = Console()  # stdout
+err_console = Console(stderr=True)
+
+
+@dataclass
+class GlobalState:
+    device: str = "auto"
+    seed: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    json: bool = False
+
+
+state = GlobalState()
+
+# Global options may be given anywhere on the command line; main() moves them to the front.
+GLOBAL_FLAGS = {"--quiet", "-q", "--verbose", "-v", "--json"}
+GLOBAL_VALUED = {"--device", "--seed"}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move global options that follow a sub-command to the front, where click expects them."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest.extend(argv[i:])
+            break
+        name = a.split("=", 1)[0]
+        if a in GLOBAL_FLAGS:
+            front.append(a)
+        elif name in GLOBAL_VALUED:
+            if "=" in a:
+                front.append(a)
+            elif i + 1 < len(argv):
+                front.extend([a, argv[i + 1]])
+                i += 1
+            else:
+                rest.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
+def handle_errors(fn):
+    """Turn expected failures into a one-line message and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            if state.verbose:
+                err_console.print_exception()
+            raise typer.Exit(2) from None
+        except FaceprivError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            if state.verbose:
+                err_console.print_exception()
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_batch_summary(summary, title: str) -> None:
+    """Human or JSON summary of a batch run; failures are listed with their reasons."""
+    if state.json:
+        emit_json(summary.to_json())
+        return
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("status")
+    table.add_column("files", justify="right")
+    for status, n in sorted(summary.counts.items()):
+        style = {"error": "red", "ok": "green"}.get(status, "yellow")
+        table.add_row(f"[{style}]{status}[/{style}]", str(n))
+    if summary.resumed:
+        table.add_row("[cyan]already done (resume)[/cyan]", str(summary.resumed))
+    out_console.print(table)
+    if summary.failures:
+        out_console.print(f"[red]{len(summary.failures)} file(s) failed:[/red]")
+        for path, err in summary.failures:
+            out_console.print(f"  [bold]{path}[/bold]: {err.splitlines()[0]}")
+    n = sum(summary.counts.values())
+    rate = n / summary.elapsed if summary.elapsed > 0 else 0.0
+    out_console.print(f"{n} processed in {summary.elapsed:.1f} s ({rate:.2f} img/s); manifest: {summary.manifest}")
+
+
+def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what}: expected {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise ConfigError(f"{what}: expected {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def split_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# ----------------------------------------------------------------- shared option types
+Inputs = Annotated[list[Path], typer.Argument(
+    help="Image files, folders (searched recursively) or text files listing paths (@list.txt).",
+    show_default=False)]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; mirrors the input tree.")]
+Glob = Annotated[str | None, typer.Option("--glob", help="Only files whose name matches this pattern, e.g. '*.jpg'.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Skip inputs already done with the same settings (manifest).")]
+Quality = Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality of outputs.")]
+KeepMetadata = Annotated[bool, typer.Option(
+    "--keep-metadata", help="Keep EXIF (never GPS). By default all metadata is stripped.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")]
+Format = Annotated[str | None, typer.Option("--format", help="Output format for all files: jpg, png, webp, tiff, bmp.")]
+OnNoFace = Annotated[str, typer.Option("--on-no-face", help="No face found: skip | copy (unchanged) | error.")]
+MaxFaces = Annotated[int | None, typer.Option("--max-faces", min=1, help="Only the N largest faces per image.")]
+MinFaceSize = Annotated[float, typer.Option("--min-face-size", help="Ignore faces smaller than this (pixels).")]
+Detector = Annotated[str, typer.Option("--detector", help="Face detector from the model registry: mtcnn, yunet, centerface.")]
+
+
+def suffix_of(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    fmt = fmt.lower().lstrip(".")
+    table = {"jpg": ".jpg", "jpeg": ".jpg", "png": ".png", "webp": ".webp", "tif": ".tiff", "tiff": ".tiff", "bmp": ".bmp"}
+    if fmt not in table:
+        raise ConfigError(f"--format {fmt}: use one of jpg, png, webp, tiff, bmp")
+    return table[fmt]

@@ -1,0 +1,82 @@
+"""The interface every de-identification method implements, and the method table."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from ..core.errors import ConfigError
+from ..core.faces import Face
+from ..core.regions import region_mask
+
+
+class DeidMethod(ABC):
+    """Turns the faces of one image into unrecognisable ones.
+
+    ``apply`` takes a float RGB image (3, H, W) in [0, 1] and the faces to treat; it returns
+    a new tensor and never modifies its input. ``strength`` scales the method's main parameter
+    (1.0 = the default, chosen to defeat recognition); ``region`` is face | head | box;
+    ``feather`` the soft-edge width (fraction of the region).
+    """
+
+    name: str = "method"
+    default_feather: float = 0.1
+
+    def __init__(self, *, strength: float = 1.0, region: str = "face", feather: float | None = None):
+        if strength <= 0:
+            raise ConfigError(f"{self.name}: strength must be > 0")
+        self.strength = float(strength)
+        self.region = region
+        self.feather = self.default_feather if feather is None else float(feather)
+
+    @abstractmethod
+    def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
+        ...
+
+    def describe(self) -> dict:
+        return {"method": self.name, "strength": self.strength, "region": self.region, "feather": self.feather}
+
+
+class RegionEffect(DeidMethod):
+    """A method that replaces each face region by ``effect(crop, face)`` blended with its mask."""
+
+    #: extra context (pixels, as a fraction of the face size) the effect needs around the region
+    context: float = 0.0
+
+    @abstractmethod
+    def effect(self, crop: torch.Tensor, face: Face) -> torch.Tensor:
+        """crop: (3, h, w) around the region; returns the same shape."""
+
+    def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
+        out = image.clone()
+        H, W = image.shape[-2:]
+        for face in faces:
+            reg = region_mask(face, (H, W), region=self.region, feather=self.feather, device=image.device)
+            if reg is None:
+                continue
+            pad = int(round(self.context * face.size))
+            y0, y1 = max(0, reg.y0 - pad), min(H, reg.y1 + pad)
+            x0, x1 = max(0, reg.x0 - pad), min(W, reg.x1 + pad)
+            crop = out[:, y0:y1, x0:x1]
+            eff = self.effect(crop, face)[:, reg.y0 - y0: reg.y1 - y0, reg.x0 - x0: reg.x1 - x0]
+            ys, xs = reg.slices
+            out[:, ys, xs] = out[:, ys, xs] * (1 - reg.mask) + eff * reg.mask
+        return out
+
+
+METHODS: dict[str, Callable[..., DeidMethod]] = {}
+
+
+def register_method(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, **kwargs) -> DeidMethod:
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown deid method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+    return cls(**kwargs)
