@@ -1,0 +1,420 @@
+"""``run_protect``: protect every face in photos and folders, with MAP or a noise baseline.
+
+* ``method="map"`` (default): the photos' faces are found first (one pass over the inputs),
+  then a copy of the score network is fine-tuned once for the whole set (or once per group
+  of ``batch_faces`` faces), and each photo is written with its regenerated faces pasted back
+  (only the edit is added, so the rest of the photo keeps its full resolution). Fine-tuning
+  starts lazily when the batch runner reaches the first photo of a group, so ``--resume``,
+  per-file errors and the manifest work as for every other command.
+* ``model=DIR``: reuse a network saved by ``save_model`` - one inversion + generation per face,
+  no tuning, photo by photo.
+* ``method="pgd" | "mifgsm" | "tipim" | ...``: L-inf noise baselines from
+  :mod:`facepriv.protect.baselines`, photo by photo through :func:`core.pipeline.process_photo`.
+
+Under ``accelerate launch`` (several processes) the inputs are sharded by rank (each process
+writes ``manifest.rankN.jsonl``); for MAP each process fine-tunes its own copy on its own shard
+(no gradient exchange; ``save_model`` then writes ``DIR/rankN``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.align import landmarks_tensor
+from ..core.batch import BatchSummary, InputItem, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.errors import ConfigError
+from ..core.faces import Face, FaceDetector, FacePolicy
+from ..core.io import IMAGE_SUFFIXES, load_image
+from ..core.pipeline import SaveOptions, process_photo
+from ..core.progress import make_progress
+from .map.tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, paste_protected
+
+DEFAULT_SCORE_MODEL = "ddpm-celebahq-256"
+BASELINE_METHODS = ("pgd", "mifgsm", "tidim", "tipim")
+METHODS = ("map", *BASELINE_METHODS)
+_INFERENCE_KEYS = ("t0", "n_inv", "n_gen", "mixed_precision", "batch_size")
+
+
+@dataclass
+class ProtectConfig:
+    """What ``facepriv protect`` does; see the CLI help for each option.
+
+    ``map`` is a full :class:`MAPConfig`, or a dict of the MAP settings given explicitly
+    (the rest take MAPConfig's defaults when fine-tuning, and the saved model's values when
+    reusing one with ``model``).
+    """
+
+    method: str = "map"
+    surrogates: list[str] = field(default_factory=lambda: ["dlib-resnet", "facenet-casia"])
+    target: str | None = None  # image or folder of images of the identity to impersonate
+    detector: str = "mtcnn"
+    # MAP
+    map: MAPConfig | dict = field(default_factory=dict)
+    score_model: str | None = None  # registry name, hub id or folder (default ddpm-celebahq-256)
+    model: str | None = None  # a folder written by save_model: protect without fine-tuning
+    save_model: str | None = None
+    expression_model: str = "expr-fer7"
+    expression_ref: str | None = None  # image whose expression the faces should take
+    batch_faces: int | None = None  # fine-tune once per this many faces (None: once for all)
+    feather: float = 0.12
+    # baselines
+    epsilon: float = 8 / 255
+    attack_steps: int = 50
+    step_size: float | None = None
+    baseline_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.method = self.method.strip().lower()
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method != "map" and (self.model or self.save_model):
+            raise ConfigError("--model / --save-model apply to --method map only")
+        if self.model and self.save_model:
+            raise ConfigError("--model reuses a fine-tuned network; --save-model saves one after fine-tuning: "
+                              "give one of them")
+        if self.batch_faces is not None and self.batch_faces < 1:
+            raise ConfigError("batch_faces must be >= 1")
+        for what, p in (("--target", self.target), ("--expression-ref", self.expression_ref),
+                        ("--model", self.model)):
+            if p is not None and not Path(p).expanduser().exists():
+                raise ConfigError(f"{what} {p} does not exist")
+        if self.method == "map" and not self.surrogates:
+            raise ConfigError("MAP needs at least one surrogate face-recognition model")
+        if isinstance(self.map, dict):
+            MAPConfig.from_dict(self.map)  # validate early
+
+    def map_config(self, saved: dict | None = None) -> MAPConfig:
+        if isinstance(self.map, MAPConfig):
+            return self.map
+        return MAPConfig.from_dict({**(saved or {}), **self.map})
+
+    def to_json(self) -> dict:
+        d = asdict(self) if not isinstance(self.map, MAPConfig) else {**asdict(self), "map": asdict(self.map)}
+        return d
+
+
+@dataclass
+class ProtectSummary(BatchSummary):
+    """A batch summary plus what fine-tuning did (losses, conflicts, saved models)."""
+
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "details": self.details}
+
+
+def distributed_context(rank: int | None, world_size: int | None, device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): explicit values, else accelerate's when launched by it."""
+    if rank is not None or (world_size or 1) > 1:
+        return int(rank or 0), int(world_size or 1), device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        st = PartialState()
+        dev = st.device if device.type == st.device.type else device
+        return st.process_index, st.num_processes, dev
+    return 0, 1, device
+
+
+class _CachedDetector(FaceDetector):
+    """Returns the faces found in the first pass for the photo being processed."""
+
+    name = "cached"
+
+    def __init__(self):
+        self.faces: list[Face] = []
+
+    def detect(self, image) -> list[Face]:
+        return list(self.faces)
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return [path]
+
+
+@torch.no_grad()
+def target_reference(target: str | Path, ensemble, detector) -> dict[str, torch.Tensor]:
+    """Embeddings ``{surrogate: (1, D)}`` of the target identity (image or folder, averaged)."""
+    import torch.nn.functional as F
+
+    from ..attacks.reference import reference_from_images
+
+    files = _image_files(Path(target).expanduser())
+    if not files:
+        raise ConfigError(f"--target {target}: no images found")
+    refs = reference_from_images(ensemble, [str(f) for f in files], detector)
+    return {k: F.normalize(v, dim=-1).mean(0, keepdim=True) for k, v in refs.items()}
+
+
+def _largest_face(path: str | Path, detector) -> tuple[torch.Tensor, Face]:
+    from ..core.errors import NoFaceError
+
+    img = load_image(path)
+    faces = detector.detect(img.rgb)
+    if not faces:
+        raise NoFaceError(f"no face found in {path}")
+    return img.to_tensor(), max(faces, key=lambda f: f.width * f.height)
+
+
+def _save_dir(base: str, rank: int, world: int, chunk: int, n_chunks: int) -> Path:
+    p = Path(base).expanduser()
+    if world > 1:
+        p = p / f"rank{rank}"
+    if n_chunks > 1:
+        p = p / f"chunk{chunk:03d}"
+    return p
+
+
+@dataclass
+class _Chunk:
+    index: int
+    items: list[InputItem]
+    faces: int
+    slices: dict[str, slice] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+    tuner: MAPTuner | None = None
+    error: BaseException | None = None
+    remaining: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _plan_chunks(items: list[InputItem], faces_of: dict[str, list[Face]], batch_faces: int | None) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    cur: list[InputItem] = []
+    n = 0
+    for it in items:
+        k = len(faces_of[str(it.path)])
+        if cur and batch_faces is not None and n + k > batch_faces:
+            chunks.append(_Chunk(len(chunks), cur, n))
+            cur, n = [], 0
+        cur.append(it)
+        n += k
+    if cur:
+        chunks.append(_Chunk(len(chunks), cur, n))
+    for c in chunks:
+        c.remaining = len(c.items)
+    return chunks
+
+
+class _MapRun:
+    """The MAP fine-tuning path of :func:`run_protect` (state shared by the per-photo calls)."""
+
+    def __init__(self, cfg: ProtectConfig, device: torch.device, progress: bool, rank: int, world: int):
+        from ..attacks.identity import IdentityReference, SurrogateEnsemble
+        from ..models import create_model
+        from .map.loading import load_base_score_model
+
+        self.cfg = cfg
+        self.mcfg = cfg.map_config()
+        self.device = device
+        self.progress = progress
+        self.rank, self.world = rank, world
+        self.score_ref = cfg.score_model or DEFAULT_SCORE_MODEL
+        self.score = load_base_score_model(self.score_ref, device=device)
+        self.ensemble = SurrogateEnsemble(cfg.surrogates, device=device)
+        self.detector = create_model(cfg.detector, device=device)
+        wants_exp = self.mcfg.w_exp > 0 and (self.mcfg.expression is not None or cfg.expression_ref)
+        self.expr = create_model(cfg.expression_model, device=device) if wants_exp else None
+        if self.expr is not None and self.mcfg.expression is not None and not cfg.expression_ref:
+            try:
+                self.expr.label_index(self.mcfg.expression)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        self.target = None
+        if cfg.target:
+            self.target = IdentityReference(target=target_reference(cfg.target, self.ensemble, self.detector))
+        self.expr_ref = None
+        if cfg.expression_ref and self.expr is not None:
+            from .map.losses import expression_inputs
+
+            x, face = _largest_face(cfg.expression_ref, self.detector)
+            al = align_for_score_model(self.score, x.to(device), landmarks_tensor([face], device))
+            with torch.no_grad():
+                self.expr_ref = self.expr.features(expression_inputs(self.expr, al.crops, self.score.template))
+        self.faces_of: dict[str, list[Face] | BaseException] = {}
+        self.chunks: list[_Chunk] = []
+        self.chunk_of: dict[str, _Chunk] = {}
+        self.saved: list[str] = []
+        self.logs: list[dict] = []
+
+    # first pass: find faces
+    def scan(self, items: list[InputItem], policy: FacePolicy, max_pixels) -> None:
+        with make_progress(enabled=self.progress) as bar:
+            task = bar.add_task("finding faces", total=len(items))
+            for it in items:
+                try:
+                    img = load_image(it.path, max_pixels=max_pixels)
+                    self.faces_of[str(it.path)] = policy.select(self.detector.detect(img.rgb))
+                except Exception as exc:  # noqa: BLE001 - reported when the photo's turn comes
+                    self.faces_of[str(it.path)] = exc
+                bar.advance(task)
+        with_faces = [it for it in items if isinstance(self.faces_of.get(str(it.path)), list)
+                      and self.faces_of[str(it.path)]]
+        self.chunks = _plan_chunks(with_faces, self.faces_of, self.cfg.batch_faces)
+        for c in self.chunks:
+            for it in c.items:
+                self.chunk_of[str(it.path)] = c
+
+    def _prepare(self, chunk: _Chunk, max_pixels) -> None:
+        """Align the chunk's faces, invert them, fine-tune a fresh copy of the network."""
+        t = time.perf_counter()
+        crops = []
+        start = 0
+        for it in chunk.items:
+            faces = self.faces_of[str(it.path)]
+            x = load_image(it.path, max_pixels=max_pixels).to_tensor(self.device)
+            al = align_for_score_model(self.score, x, landmarks_tensor(faces, self.device))
+            crops.append(al.crops.cpu())
+            chunk.slices[str(it.path)] = slice(start, start + len(faces))
+            start += len(faces)
+        crops_t = torch.cat(crops)
+        tuner = MAPTuner(self.score, ensemble=self.ensemble, expression_model=self.expr, config=self.mcfg,
+                         device=self.device, base_ref=self.score_ref, progress=self.progress)
+        reference = self.target or tuner.source_reference(crops_t)
+        chunk.latents = tuner.invert(crops_t)
+        tuner.fit(crops_t, reference=reference, latents=chunk.latents, expression_ref=self.expr_ref)
+        chunk.tuner = tuner
+        chunk.info = {"chunk": chunk.index, "photos": len(chunk.items), "faces": chunk.faces,
+                      "tune_s": round(time.perf_counter() - t, 3), **tuner.summary()}
+        self.logs.append({**chunk.info, "history": tuner.history})
+        if self.cfg.save_model:
+            dst = _save_dir(self.cfg.save_model, self.rank, self.world, chunk.index, len(self.chunks))
+            tuner.save(dst, extra={"faces": chunk.faces, "photos": len(chunk.items),
+                                   "target": self.cfg.target, "expression_ref": self.cfg.expression_ref})
+            chunk.info["saved"] = str(dst)
+            self.saved.append(str(dst))
+
+    def process(self, item: InputItem, dst: Path, policy: FacePolicy, save: SaveOptions):
+        key = str(item.path)
+        found = self.faces_of.get(key)
+        if isinstance(found, BaseException):
+            raise found
+        chunk = self.chunk_of.get(key)
+        detector = _CachedDetector()
+        detector.faces = list(found or [])
+        extra: dict = {}
+
+        def edit(x, faces, _loaded):
+            if chunk.tuner is None and chunk.error is None:
+                for other in self.chunks:  # free the previous group's network and latents
+                    if other is not chunk and other.tuner is not None and other.remaining == 0:
+                        other.tuner, other.latents = None, None
+                try:
+                    self._prepare(chunk, save.max_pixels)
+                    extra["map_tune_s"] = chunk.info.get("tune_s")
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - every photo of the group reports it
+                    chunk.error = exc
+            if chunk.error is not None:
+                raise chunk.error
+            sl = chunk.slices[key]
+            if sl.stop - sl.start != len(faces):
+                raise RuntimeError("faces changed between the two passes")
+            x_hat = chunk.tuner.protect(latents=chunk.latents[sl])
+            al = align_for_score_model(chunk.tuner.base, x, landmarks_tensor(faces, x.device))
+            return paste_protected(x, x_hat, al, self.cfg.feather)
+
+        try:
+            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=self.device)
+        finally:
+            if chunk is not None:
+                chunk.remaining -= 1
+                if chunk.remaining == 0:
+                    chunk.tuner, chunk.latents = None, None
+        if chunk is not None:
+            res.extra.update({"map_group": chunk.index, **extra})
+        return res
+
+
+def _baseline_config(cfg: ProtectConfig):
+    from .baselines import BaselineConfig
+
+    values = {"method": cfg.method, "surrogates": list(cfg.surrogates), "epsilon": cfg.epsilon,
+              "steps": cfg.attack_steps, "step_size": cfg.step_size, "target": cfg.target,
+              "detector": cfg.detector}
+    seed = cfg.map.get("seed") if isinstance(cfg.map, dict) else cfg.map.seed
+    if seed is not None:
+        values["seed"] = seed
+    values.update(cfg.baseline_options)
+    if dataclasses.is_dataclass(BaselineConfig):
+        names = {f.name for f in dataclasses.fields(BaselineConfig)}
+        values = {k: v for k, v in values.items() if k in names and v is not None}
+    return BaselineConfig(**values)
+
+
+def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | None = None, *,
+                policy: FacePolicy | None = None, save: SaveOptions | None = None,
+                device: str | torch.device = "cpu", glob: str | None = None, resume: bool = False,
+                output_suffix: str | None = None, progress: bool = True, verbose: bool = False,
+                rank: int | None = None, world_size: int | None = None) -> ProtectSummary:
+    """Protect every face in every input photo, mirroring the inputs under ``out``."""
+    from ..core.device import resolve_device
+    from ..models import create_model
+
+    cfg = cfg or ProtectConfig()
+    policy = policy or FacePolicy()
+    save = save or SaveOptions()
+    out = Path(out)
+    rank, world, dev = distributed_context(rank, world_size, resolve_device(device))
+    items = collect_inputs(inputs, glob=glob, exclude=[out])
+    config = {"command": "protect", **cfg.to_json(), "policy": asdict(policy), "save": asdict(save),
+              "suffix": output_suffix}
+    if cfg.model:
+        meta = Path(cfg.model, "facepriv.json")
+        config["model_meta"] = meta.read_text() if meta.is_file() else None
+    common = dict(out_dir=out, config=config, resume=resume, output_suffix=output_suffix, rank=rank,
+                  world_size=world, progress=progress, verbose=verbose, command="protect")
+    details: dict = {"method": cfg.method, "rank": rank, "world_size": world, "device": str(dev)}
+
+    if cfg.method != "map":
+        from .baselines import build_editor
+
+        detector = create_model(cfg.detector, device=dev)
+        edit = build_editor(_baseline_config(cfg), dev, detector)
+
+        def process(item, dst):
+            return process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
+
+        summary = run_batch(items, process, description=f"protect {cfg.method}", **common)
+        return ProtectSummary(**vars(summary), details=details)
+
+    if cfg.model:  # reuse a fine-tuned network: no tuning, photo by photo
+        overrides = cfg.map if isinstance(cfg.map, dict) else {k: getattr(cfg.map, k) for k in _INFERENCE_KEYS}
+        editor = MAPEditor.from_pretrained(cfg.model, base=cfg.score_model, device=dev,
+                                           overrides={k: v for k, v in overrides.items() if k in _INFERENCE_KEYS},
+                                           feather=cfg.feather)
+        detector = create_model(cfg.detector, device=dev)
+
+        def process(item, dst):
+            return process_photo(item, dst, detector=detector, policy=policy, edit=editor.edit_faces, save=save,
+                                 device=dev)
+
+        summary = run_batch(items, process, description="protect map (saved model)", **common)
+        details.update({"model": str(cfg.model), "t0": editor.cfg.t0, "n_inv": editor.cfg.n_inv,
+                        "n_gen": editor.cfg.n_gen})
+        return ProtectSummary(**vars(summary), details=details)
+
+    runner = _MapRun(cfg, dev, progress, rank, world)
+    shard = list(items)[rank::world] if world > 1 else list(items)
+    done = done_inputs(out, config_hash(config)) if resume else set()
+    runner.scan([it for it in shard if str(it.path) not in done], policy, save.max_pixels)
+    summary = run_batch(items, lambda item, dst: runner.process(item, dst, policy, save),
+                        description="protect map", **common)
+    details.update({"score_model": runner.score_ref, "resolution": runner.score.resolution,
+                    "map": asdict(runner.mcfg), "groups": [c.info for c in runner.chunks if c.info],
+                    "saved_models": runner.saved})
+    if runner.logs:
+        log_name = "map_log.json" if world <= 1 else f"map_log.rank{rank}.json"
+        (out / log_name).write_text(json.dumps(runner.logs, indent=2, default=str))
+        details["log"] = str(out / log_name)
+    return ProtectSummary(**vars(summary), details=details)

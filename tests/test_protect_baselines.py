@@ -1,0 +1,124 @@
+"""protect's noise baselines: BaselineConfig, build_editor, and the editor run through
+core.pipeline.process_photo end to end (dodging, impersonation, 16-bit output)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import fixture_path
+from PIL import Image
+
+from facepriv.core.batch import InputItem
+from facepriv.core.errors import ConfigError
+from facepriv.core.faces import FacePolicy
+from facepriv.core.io import load_image
+from facepriv.core.pipeline import SaveOptions, process_photo
+from facepriv.core.regions import region_mask
+from facepriv.protect.baselines import BaselineConfig, build_editor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared: one intra-op thread is several times faster than two under load.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_config_validation(tmp_path):
+    c = BaselineConfig(epsilon="8/255")
+    assert c.epsilon == pytest.approx(8 / 255) and c.surrogates == ["dlib-resnet", "facenet-casia"]
+    assert BaselineConfig(epsilon=16).epsilon == pytest.approx(16 / 255)
+    with pytest.raises(ConfigError, match="unknown protect baseline"):
+        BaselineConfig(method="blur")
+    with pytest.raises(ConfigError, match="target"):
+        BaselineConfig(method="tipim")
+    with pytest.raises(ConfigError):
+        BaselineConfig(surrogates=[])
+    a = BaselineConfig(method="mifgsm", steps=10, target=tmp_path / "t.jpg").attack_config(levels=65535)
+    assert a.method == "mifgsm" and a.momentum == 1.0 and a.quantize == 65535 and a.steps == 10
+    assert BaselineConfig(target="x.jpg").to_json()["target"] == "x.jpg"
+
+
+def test_sface_onnx_is_refused_as_a_surrogate(mtcnn):
+    with pytest.raises(ConfigError, match="no gradients"):
+        build_editor(BaselineConfig(surrogates=["sface-onnx"]), "cpu", mtcnn)
+
+
+def _item(path):
+    return InputItem(path=path, rel=path.relative_to(path.parent))
+
+
+@pytest.mark.realmodels
+def test_editor_through_process_photo_writes_a_protected_image(tmp_path, mtcnn):
+    src = fixture_path("obama.jpg")
+    edit = build_editor(BaselineConfig(method="pgd", steps=3), "cpu", mtcnn)
+    dst = tmp_path / "out" / "obama.png"  # PNG: the saved pixels are exactly the attack's output
+    res = process_photo(_item(src), dst, detector=mtcnn, policy=FacePolicy(), edit=edit, save=SaveOptions())
+    assert res.status == "ok" and res.faces == 1 and dst.is_file()
+    before = load_image(src).rgb.astype(np.int16)
+    after = np.asarray(Image.open(dst).convert("RGB")).astype(np.int16)
+    diff = np.abs(after - before)
+    assert diff.max() == 8  # the budget is used and never exceeded in the file
+    face = mtcnn.detect(load_image(src).rgb)[0]
+    r = region_mask(face, before.shape[:2])
+    outside = np.ones(before.shape[:2], bool)
+    outside[r.y0:r.y1, r.x0:r.x1] = r.mask[0].numpy() <= 0
+    assert diff[outside].max() == 0
+    row = edit.last_result.per_face[0]
+    assert row["mode"] == "dodging" and row["source_cosine"]["facenet-casia"] < 0.9
+    # a JPEG output works the same way (compression is the user's choice)
+    res = process_photo(_item(src), tmp_path / "out" / "obama.jpg", detector=mtcnn, policy=FacePolicy(),
+                        edit=edit, save=SaveOptions(quality=95))
+    assert res.status == "ok" and (tmp_path / "out" / "obama.jpg").is_file()
+
+
+@pytest.mark.realmodels
+def test_impersonation_and_tipim_with_a_target_folder(tmp_path, mtcnn):
+    tdir = tmp_path / "targets"
+    tdir.mkdir()
+    shutil.copy(fixture_path("biden.jpg"), tdir / "biden.jpg")
+    shutil.copy(fixture_path("obama2.jpg"), tdir / "other.jpg")
+    src = fixture_path("obama.jpg")
+    one = build_editor(BaselineConfig(method="mifgsm", steps=2, target=tdir / "biden.jpg"), "cpu", mtcnn)
+    assert one.target_ref["dlib-resnet"].shape == (1, 128)
+    x = load_image(src).to_tensor()
+    faces = mtcnn.detect(load_image(src).rgb)
+    y = one(x, faces, load_image(src))
+    assert float((y - x).abs().max()) <= 8 / 255 + 1e-6
+    for c in one.last_result.per_face[0]["target_cosine"].values():
+        assert c["after"] > c["before"]
+    tip = build_editor(BaselineConfig(method="tipim", steps=1, target=tdir), "cpu", mtcnn)
+    assert tip.target_ref["facenet-casia"].shape == (2, 512)
+    res = process_photo(_item(src), tmp_path / "o" / "a.png", detector=mtcnn, policy=FacePolicy(), edit=tip,
+                        save=SaveOptions())
+    assert res.status == "ok"
+    assert tip.last_result.per_face[0]["target_index"] in (0, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        build_editor(BaselineConfig(method="pgd", target=tmp_path / "empty"), "cpu", mtcnn)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_editor(BaselineConfig(method="pgd", target=tmp_path / "missing.jpg"), "cpu", mtcnn)
+
+
+@pytest.mark.realmodels
+def test_sixteen_bit_input_keeps_the_budget_at_16_bit(tmp_path, mtcnn):
+    import cv2
+
+    face = np.asarray(Image.open(fixture_path("obama.jpg")).convert("RGB"))
+    arr16 = face.astype(np.uint16) * 257 + 100  # off the 8-bit grid
+    src = tmp_path / "deep16.png"
+    cv2.imwrite(str(src), arr16[..., ::-1])
+    edit = build_editor(BaselineConfig(method="pgd", steps=2, surrogates=["dlib-resnet"]), "cpu", mtcnn)
+    dst = tmp_path / "out" / "deep16.png"
+    res = process_photo(_item(src), dst, detector=mtcnn, policy=FacePolicy(), edit=edit, save=SaveOptions())
+    assert res.status == "ok"
+    out = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert out.dtype == np.uint16
+    diff = np.abs(out.astype(np.int64) - arr16.astype(np.int64))
+    assert 0 < diff.max() <= round(8 / 255 * 65535)
+    assert torch.is_tensor(edit.last_result.image)
