@@ -1,4 +1,239 @@
-"""``facepriv audit`` (being written)."""
-import typer
+"""``facepriv audit``: measure how well protected photos resist face recognition.
 
-app = typer.Typer(help="Audit protection.", no_args_is_help=True)
+``facepriv audit --protected DIR --original DIR ...`` runs the audit; ``facepriv audit
+calibrate --pairs FILE --models ...`` computes FAR thresholds from labelled clean pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import common
+from .common import err_console, handle_errors, out_console, state
+
+HELP = """Audit protected photos: verification (dodging), impersonation and identification per face-recognition
+model at FAR 1e-1/1e-2/1e-3, image quality (PSNR, SSIM, LPIPS, FID), optional utility and online APIs.
+Writes OUT/report.json, report.csv and a self-contained report.html.
+
+Examples:
+  facepriv audit --protected protected/ --original photos/ --gallery gallery/ --models dlib-resnet,sface --out report/
+  facepriv audit --protected p/ --original o/ --target target/ --target-used target/used.jpg --out report/
+  facepriv audit --protected p/ --original o/ --api facepp --out report/     # keys: FACEPP_API_KEY / FACEPP_API_SECRET
+  facepriv audit calibrate --pairs pairs.csv --models dlib-resnet,sface
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+
+Models = Annotated[str, typer.Option("--models", "-m", help="Comma-separated recognition models from the registry.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Faces per forward pass (per model).")]
+Aligned = Annotated[bool, typer.Option("--aligned", help="Inputs are pre-aligned face crops: no detection.")]
+AlignedTemplate = Annotated[str, typer.Option(
+    "--aligned-template", help="Template the pre-aligned crops follow: arcface-112, facenet-160, dlib-150, ...")]
+
+
+@app.callback(invoke_without_command=True)
+@handle_errors
+def audit(
+    ctx: typer.Context,
+    protected: Annotated[Path | None, typer.Option("--protected", "-p", help="Protected photos (folder or file).")] = None,
+    original: Annotated[Path | None, typer.Option("--original", "-o", help="Clean originals; matched by relative path.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("audit-report"),
+    models: Models = "dlib-resnet,facenet-casia,sface",
+    gallery: Annotated[Path | None, typer.Option("--gallery", help="Identity gallery: GALLERY/<identity>/*.jpg.")] = None,
+    target: Annotated[Path | None, typer.Option("--target", help="Photo(s) of the impersonation target (file or folder).")] = None,
+    target_used: Annotated[list[Path] | None, typer.Option(
+        "--target-used", help="Target photo used when protecting (excluded from impersonation; repeatable).")] = None,
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="Labelled pairs CSV (file_x,file_y,same/different): identities.")] = None,
+    pairs_root: Annotated[Path | None, typer.Option("--pairs-root", help="Folder the pairs' paths are relative to.")] = None,
+    identities: Annotated[Path | None, typer.Option("--identities", help="CSV file,identity for the originals.")] = None,
+    thresholds: Annotated[Path | None, typer.Option("--thresholds", help="Thresholds JSON (overrides protocol/calibrated).")] = None,
+    aligned: Aligned = False,
+    aligned_template: AlignedTemplate = "arcface-112",
+    detector: common.Detector = "mtcnn",
+    min_face_size: common.MinFaceSize = 20.0,
+    landmarks: Annotated[str, typer.Option(
+        "--landmarks", help="protected: detect faces in the protected photo (realistic) | original: embed it at the "
+                            "original's landmarks (stricter for pixel-level protections).")] = "protected",
+    batch_size: BatchSize = 32,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: CUDA only, checked per model).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Threads reading/detecting/aligning images.")] = 2,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Image-quality metrics.")] = True,
+    lpips: Annotated[str, typer.Option("--lpips", help="LPIPS model: lpips-alex | lpips-vgg | lpips-squeeze | none.")] = "lpips-alex",
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID between the protected and original sets.")] = True,
+    download: Annotated[bool, typer.Option("--download/--no-download", help="May quality metrics download weights.")] = True,
+    utility: Annotated[bool, typer.Option("--utility", help="Also check expression kept and face still detected.")] = False,
+    api: Annotated[list[str] | None, typer.Option("--api", help="Online API: facepp | rekognition | azure (repeatable).")] = None,
+    api_endpoint: Annotated[str | None, typer.Option("--api-endpoint", help="Override the API endpoint URL.")] = None,
+    api_config: Annotated[Path | None, typer.Option("--api-config", help="JSON/TOML file with API keys (never printed).")] = None,
+    api_concurrency: Annotated[int, typer.Option("--api-concurrency", min=1, help="Requests in flight per API.")] = 2,
+    api_rate: Annotated[float, typer.Option("--api-rate", help="Requests per second per API (0 = unlimited).")] = 2.0,
+    api_max_refs: Annotated[int, typer.Option("--api-max-refs", min=1, help="Reference photos per image sent to APIs.")] = 1,
+    api_cache: Annotated[Path | None, typer.Option("--api-cache", help="Response cache folder (default FACEPRIV_HOME/api-cache).")] = None,
+    glob: common.Glob = None,
+    max_images: Annotated[int | None, typer.Option("--max-images", min=1, help="Audit only the first N images.")] = None,
+    max_pixels: common.MaxPixels = 178_956_970,
+    html_max_images: Annotated[int, typer.Option("--html-max-images", min=0, help="Images shown in report.html.")] = 60,
+):
+    if ctx.invoked_subcommand is not None:
+        return
+    if protected is None or original is None:
+        err_console.print("[red]error:[/red] --protected and --original are required (see `facepriv audit --help`)")
+        raise typer.Exit(2)
+    from ..audit import AuditConfig, run_audit, summarize
+
+    cfg = AuditConfig(
+        protected=protected, original=original, models=common.split_list(models), out=out, gallery=gallery,
+        target=target, target_used=list(target_used or []), pairs=pairs, pairs_root=pairs_root, identities=identities,
+        aligned=aligned, aligned_template=aligned_template, detector=detector, min_face_size=min_face_size,
+        landmarks=landmarks, thresholds=thresholds, device=state.device, batch_size=batch_size, amp=amp,
+        workers=workers, quality=quality, lpips=None if lpips.lower() in ("none", "off", "") else lpips, fid=fid,
+        download=download, utility=utility, apis=list(api or []), api_endpoint=api_endpoint, api_config=api_config,
+        api_concurrency=api_concurrency, api_rate=api_rate or None, api_max_refs=api_max_refs, api_cache=api_cache,
+        glob=glob, max_images=max_images, max_pixels=max_pixels, html_max_images=html_max_images,
+        progress=not (state.quiet or state.json),
+    )
+    report = run_audit(cfg)
+    summary = summarize(report)
+    if state.json:
+        common.emit_json(summary)
+    else:
+        print_summary(report)
+    raise typer.Exit(1 if report.get("errors") else 0)
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    return f"{v:.{nd}f}"
+
+
+def print_summary(report: dict) -> None:
+    from ..audit.secrets import redact
+    from ..audit.thresholds import FARS
+
+    report = redact(report)
+    th = report.get("thresholds", {})
+    t = Table(title="protection success rate (PSR): share of comparisons that defeat recognition",
+              header_style="bold")
+    for c in ("model", "protocol", "n", *[f"PSR@{f}" for f in FARS], "before@1e-3", "mean sim"):
+        t.add_column(c, justify="left" if c in ("model", "protocol") else "right")
+    for m, e in report.get("models", {}).items():
+        d = e["dodging"]
+        t.add_row(m, "dodging", str(d["n"]), *[_pct(d["psr"].get(f)) for f in FARS], _pct(d["before"]["psr"].get("1e-3")),
+                  _num(d["mean_similarity"]))
+        if "impersonation" in e:
+            i = e["impersonation"]
+            t.add_row("", "impersonation", str(i["n"]), *[_pct(i["psr"].get(f)) for f in FARS],
+                      _pct(i["before"]["psr"].get("1e-3")), _num(i["mean_similarity"]))
+    out_console.print(t)
+    tt = Table(title="thresholds (similarity, higher = same person)", header_style="bold")
+    for c in ("model", *[f"FAR {f}" for f in FARS], "source"):
+        tt.add_column(c, justify="left" if c in ("model", "source") else "right")
+    for m, tm in th.items():
+        tt.add_row(m, *[_num(tm.get(f), 4) for f in FARS], str(tm.get("source", "")))
+    out_console.print(tt)
+    ids = [(m, e["identification"]) for m, e in report.get("models", {}).items() if "identification" in e]
+    if ids:
+        t2 = Table(title="identification (gallery)", header_style="bold")
+        for c in ("model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"):
+            t2.add_column(c, justify="left" if c == "model" else "right")
+        for m, s in ids:
+            t2.add_row(m, str(s["n"]), _pct(s["rank1_before"]), _pct(s["rank1_after"]), _pct(s["rank5_before"]),
+                       _pct(s["rank5_after"]))
+        out_console.print(t2)
+    q = report.get("quality", {})
+    out_console.print(f"quality: PSNR {_num(q.get('psnr'), 2)} dB · SSIM {_num(q.get('ssim'), 4)} · "
+                      f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
+    for k, v in (q.get("unavailable") or {}).items():
+        out_console.print(f"  [yellow]{k} not computed:[/yellow] {v}", markup=True, highlight=False)
+    f = report.get("faces", {})
+    out_console.print(f"faces: {f.get('original', 0)} in originals, {f.get('not_detected', 0)} no longer detected after "
+                      "protection (counted as protected for dodging)")
+    if "utility" in report:
+        u = report["utility"]
+        out_console.print(f"utility: face still detected {_pct(u.get('face_detected_rate'))}, expression kept "
+                          f"{_pct(u.get('expression_kept_rate'))}")
+    for name, a in (report.get("apis") or {}).items():
+        for kind in ("dodging", "impersonation"):
+            if kind in a:
+                s = a[kind]
+                rates = ", ".join(f"{k}: {_pct(v)}" for k, v in s["psr"].items()) or "no scores"
+                out_console.print(f"{name} {kind}: {s['n']} pairs, PSR {rates}; no face in protected "
+                                  f"{s['no_face_protected']}, errors {s['errors']}, cached {s.get('cached', 0)}",
+                                  highlight=False)
+        out_console.print(f"{name}: {a.get('calls', 0)} requests sent, {a.get('cache_hits', 0)} cache hits, "
+                          f"{a.get('retries', 0)} retries", highlight=False)
+    for n in report.get("protocol_notes", []):
+        out_console.print(f"[yellow]note:[/yellow] {n}", highlight=False)
+    errs = report.get("errors", [])
+    if errs:
+        out_console.print(f"[red]{len(errs)} image(s) could not be audited:[/red]")
+        for e in errs[:20]:
+            out_console.print(f"  {e.get('file')}: {e.get('error')}", highlight=False, markup=False)
+    outs = report.get("outputs", {})
+    if outs:
+        out_console.print(f"report: {outs.get('html')} (+ report.json, report.csv)", highlight=False)
+
+
+@app.command("calibrate", no_args_is_help=True)
+@handle_errors
+def calibrate(
+    pairs: Annotated[Path, typer.Option("--pairs", help="Labelled clean pairs CSV: file_x,file_y,same/different.")],
+    models: Models = "dlib-resnet,facenet-casia,sface",
+    root: Annotated[Path | None, typer.Option("--root", help="Folder the pairs' paths are relative to "
+                                                               "(default: the pairs file's folder).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write every model's calibration to this JSON "
+                                                           "(usable with `audit --thresholds`).")] = None,
+    store: Annotated[bool, typer.Option("--store/--no-store", help="Store under FACEPRIV_HOME/thresholds for later "
+                                                                   "audits.")] = True,
+    detector: common.Detector = "mtcnn",
+    aligned: Aligned = False,
+    aligned_template: AlignedTemplate = "arcface-112",
+    batch_size: BatchSize = 32,
+    min_face_size: common.MinFaceSize = 20.0,
+):
+    """Compute FAR 1e-1/1e-2/1e-3 thresholds, ROC AUC, EER and accuracy from labelled clean pairs."""
+    from ..audit import CalibrationConfig, run_calibration
+    from ..audit.thresholds import FARS
+
+    cfg = CalibrationConfig(pairs=pairs, models=common.split_list(models), root=root, out=out, store=store,
+                            detector=detector, aligned=aligned, aligned_template=aligned_template,
+                            device=state.device, batch_size=batch_size, min_face_size=min_face_size,
+                            progress=not (state.quiet or state.json))
+    result = run_calibration(cfg)
+    if state.json:
+        common.emit_json({m: {k: v for k, v in r.items() if k not in ("roc", "genuine_scores", "impostor_scores")}
+                          for m, r in result.items()})
+        return
+    t = Table(title=f"calibration on {pairs.name}", header_style="bold")
+    for c in ("model", "genuine", "impostor", "AUC", "EER", "best acc", "acc @ default", *[f"thr {f}" for f in FARS],
+              *[f"TAR@{f}" for f in FARS]):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m, r in result.items():
+        t.add_row(m, str(r["n_genuine"]), str(r["n_impostor"]), f"{r['auc']:.4f}", f"{100 * r['eer']:.2f}%",
+                  f"{100 * r['best_accuracy']:.2f}%",
+                  _pct(r.get("accuracy_at_default")), *[f"{r['thresholds'][f]:.4f}" for f in FARS],
+                  *[_pct(r["tar_at_far"][f]) for f in FARS])
+    out_console.print(t)
+    first = next(iter(result.values()), {})
+    sk = first.get("skipped_pairs", {})
+    if sk.get("no_face") or sk.get("error"):
+        out_console.print(f"[yellow]{sk.get('no_face', 0)} pair(s) without a detected face and {sk.get('error', 0)} "
+                          "unreadable pair(s) were left out[/yellow]")
+    for m, r in result.items():
+        if r.get("note"):
+            out_console.print(f"[yellow]note ({m}):[/yellow] {r['note']}", highlight=False)
+        if r.get("stored"):
+            out_console.print(f"{m}: stored in {r['stored']}", highlight=False)
+    if out is not None:
+        out_console.print(f"all calibrations: {out}", highlight=False)

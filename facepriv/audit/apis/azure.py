@@ -1,0 +1,120 @@
+"""Azure AI Face: detect (-> faceId) then verify.
+
+``POST {endpoint}/face/v1.0/detect?returnFaceId=true&recognitionModel=recognition_04&
+detectionModel=detection_03`` with the image as ``application/octet-stream`` returns a list
+of faces with ``faceId`` (``[]`` = no face); ``POST {endpoint}/face/v1.0/verify`` with
+``{"faceId1", "faceId2"}`` returns ``{"isIdentical", "confidence"}`` (0-1; ``isIdentical`` is
+``confidence >= 0.5``). The key goes in the ``Ocp-Apim-Subscription-Key`` header. Errors are
+``{"error": {"code", "message"}}``: 401/403 (bad key, quota, Limited Access not granted) stop
+the adapter, 429 and 5xx are retried with backoff (``Retry-After`` honoured).
+
+Keys: ``AZURE_FACE_ENDPOINT`` and ``AZURE_FACE_KEY`` or the ``[azure]`` section of the API
+config file (``endpoint``, ``key``). Face identification / verification is a Limited Access
+feature of Azure: the resource must have been approved for it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ...core.errors import ConfigError
+from ..secrets import register_secret
+from .base import APIError, CompareResult, FaceAPI, ImageLimits
+
+API_PATH = "/face/v1.0"
+DEFAULT_THRESHOLD = 0.5
+
+
+class AzureFace(FaceAPI):
+    name = "azure"
+    score_range = "confidence 0-1; isIdentical at 0.5"
+    limits = ImageLimits(max_bytes=6 * 1024 * 1024, max_side=4096, min_side=36)
+
+    def __init__(self, endpoint: str, key: str, *, recognition_model: str = "recognition_04",
+                 detection_model: str = "detection_03", threshold: float = DEFAULT_THRESHOLD, **kw):
+        if not endpoint or not key:
+            raise ConfigError("Azure Face needs an endpoint and a key: set AZURE_FACE_ENDPOINT and AZURE_FACE_KEY "
+                              "or put endpoint / key in the [azure] section of the API config file")
+        register_secret(key)
+        super().__init__(endpoint=endpoint.rstrip("/"), **kw)
+        self._key = key
+        self.recognition_model, self.detection_model = recognition_model, detection_model
+        self.threshold = float(threshold)
+        self._local = threading.local()
+
+    def cache_identity(self) -> str:
+        return f"{super().cache_identity()}|{self.recognition_model}|{self.detection_model}"
+
+    def _session(self):
+        import requests
+
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = requests.Session()
+        return s
+
+    def _request(self, path: str, *, params=None, data=None, json_body=None, content_type=None):
+        import requests
+
+        headers = {"Ocp-Apim-Subscription-Key": self._key}
+        if content_type:
+            headers["Content-Type"] = content_type
+        url = self.endpoint + API_PATH + path
+        try:
+            resp = self._session().post(url, params=params, data=data, json=json_body, headers=headers,
+                                        timeout=self.timeout)
+        except requests.Timeout:
+            raise APIError(f"Azure Face: no answer within {self.timeout:g} s", code="TIMEOUT", retryable=True) from None
+        except requests.RequestException as exc:
+            raise APIError(f"Azure Face: request failed ({type(exc).__name__})", code="NETWORK",
+                           retryable=True) from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.ok:
+            return body
+        err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+        code, msg = err.get("code") or str(resp.status_code), err.get("message") or resp.reason or ""
+        status = resp.status_code
+        retry_after = resp.headers.get("Retry-After")
+        try:
+            retry_after = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            retry_after = None
+        if status in (401, 403):
+            raise APIError(f"Azure Face refused the request (HTTP {status} {code}: {msg}); check AZURE_FACE_KEY, "
+                           "the quota and Limited Access approval", status=status, code=code, fatal=True)
+        if status == 429 or status >= 500:
+            raise APIError(f"Azure Face HTTP {status} {code}: {msg}", status=status, code=code, retryable=True,
+                           retry_after=retry_after)
+        raise APIError(f"Azure Face HTTP {status} {code}: {msg}", status=status, code=code)
+
+    def _face_id(self, img: bytes, which: int) -> str:
+        params = {"returnFaceId": "true", "recognitionModel": self.recognition_model,
+                  "detectionModel": self.detection_model, "returnFaceLandmarks": "false"}
+        faces = self.call(lambda: self._request("/detect", params=params, data=img,
+                                                content_type="application/octet-stream"))
+        if not faces:
+            raise APIError(f"Azure Face: no face detected in image {which}", code="NO_FACE_FOUND", no_face=True,
+                           no_face_in=which)
+        # the largest face, as Face++ and Rekognition use
+        best = max(faces, key=lambda f: f.get("faceRectangle", {}).get("width", 0)
+                   * f.get("faceRectangle", {}).get("height", 0))
+        return best["faceId"]
+
+    def _compare(self, img_a: bytes, img_b: bytes) -> CompareResult:
+        id1, id2 = self._face_id(img_a, 1), self._face_id(img_b, 2)
+        body = self.call(lambda: self._request("/verify", json_body={"faceId1": id1, "faceId2": id2}))
+        raw = {"isIdentical": body.get("isIdentical"), "confidence": body.get("confidence")}
+        return CompareResult(score=float(body["confidence"]), thresholds={"default": self.threshold}, raw=raw)
+
+
+def from_config(section: dict, *, endpoint: str | None = None, **kw) -> AzureFace:
+    import os
+
+    from .base import credential
+
+    key = credential(section, "AZURE_FACE_KEY", "key", "api_key", "subscription_key")
+    endpoint = endpoint or os.environ.get("AZURE_FACE_ENDPOINT") or section.get("endpoint")
+    return AzureFace(endpoint or "", key or "", threshold=float(section.get("threshold", DEFAULT_THRESHOLD)), **kw)

@@ -1,0 +1,364 @@
+"""One interface for online face-comparison services, and the plumbing they share.
+
+``FaceAPI.compare(img_a, img_b) -> CompareResult(score, thresholds, raw, ...)``: the score is
+the provider's own (Face++ confidence 0-100, Rekognition similarity 0-100, Azure confidence
+0-1), thresholds are the provider's (Face++ returns its FAR 1e-3/1e-4/1e-5 thresholds with
+*every* response; the others have one documented default), ``raw`` is the redacted response.
+
+Shared behaviour:
+
+* bounded concurrency (:meth:`FaceAPI.compare_many`, a thread pool of ``concurrency``);
+* a rate limit (``rate`` requests per second, across threads);
+* retries with exponential backoff (and ``Retry-After`` when the server sends one) on
+  rate-limit / overload answers (403 CONCURRENCY_LIMIT_EXCEEDED, 429, 5xx, timeouts,
+  connection errors); authentication errors are never retried and stop the adapter (every
+  later pair fails at once with the same message instead of hammering the service);
+* per-request timeouts;
+* a response cache keyed by the provider, endpoint and the sha256 of both images, so a re-run
+  costs nothing (successes and "no face" answers are cached, transient errors are not);
+* per-pair errors recorded in the result, never raised out of ``compare_many``;
+* secrets registered with :mod:`facepriv.audit.secrets` and redacted from every message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ...core.errors import ConfigError, FaceprivError
+from ..secrets import redact, redact_text, register_secret
+
+
+class APIError(FaceprivError):
+    """A failed request. ``retryable``: worth another try; ``fatal``: stop using this adapter."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 retryable: bool = False, fatal: bool = False, no_face: bool = False,
+                 retry_after: float | None = None, no_face_in: int | None = None):
+        super().__init__(redact_text(message))
+        self.status, self.code = status, code
+        self.retryable, self.fatal, self.no_face = retryable, fatal, no_face
+        self.retry_after = retry_after
+        self.no_face_in = no_face_in
+
+
+@dataclass
+class CompareResult:
+    """Outcome of one comparison. ``score`` is None when there is no score (error / no face)."""
+
+    score: float | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    raw: dict | None = None
+    error: str | None = None
+    code: str | None = None
+    no_face: bool = False
+    no_face_in: int | None = None  # 1 or 2: which image had no face (None: unknown)
+    cached: bool = False
+    attempts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+    def verified(self, key: str) -> bool | None:
+        """Did the service accept the pair at threshold ``key``? None without score/threshold."""
+        if self.score is None or key not in self.thresholds:
+            return None
+        return self.score >= self.thresholds[key]
+
+    def to_json(self) -> dict:
+        return redact(asdict(self))
+
+
+class RateLimiter:
+    """At most ``rate`` request starts per second, shared by all threads (None = unlimited)."""
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.interval = 1.0 / rate if rate and rate > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+        self._clock, self._sleep = clock, sleep
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+
+class ResponseCache:
+    """JSON files under ``root``, one per (provider, endpoint, image pair, options) key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        from ...core.io import atomic_write_bytes
+
+        atomic_write_bytes(self._path(key), json.dumps(redact(value)).encode())
+
+
+def default_cache_dir() -> Path:
+    from ...models.hub import home
+
+    return home() / "api-cache"
+
+
+@dataclass
+class ImageLimits:
+    max_bytes: int = 2 * 1024 * 1024
+    max_side: int = 4096
+    min_side: int = 48
+
+
+def prepare_image(path_or_bytes: str | Path | bytes, limits: ImageLimits) -> tuple[bytes, str | None]:
+    """Image bytes within the provider's limits: the file as is when it fits, else a downscaled
+    JPEG (quality 95). Returns (bytes, note about re-encoding or None)."""
+    from PIL import Image
+
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format
+    except Exception as exc:  # noqa: BLE001
+        raise APIError(f"cannot read the image: {exc}") from None
+    if len(data) <= limits.max_bytes and max(w, h) <= limits.max_side and fmt in ("JPEG", "PNG"):
+        return data, None
+    from ...core.io import load_image
+
+    if isinstance(path_or_bytes, bytes):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".img") as f:
+            f.write(data)
+            f.flush()
+            rgb = load_image(f.name).rgb
+    else:
+        rgb = load_image(path_or_bytes).rgb
+    img = Image.fromarray(rgb)
+    scale = min(1.0, limits.max_side / max(w, h))
+    quality = 95
+    while True:
+        if scale < 1.0:
+            img2 = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        else:
+            img2 = img
+        buf = io.BytesIO()
+        img2.save(buf, format="JPEG", quality=quality)
+        if buf.tell() <= limits.max_bytes or scale < 0.1:
+            break
+        scale *= 0.8
+    return buf.getvalue(), (f"re-encoded as JPEG q{quality} at {img2.width}x{img2.height} to fit the provider's "
+                            f"limits ({limits.max_bytes // 1024} KB, {limits.max_side} px); this can weaken "
+                            "pixel-level protections")
+
+
+class FaceAPI(ABC):
+    """Base class of the online adapters; subclasses implement :meth:`_compare` (one attempt)."""
+
+    name = "api"
+    score_range = ""
+    limits = ImageLimits()
+
+    def __init__(self, *, endpoint: str | None = None, timeout: float = 30.0, retries: int = 4,
+                 backoff: float = 1.0, backoff_max: float = 30.0, rate: float | None = 2.0,
+                 concurrency: int = 2, cache: str | Path | bool | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff, self.backoff_max = float(backoff), float(backoff_max)
+        self.concurrency = max(1, int(concurrency))
+        self.limiter = RateLimiter(rate, sleep=sleep)
+        self._sleep = sleep
+        if cache is False:
+            self.cache = None
+        else:
+            self.cache = ResponseCache(default_cache_dir() if cache in (None, True) else cache)
+        self._fatal: str | None = None
+        self._lock = threading.Lock()
+        self.calls = 0  # HTTP requests actually sent (cache hits excluded)
+        self.stats = {"cache_hits": 0, "retries": 0, "errors": 0}
+
+    # -------------------------------------------------------------- for subclasses
+    @abstractmethod
+    def _compare(self, img_a: bytes, img_b: bytes) -> CompareResult:
+        """One comparison; may call :meth:`call` several times. Raises :class:`APIError`."""
+
+    def cache_identity(self) -> str:
+        """What makes a cached answer valid: provider, endpoint and options (never secrets)."""
+        return f"{self.name}|{self.endpoint or ''}"
+
+    def describe(self) -> dict:
+        return redact({"name": self.name, "endpoint": self.endpoint, "score_range": self.score_range,
+                       "timeout_s": self.timeout, "retries": self.retries, "concurrency": self.concurrency,
+                       "rate_per_s": (1.0 / self.limiter.interval) if self.limiter.interval else None})
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run one request with the rate limit and retries (``fn`` raises APIError on failure)."""
+        attempt = 0
+        while True:
+            self.limiter.wait()
+            with self._lock:
+                self.calls += 1
+            try:
+                return fn()
+            except APIError as exc:
+                if exc.fatal:
+                    with self._lock:
+                        self._fatal = str(exc)
+                    raise
+                if not exc.retryable or attempt >= self.retries:
+                    raise
+                delay = min(self.backoff_max, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
+                if exc.retry_after is not None:
+                    delay = min(self.backoff_max, max(delay, exc.retry_after))
+                attempt += 1
+                with self._lock:
+                    self.stats["retries"] += 1
+                self._sleep(delay)
+
+    # -------------------------------------------------------------- public
+    def compare(self, img_a: str | Path | bytes, img_b: str | Path | bytes) -> CompareResult:
+        """Compare two images (paths or bytes); errors are returned in the result, not raised."""
+        t0 = time.perf_counter()
+        if self._fatal is not None:
+            with self._lock:
+                self.stats["errors"] += 1
+            return CompareResult(error=f"not sent: {self._fatal}", code="ADAPTER_STOPPED")
+        try:
+            a, note_a = prepare_image(img_a, self.limits)
+            b, note_b = prepare_image(img_b, self.limits)
+        except (OSError, APIError) as exc:
+            with self._lock:
+                self.stats["errors"] += 1
+            return CompareResult(error=redact_text(str(exc)), code="BAD_IMAGE")
+        key = None
+        if self.cache is not None:
+            key = ResponseCache.key(self.cache_identity(), hashlib.sha256(a).hexdigest(), hashlib.sha256(b).hexdigest())
+            hit = self.cache.get(key)
+            if hit is not None:
+                with self._lock:
+                    self.stats["cache_hits"] += 1
+                res = CompareResult(**{k: v for k, v in hit.items() if k in CompareResult.__dataclass_fields__})
+                res.cached = True
+                res.seconds = time.perf_counter() - t0
+                return res
+        calls_before = self.calls
+        try:
+            res = self._compare(a, b)
+        except APIError as exc:
+            with self._lock:
+                self.stats["errors"] += 0 if exc.no_face else 1
+            res = CompareResult(error=str(exc), code=exc.code, no_face=exc.no_face, no_face_in=exc.no_face_in)
+        except Exception as exc:  # noqa: BLE001 - a per-pair failure never aborts the audit
+            with self._lock:
+                self.stats["errors"] += 1
+            res = CompareResult(error=redact_text(f"{type(exc).__name__}: {exc}"), code="UNEXPECTED")
+        res.attempts = self.calls - calls_before
+        notes = [n for n in (note_a, note_b) if n]
+        if notes and res.raw is not None:
+            res.raw = {**res.raw, "facepriv_note": notes[0]}
+        res.seconds = time.perf_counter() - t0
+        if key is not None and (res.ok or res.no_face):
+            self.cache.put(key, {**asdict(res), "cached": False})
+        res.raw = redact(res.raw)
+        return res
+
+    def compare_many(self, pairs: Sequence[tuple[str | Path | bytes, str | Path | bytes]], *,
+                     progress: bool = False, description: str | None = None) -> list[CompareResult]:
+        """Compare many pairs with at most ``concurrency`` in flight; results in input order."""
+        from ...core.progress import make_progress
+
+        results: list[CompareResult | None] = [None] * len(pairs)
+        with make_progress(enabled=progress) as bar, ThreadPoolExecutor(self.concurrency) as pool:
+            task = bar.add_task(description or f"{self.name} compare", total=len(pairs))
+            futs = {pool.submit(self.compare, a, b): i for i, (a, b) in enumerate(pairs)}
+            for fut, i in futs.items():
+                results[i] = fut.result()
+                bar.advance(task)
+        return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ credentials
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The API config file: ``explicit``, else ``FACEPRIV_API_CONFIG``, else the user config dir's
+    ``facepriv/apis.json`` / ``apis.toml`` when it exists."""
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"API config file {p} does not exist")
+        return p
+    env = os.environ.get("FACEPRIV_API_CONFIG")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"FACEPRIV_API_CONFIG={p} does not exist")
+        return p
+    from platformdirs import user_config_dir
+
+    for name in ("apis.json", "apis.toml"):
+        p = Path(user_config_dir("facepriv")) / name
+        if p.is_file():
+            return p
+    return None
+
+
+def read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - never echo the file's content (it holds keys)
+        raise ConfigError(f"API config file {path} could not be parsed ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"API config file {path}: expected a table of providers")
+    for section in data.values():
+        if isinstance(section, dict):
+            for k, v in section.items():
+                if isinstance(v, str) and any(s in k.lower() for s in ("key", "secret", "token", "password")):
+                    register_secret(v)
+    return data
+
+
+def credential(section: dict, env: str, *names: str) -> str | None:
+    """A credential from the environment (first) or the config section; registered as secret."""
+    value = os.environ.get(env) or next((section[n] for n in names if section.get(n)), None)
+    register_secret(value)
+    return value

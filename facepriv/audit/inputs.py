@@ -1,0 +1,279 @@
+"""What the audit compares: protected <-> original matching, identities, pairs, galleries.
+
+* :func:`match_files` pairs every protected file with its original by **relative path**
+  (``protected/a/b.png`` <-> ``original/a/b.jpg``: same path, or same path with another
+  image suffix), never by sorted order.
+* Identities of clean photos come from, in order: an identities CSV (``file,identity``), the
+  gallery folder structure (``gallery/<identity>/*.jpg``; an original whose first folder is
+  a gallery identity, or which is the same file/content as a gallery photo), or a pairs file
+  (connected components of its "same" pairs).
+* :func:`read_pairs` reads a labelled pairs CSV (``file_x,file_y,label``; label yes/no,
+  same/different, 1/0, true/false, genuine/impostor, match/mismatch; header optional).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.batch import collect_inputs
+from ..core.errors import ConfigError
+from ..core.io import IMAGE_SUFFIXES
+
+_SAME = {"yes", "y", "same", "1", "true", "t", "genuine", "match", "matched", "positive", "pos"}
+_DIFF = {"no", "n", "different", "diff", "0", "false", "f", "impostor", "imposter", "mismatch",
+         "mismatched", "negative", "neg"}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (used to recognise the same photo under another name)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DigestCache:
+    """Content hashes, computed once per path."""
+
+    def __init__(self):
+        self._d: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        path = Path(path).resolve()
+        if path not in self._d:
+            self._d[path] = file_digest(path)
+        return self._d[path]
+
+
+@dataclass(frozen=True)
+class FilePair:
+    """One protected file and its clean original, matched by relative path."""
+
+    rel: str  # posix relative path of the protected file
+    protected: Path
+    original: Path
+    original_rel: str
+
+
+def _images(root: Path, glob: str | None) -> list[tuple[str, Path]]:
+    if not root.exists():
+        raise ConfigError(f"{root} does not exist")
+    if root.is_file():
+        return [(root.name, root.resolve())]
+    return [(it.rel.as_posix(), it.path) for it in collect_inputs([root], glob=glob)]
+
+
+def match_files(protected: str | Path, original: str | Path, *, glob: str | None = None
+                ) -> tuple[list[FilePair], list[dict]]:
+    """Pair protected files with originals by relative path; unmatched files become errors.
+
+    A protected file matches the original with the same relative path, else the unique
+    original with the same path minus its image suffix (``x.png`` <-> ``x.jpg``). Two single
+    files are paired directly.
+    """
+    protected, original = Path(protected), Path(original)
+    prot = _images(protected, glob)
+    orig = _images(original, glob)
+    if protected.is_file() and original.is_file():
+        return [FilePair(prot[0][0], prot[0][1], orig[0][1], orig[0][0])], []
+    if not prot:
+        raise ConfigError(f"no images found under {protected}")
+    by_rel = {rel: p for rel, p in orig}
+    by_stem: dict[str, list[tuple[str, Path]]] = {}
+    for rel, p in orig:
+        by_stem.setdefault(_stem(rel), []).append((rel, p))
+    pairs, errors = [], []
+    for rel, p in prot:
+        if original.is_file():
+            pairs.append(FilePair(rel, p, original.resolve(), original.name))
+            continue
+        if rel in by_rel:
+            pairs.append(FilePair(rel, p, by_rel[rel], rel))
+            continue
+        cands = by_stem.get(_stem(rel), [])
+        if len(cands) == 1:
+            pairs.append(FilePair(rel, p, cands[0][1], cands[0][0]))
+        elif len(cands) > 1:
+            errors.append({"file": rel, "error": f"several originals match {rel}: "
+                           + ", ".join(c[0] for c in cands)})
+        else:
+            errors.append({"file": rel, "error": f"no original with the relative path {rel} under {original}"})
+    return pairs, errors
+
+
+def _stem(rel: str) -> str:
+    p = Path(rel)
+    return (p.with_suffix("") if p.suffix.lower() in IMAGE_SUFFIXES else p).as_posix().lower()
+
+
+# ------------------------------------------------------------------------------ pairs files
+@dataclass(frozen=True)
+class LabelledPair:
+    a: Path
+    b: Path
+    same: bool
+
+
+def _label(value: str) -> bool | None:
+    v = value.strip().lower()
+    if v in _SAME:
+        return True
+    if v in _DIFF:
+        return False
+    return None
+
+
+def read_pairs(path: str | Path, root: str | Path | None = None) -> list[LabelledPair]:
+    """Labelled pairs from a CSV (``file_x,file_y,label``; comma, semicolon or tab separated).
+
+    Relative file names are resolved against ``root`` (default: the pairs file's folder).
+    A first row whose label is not a known label is taken as a header; columns named
+    file_x/file_y/decision (or img1/img2/label, ...) are found by name when present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pairs file {path} does not exist")
+    root = Path(root) if root is not None else path.parent
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text.strip() else ""
+    delim = "\t" if "\t" in first else (";" if first.count(";") > first.count(",") else ",")
+    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ConfigError(f"pairs file {path} is empty")
+    cols = (0, 1, 2)
+    if len(rows[0]) >= 3 and _label(rows[0][2]) is None:
+        header = [h.strip().lower() for h in rows[0]]
+        rows = rows[1:]
+
+        def find(names, default):
+            return next((header.index(n) for n in names if n in header), default)
+
+        cols = (find(("file_x", "img1", "image1", "file1", "a", "path1"), 0),
+                find(("file_y", "img2", "image2", "file2", "b", "path2"), 1),
+                find(("decision", "label", "same", "match", "is_same", "issame", "y"), 2))
+    if not rows:
+        raise ConfigError(f"pairs file {path} has no pairs (a header only?)")
+    out = []
+    for i, r in enumerate(rows, 1):
+        if len(r) <= max(cols):
+            raise ConfigError(f"{path}: row {i} has {len(r)} columns, expected file_x,file_y,label")
+        lab = _label(r[cols[2]])
+        if lab is None:
+            raise ConfigError(f"{path}: row {i}: unknown label {r[cols[2]]!r} (use yes/no, same/different, 1/0)")
+        a, b = (Path(r[c].strip()) for c in cols[:2])
+        out.append(LabelledPair(a if a.is_absolute() else (root / a), b if b.is_absolute() else (root / b), lab))
+    return out
+
+
+def pair_components(pairs: Iterable[LabelledPair]) -> dict[Path, str]:
+    """Identity labels from the connected components of "same" pairs (union-find).
+
+    Every file in the pairs gets a label ``pairs-<n>``; a file only in "different" pairs gets
+    its own component.
+    """
+    parent: dict[Path, Path] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in pairs:
+        a, b = p.a.resolve(), p.b.resolve()
+        find(a), find(b)
+        if p.same:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    roots = sorted({find(x) for x in parent})
+    names = {r: f"pairs-{i + 1}" for i, r in enumerate(roots)}
+    return {x: names[find(x)] for x in parent}
+
+
+# ------------------------------------------------------------------------------ identities
+@dataclass
+class IdentityIndex:
+    """Looks up the identity of a clean photo by path, relative path, content or file name."""
+
+    by_path: dict[Path, str] = field(default_factory=dict)
+    by_rel: dict[str, str] = field(default_factory=dict)
+    by_digest: dict[str, str] = field(default_factory=dict)
+    by_name: dict[str, str | None] = field(default_factory=dict)  # None = ambiguous
+    source: str = "none"
+
+    def add(self, path: Path | None, identity: str, *, rel: str | None = None, digest: str | None = None) -> None:
+        if path is not None:
+            path = Path(path)
+            self.by_path[path.resolve()] = identity
+            name = path.name.lower()
+            if name in self.by_name and self.by_name[name] != identity:
+                self.by_name[name] = None
+            else:
+                self.by_name[name] = identity
+        if rel is not None:
+            self.by_rel[rel] = identity
+        if digest is not None:
+            self.by_digest[digest] = identity
+
+    def lookup(self, path: Path, *, rel: str | None = None, digest: str | None = None) -> str | None:
+        path = Path(path)
+        if rel is not None and rel in self.by_rel:
+            return self.by_rel[rel]
+        hit = self.by_path.get(path.resolve())
+        if hit is not None:
+            return hit
+        if digest is not None and digest in self.by_digest:
+            return self.by_digest[digest]
+        return self.by_name.get(path.name.lower())
+
+    def __len__(self) -> int:
+        return len(set(self.by_path.values()) | set(self.by_rel.values()) | set(self.by_digest.values()))
+
+
+def read_identities(path: str | Path, root: str | Path | None = None) -> IdentityIndex:
+    """``file,identity`` CSV (header optional). Files are relative to ``root`` (default: the CSV's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"identities file {path} does not exist")
+    root = Path(root) if root is not None else path.parent
+    idx = IdentityIndex(source=f"identities file {path.name}")
+    rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and r[0].strip()]
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "identity"], ["path", "identity"],
+                                                             ["file", "id"], ["image", "identity"]):
+        rows = rows[1:]
+    for i, r in enumerate(rows, 1):
+        if len(r) < 2 or not r[1].strip():
+            raise ConfigError(f"{path}: row {i}: expected file,identity")
+        f = Path(r[0].strip())
+        full = f if f.is_absolute() else root / f
+        idx.add(full, r[1].strip(), rel=f.as_posix() if not f.is_absolute() else None)
+    return idx
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    path: Path
+    identity: str
+
+
+def read_gallery(root: str | Path, *, glob: str | None = None) -> list[GalleryImage]:
+    """``root/<identity>/**/*.jpg`` -> gallery images labelled with their top folder's name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"gallery {root} is not a folder (expected gallery/<identity>/*.jpg)")
+    out = []
+    for rel, p in _images(root, glob):
+        parts = Path(rel).parts
+        if len(parts) < 2:
+            raise ConfigError(f"gallery image {rel} is not inside an identity folder (gallery/<identity>/{rel})")
+        out.append(GalleryImage(p, parts[0]))
+    if not out:
+        raise ConfigError(f"no images found in the gallery {root}")
+    return out

@@ -1,0 +1,244 @@
+"""Privacy and quality measures.
+
+* :func:`psr` - protection success rate at each FAR threshold (dodging: share of comparisons
+  that stay *below* the threshold; impersonation: share that *reach* it).
+* :func:`identity_rank` / :func:`rank_k` - closed-set identification against a gallery.
+* :class:`QualityMeter` - PSNR and SSIM (kornia.metrics) per image, LPIPS (the registry's
+  ``lpips-*`` models) per image, FID (the registry's ``fid-inception`` + pytorch-fid's
+  Fréchet distance) over the sets. A metric whose weights cannot be had is recorded in
+  ``unavailable`` with the reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .thresholds import FARS
+
+LPIPS_MAX_SIDE = 512  # LPIPS runs on images downscaled to at most this many pixels per side
+SSIM_WINDOW = 11
+
+
+def psr(similarities: Sequence[float | None], thresholds: Mapping[str, float], *, mode: str = "dodging"
+        ) -> dict[str, float | None]:
+    """Share of comparisons that defeat recognition at each FAR's threshold.
+
+    ``None`` entries are faces the recogniser never saw (not detected): they count as protected
+    for dodging and as failures for impersonation.
+    """
+    if mode not in ("dodging", "impersonation"):
+        raise ValueError(f"mode must be dodging or impersonation, not {mode!r}")
+    n = len(similarities)
+    out: dict[str, float | None] = {}
+    for far in FARS:
+        if n == 0:
+            out[far] = None
+            continue
+        t = thresholds[far]
+        if mode == "dodging":
+            ok = sum(1 for s in similarities if s is None or s < t)
+        else:
+            ok = sum(1 for s in similarities if s is not None and s >= t)
+        out[far] = ok / n
+    return out
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def identity_rank(scores: torch.Tensor, gallery_ids: Sequence[str], true_id: str) -> int | None:
+    """1-based rank of ``true_id`` when identities are ordered by their best gallery score.
+
+    ``scores``: (G,) similarity of one probe to every gallery image. ``None`` when the true
+    identity is not in the gallery.
+    """
+    best: dict[str, float] = {}
+    for s, gid in zip(scores.tolist(), gallery_ids):
+        if gid not in best or s > best[gid]:
+            best[gid] = s
+    if true_id not in best:
+        return None
+    target = best[true_id]
+    # ties are resolved pessimistically (the true identity ranks after equal scores)
+    return 1 + sum(1 for gid, s in best.items() if gid != true_id and s >= target)
+
+
+def rank_k(ranks: Sequence[int | None], k: int) -> float | None:
+    """Share of probes whose true identity is within the top ``k`` (``None`` rank = a miss)."""
+    if not ranks:
+        return None
+    return sum(1 for r in ranks if r is not None and r <= k) / len(ranks)
+
+
+# ------------------------------------------------------------------------------ quality
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] ((3, H, W) or batched); ``inf`` when identical."""
+    mse = float(F.mse_loss(a.double(), b.double()))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW) -> float:
+    """Mean SSIM (Gaussian window 11, sigma 1.5, as Wang et al.) via kornia.metrics."""
+    from kornia.metrics import ssim as kssim
+
+    a4, b4 = (a if a.dim() == 4 else a[None]), (b if b.dim() == 4 else b[None])
+    h, w = a4.shape[-2:]
+    win = min(window, (min(h, w) // 2) * 2 - 1)
+    if win < 3:
+        return float("nan")
+    return float(kssim(a4.float(), b4.float(), win).mean())
+
+
+def _fit(img: torch.Tensor, max_side: int) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    s = max_side / max(h, w)
+    if s >= 1:
+        return img
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    return F.interpolate(img[None] if img.dim() == 3 else img, size=size, mode="bilinear",
+                         align_corners=False, antialias=True)[0]
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between two Gaussians (the FID formula), matrix square root by scipy.
+
+    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))``; a singular product (fewer images than
+    feature dimensions) is regularised with ``eps`` on the diagonals, as pytorch-fid does.
+    """
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():
+        off = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + off).dot(s2 + off))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+class QualityMeter:
+    """Accumulates quality metrics over (protected, original) image pairs."""
+
+    def __init__(self, *, lpips: str | None = "lpips-alex", fid: bool = True, device: str | torch.device = "cpu",
+                 download: bool = True, lpips_model=None, fid_model=None):
+        self.device = torch.device(device)
+        self.unavailable: dict[str, str] = {}
+        self.rows: list[dict] = []
+        self._fid_feats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.lpips_name = lpips
+        self.lpips = lpips_model
+        self.fid_model = fid_model
+        if lpips and self.lpips is None:
+            self.lpips = self._load(lpips, "lpips", download)
+        elif not lpips:
+            self.unavailable["lpips"] = "disabled"
+        if fid and self.fid_model is None:
+            self.fid_model = self._load("fid-inception", "fid", download)
+        elif not fid:
+            self.unavailable["fid"] = "disabled"
+
+    def _load(self, name: str, metric: str, download: bool):
+        from ..models import availability, create_model
+
+        try:
+            avail = availability(name)
+            if not avail.available and not download:
+                raise RuntimeError(f"weights not on this machine ({avail.where}); run `facepriv models fetch {name}` "
+                                   f"or `facepriv models import {name} FILE`")
+            return create_model(name, device=self.device, progress=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to get weights only disables this metric
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.unavailable[metric] = f"{name} unavailable: {msg}"
+            return None
+
+    def add(self, protected: torch.Tensor, original: torch.Tensor) -> dict:
+        """Quality of one protected image (3, H, W) against its original; returns the row."""
+        row: dict = {}
+        if protected.shape != original.shape:
+            row["resized"] = f"protected {tuple(protected.shape[-2:])} resized to the original's {tuple(original.shape[-2:])}"
+            protected = F.interpolate(protected[None], size=original.shape[-2:], mode="bilinear",
+                                      align_corners=False, antialias=True)[0]
+        row["psnr"] = psnr(protected, original)
+        row["ssim"] = ssim(protected, original)
+        if self.lpips is not None:
+            with torch.no_grad():
+                a = _fit(protected, LPIPS_MAX_SIDE).to(self.device)
+                b = _fit(original, LPIPS_MAX_SIDE).to(self.device)
+                row["lpips"] = float(self.lpips(a[None], b[None])[0])
+        if self.fid_model is not None:
+            with torch.no_grad():
+                self._fid_feats[0].append(self.fid_model(_fit(protected, 512)[None].to(self.device)).double().cpu())
+                self._fid_feats[1].append(self.fid_model(_fit(original, 512)[None].to(self.device)).double().cpu())
+        self.rows.append(row)
+        return row
+
+    def fid(self) -> float | None:
+        if self.fid_model is None:
+            return None
+        a, b = self._fid_feats
+        if len(a) < 2:
+            self.unavailable["fid"] = f"FID needs at least 2 images per set (got {len(a)})"
+            return None
+        fa, fb = torch.cat(a).numpy(), torch.cat(b).numpy()
+        return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+
+    def summary(self) -> dict:
+        def agg(key):
+            vals = [r[key] for r in self.rows if key in r and r[key] is not None and not math.isnan(r[key])]
+            if not vals:
+                return None
+            finite = [v for v in vals if math.isfinite(v)]
+            return float(np.mean(finite)) if finite else math.inf
+
+        out = {"psnr": agg("psnr"), "ssim": agg("ssim"), "lpips": agg("lpips") if self.lpips is not None else None,
+               "fid": self.fid(), "n": len(self.rows)}
+        if out["fid"] is not None and len(self.rows) < 50:
+            out["fid_note"] = (f"FID over {len(self.rows)} images is strongly biased (it needs thousands); "
+                               "compare it only between runs on the same set")
+        if out["lpips"] is not None:
+            out["lpips_model"] = self.lpips_name
+        out["unavailable"] = dict(self.unavailable)
+        return out
+
+
+# ------------------------------------------------------------------------------ utility
+def expression_change(p_orig: torch.Tensor, p_prot: torch.Tensor, labels: Sequence[str]) -> dict:
+    """Expression kept (same top label) and total-variation distance of the class probabilities."""
+    a, b = int(p_orig.argmax()), int(p_prot.argmax())
+    return {"expression_before": labels[a], "expression_after": labels[b], "expression_kept": a == b,
+            "expression_tv": float(0.5 * (p_orig - p_prot).abs().sum())}
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / ua) if ua > 0 else 0.0
+
+
+def match_faces(orig_boxes: Sequence[np.ndarray], prot_boxes: Sequence[np.ndarray], min_iou: float = 0.3
+                ) -> list[int | None]:
+    """For each original face, the index of the protected face it corresponds to (greedy by IoU)."""
+    cands = sorted(((box_iou(a, b), i, j) for i, a in enumerate(orig_boxes) for j, b in enumerate(prot_boxes)),
+                   reverse=True)
+    out: list[int | None] = [None] * len(orig_boxes)
+    used = set()
+    for iou, i, j in cands:
+        if iou < min_iou:
+            break
+        if out[i] is None and j not in used:
+            out[i] = j
+            used.add(j)
+    return out

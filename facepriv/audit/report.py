@@ -1,0 +1,404 @@
+"""Audit reports: ``report.json`` (everything), ``report.csv`` (one row per image) and a
+self-contained ``report.html`` (summary tables, similarity histograms against the thresholds,
+ROC curves, and an original | protected | amplified-difference grid; every figure and
+thumbnail is an embedded base64 PNG/JPEG, nothing is fetched from anywhere).
+
+Everything written passes through :func:`facepriv.audit.secrets.redact`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..core.io import atomic_write_bytes
+from .secrets import redact
+from .thresholds import FARS
+
+THUMB_SIDE = 224
+
+
+def _fmt(v, pct: bool = False, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int | float):
+        if isinstance(v, float) and math.isinf(v):
+            return "∞"
+        if isinstance(v, float) and math.isnan(v):
+            return "nan"
+        return f"{100 * v:.1f}%" if pct else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    return str(v)
+
+
+# ------------------------------------------------------------------------------ summary
+def summarize(report: dict) -> dict:
+    """The compact summary the CLI prints (and ``--json`` emits)."""
+    out = {"models": {}, "thresholds": report.get("thresholds", {}), "quality": report.get("quality", {}),
+           "faces": report.get("faces", {}), "counts": report.get("counts", {}),
+           "errors": len(report.get("errors", [])), "notes": report.get("protocol_notes", [])}
+    for m, e in report.get("models", {}).items():
+        s = {"dodging": {k: e["dodging"][k] for k in ("n", "psr", "mean_similarity", "not_detected", "protocol")},
+             "dodging_before": e["dodging"]["before"]["psr"]}
+        if "impersonation" in e:
+            s["impersonation"] = {k: e["impersonation"][k] for k in ("n", "psr", "mean_similarity")}
+        if "identification" in e:
+            s["identification"] = e["identification"]
+        if "roc" in e:
+            s["auc"] = {k: e["roc"][k]["auc"] for k in ("before", "after") if k in e["roc"]}
+        out["models"][m] = s
+    if "utility" in report:
+        out["utility"] = report["utility"]
+    if "apis" in report:
+        out["apis"] = {n: {k: v for k, v in a.items() if k in ("dodging", "impersonation", "calls", "cache_hits",
+                                                                  "retries", "errors")}
+                       for n, a in report["apis"].items()}
+    if "outputs" in report:
+        out["outputs"] = report["outputs"]
+    return redact(out)
+
+
+# ------------------------------------------------------------------------------ csv
+def csv_rows(report: dict) -> tuple[list[str], list[dict]]:
+    models = list(report.get("models", {}))
+    apis = list(report.get("apis", {}))
+    cols = ["protected", "original", "identity", "identity_source", "error", "faces_original", "faces_protected",
+            "faces_not_detected", "psnr", "ssim", "lpips"]
+    for m in models:
+        cols += [f"{m}:protocol", f"{m}:dodging_mean", f"{m}:dodging_max"] + [f"{m}:protected@{f}" for f in FARS]
+        cols += [f"{m}:impersonation_max", f"{m}:rank_before", f"{m}:rank_after"]
+    if "utility" in report:
+        cols += ["expression_kept", "expression_tv"]
+    for a in apis:
+        cols += [f"{a}:dodging_score", f"{a}:impersonation_score", f"{a}:error"]
+    out = []
+    for r in report.get("images", []):
+        row = {c: r.get(c) for c in cols[:8]}
+        q = r.get("quality") or {}
+        row.update(psnr=q.get("psnr"), ssim=q.get("ssim"), lpips=q.get("lpips"))
+        for m in models:
+            mr = (r.get("models") or {}).get(m)
+            if not mr:
+                continue
+            f0 = mr["faces"][0] if mr["faces"] else {}
+            dod = [s for f in mr["faces"] for s in f.get("dodging", []) if s is not None]
+            imp = [s for f in mr["faces"] for s in f.get("impersonation", []) if s is not None]
+            row[f"{m}:protocol"] = f0.get("protocol")
+            row[f"{m}:dodging_mean"] = float(np.mean(dod)) if dod else None
+            row[f"{m}:dodging_max"] = mr.get("dodging_max")
+            for f in FARS:
+                row[f"{m}:protected@{f}"] = mr.get("protected_at", {}).get(f)
+            row[f"{m}:impersonation_max"] = max(imp) if imp else None
+            row[f"{m}:rank_before"] = f0.get("rank_before")
+            row[f"{m}:rank_after"] = f0.get("rank_after")
+        ex = (r.get("utility") or {}).get("expression") or []
+        if ex:
+            row["expression_kept"] = ex[0]["expression_kept"]
+            row["expression_tv"] = ex[0]["expression_tv"]
+        for a in apis:
+            calls = (r.get("apis") or {}).get(a, [])
+            d = [c for c in calls if c["kind"] == "dodging"]
+            i = [c for c in calls if c["kind"] == "impersonation"]
+            row[f"{a}:dodging_score"] = d[0]["score"] if d else None
+            row[f"{a}:impersonation_score"] = i[0]["score"] if i else None
+            row[f"{a}:error"] = "; ".join(c["error"] for c in calls if c.get("error")) or None
+        out.append(row)
+    return cols, out
+
+
+def write_csv(report: dict, path: Path) -> Path:
+    cols, rows = csv_rows(report)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else (round(v, 6) if isinstance(v, float) else v)) for k, v in r.items()})
+    return atomic_write_bytes(path, redact(buf.getvalue()).encode())
+
+
+# ------------------------------------------------------------------------------ figures
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _histogram(model: str, scores: dict, thresholds: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    series = [("clean (before)", scores.get("dodging_before"), "tab:blue"),
+              ("protected (after)", scores.get("dodging_after"), "tab:red"),
+              ("impersonation after", scores.get("impersonation_after"), "tab:green")]
+    series = [(n, [v for v in vals if v is not None], c) for n, vals, c in series if vals]
+    series = [s for s in series if s[1]]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    allv = np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series])
+    tvals = [thresholds.get(f) for f in FARS if thresholds.get(f) is not None]
+    lo, hi = float(min(allv.min(), *tvals)), float(max(allv.max(), *tvals))
+    bins = np.linspace(lo - 1e-6, hi + 1e-6, 31)
+    for name, vals, color in series:
+        ax.hist(vals, bins=bins, alpha=0.5, label=f"{name} (n={len(vals)})", color=color)
+    for f, style in zip(FARS, ("--", "-.", ":")):
+        if thresholds.get(f) is not None:
+            ax.axvline(thresholds[f], color="k", linestyle=style, linewidth=1, label=f"threshold FAR {f}")
+    ax.set_title(f"{model}: similarity to clean photos (higher = same person)", fontsize=9)
+    ax.set_xlabel("similarity", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def _roc_figure(model: str, roc: dict | None, calibration: dict | None) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    curves = []
+    if roc:
+        for key, color in (("before", "tab:blue"), ("after", "tab:red")):
+            if key in roc:
+                curves.append((f"audit {key} protection (AUC {roc[key]['auc']:.3f})", roc[key]["fpr"], roc[key]["tpr"],
+                               color))
+    if calibration and calibration.get("roc"):
+        c = calibration["roc"]
+        curves.append((f"calibration pairs (AUC {calibration.get('auc', float('nan')):.3f})", c["fpr"], c["tpr"], "tab:gray"))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    for name, fpr, tpr, color in curves:
+        ax.plot(np.maximum(np.asarray(fpr, dtype=float), 1e-4), tpr, label=name, color=color)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(0, 1.01)
+    for f in FARS:
+        ax.axvline(float(f), color="k", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("false accept rate", fontsize=8)
+    ax.set_ylabel("true accept rate", fontsize=8)
+    ax.set_title(f"{model}: ROC", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="lower right")
+    return _png(fig)
+
+
+def _thumbs(protected: Path, original: Path) -> tuple[str, str, str, float] | None:
+    """Base64 JPEG thumbnails of original, protected and |difference| amplified; and the gain."""
+    from PIL import Image
+
+    from ..core.io import load_image
+
+    try:
+        a = load_image(original).rgb.astype(np.float32)
+        b = load_image(protected).rgb.astype(np.float32)
+    except Exception:  # noqa: BLE001 - a thumbnail is never worth failing the report for
+        return None
+    if a.shape != b.shape:
+        b = np.asarray(Image.fromarray(b.astype(np.uint8)).resize((a.shape[1], a.shape[0]), Image.BILINEAR),
+                       dtype=np.float32)
+    diff = np.abs(b - a)
+    p99 = float(np.percentile(diff, 99.5)) if diff.size else 0.0
+    gain = min(50.0, 255.0 / p99) if p99 > 0 else 1.0
+    amp = np.clip(diff * gain, 0, 255).astype(np.uint8)
+
+    def enc(arr: np.ndarray) -> str:
+        im = Image.fromarray(arr.astype(np.uint8))
+        im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    return enc(a), enc(b), enc(amp), gain
+
+
+# ------------------------------------------------------------------------------ html
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
+td.l,th.l{text-align:left}.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.4em .8em;margin:.3em 0}
+.err{color:#b00020}.grid td{vertical-align:top;text-align:center;font-size:11px}.ok{color:#0a7d27}.bad{color:#b00020}
+img{max-width:100%}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+"""
+
+
+def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
+    h = "".join(f"<th class='l'>{html.escape(c)}</th>" if i < left else f"<th>{html.escape(c)}</th>"
+                for i, c in enumerate(headers))
+    body = ""
+    for r in rows:
+        body += "<tr>" + "".join(f"<td class='l'>{html.escape(str(c))}</td>" if i < left else f"<td>{html.escape(str(c))}</td>"
+                                 for i, c in enumerate(r)) + "</tr>"
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def write_html(report: dict, path: Path, cfg=None) -> Path:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>facepriv audit</title><style>{_CSS}</style>"
+             "</head><body>", "<h1>facepriv audit report</h1>"]
+    c = report.get("config", {})
+    parts.append(f"<p>{html.escape(report.get('created', ''))} · protected <code>{html.escape(str(c.get('protected')))}</code>"
+                 f" vs original <code>{html.escape(str(c.get('original')))}</code> · "
+                 f"{report.get('counts', {}).get('evaluated', 0)} of {report.get('counts', {}).get('pairs', 0)} images evaluated"
+                 f" · facepriv {html.escape(str(report.get('versions', {}).get('facepriv')))}</p>")
+    for n in report.get("protocol_notes", []):
+        parts.append(f"<div class='note'>{html.escape(n)}</div>")
+
+    # thresholds
+    parts.append("<h2>Thresholds</h2>")
+    trows = [[m, *[_fmt(t.get(f), nd=4) for f in FARS], t.get("source", "")] for m, t in report.get("thresholds", {}).items()]
+    parts.append(_table(["model", *[f"FAR {f}" for f in FARS], "source"], trows))
+
+    # summary per model
+    parts.append("<h2>Protection success rate (PSR) per model</h2>")
+    srows = []
+    for m, e in report.get("models", {}).items():
+        d = e["dodging"]
+        srows.append([m, "dodging", d["n"], *[_fmt(d["psr"].get(f), pct=True) for f in FARS],
+                      " / ".join(_fmt(d["before"]["psr"].get(f), pct=True) for f in FARS), _fmt(d["mean_similarity"]),
+                      d.get("not_detected", 0)])
+        if "impersonation" in e:
+            i = e["impersonation"]
+            srows.append([m, "impersonation", i["n"], *[_fmt(i["psr"].get(f), pct=True) for f in FARS],
+                          " / ".join(_fmt(i["before"]["psr"].get(f), pct=True) for f in FARS), _fmt(i["mean_similarity"]),
+                          ""])
+    parts.append(_table(["model", "protocol", "comparisons", *[f"PSR @ {f}" for f in FARS],
+                         "PSR before (clean)", "mean similarity", "face not detected"], srows, left=2))
+    idrows = [[m, e["identification"]["n"], _fmt(e["identification"]["rank1_before"], pct=True),
+               _fmt(e["identification"]["rank1_after"], pct=True), _fmt(e["identification"]["rank5_before"], pct=True),
+               _fmt(e["identification"]["rank5_after"], pct=True)]
+              for m, e in report.get("models", {}).items() if "identification" in e]
+    if idrows:
+        parts.append("<h3>Identification (gallery)</h3>")
+        parts.append(_table(["model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"], idrows))
+    f = report.get("faces", {})
+    parts.append(f"<p>Faces in originals: {f.get('original', 0)}; still detected after protection: {f.get('matched', 0)}; "
+                 f"not detected: {f.get('not_detected', 0)} (counted as protected for dodging); protected images "
+                 f"without any face: {f.get('images_no_face_after', 0)}.</p>")
+
+    # quality
+    q = report.get("quality", {})
+    parts.append("<h2>Image quality (protected vs original)</h2>")
+    parts.append(_table(["PSNR (dB)", "SSIM", "LPIPS", "FID"],
+                        [[_fmt(q.get("psnr"), nd=2), _fmt(q.get("ssim"), nd=4), _fmt(q.get("lpips"), nd=4),
+                          _fmt(q.get("fid"), nd=2)]], left=0))
+    for k, v in (q.get("unavailable") or {}).items():
+        parts.append(f"<div class='note'>{html.escape(k)}: {html.escape(str(v))}</div>")
+    if q.get("fid_note"):
+        parts.append(f"<div class='note'>{html.escape(q['fid_note'])}</div>")
+    if "utility" in report:
+        u = report["utility"]
+        parts.append("<h2>Utility</h2>")
+        parts.append(_table(["face still detected", "expression kept", "mean expression TV distance"],
+                            [[_fmt(u.get("face_detected_rate"), pct=True), _fmt(u.get("expression_kept_rate"), pct=True),
+                              _fmt(u.get("expression_tv_mean"))]], left=0))
+    if "apis" in report:
+        parts.append("<h2>Online APIs</h2>")
+        arows = []
+        for n, a in report["apis"].items():
+            for kind in ("dodging", "impersonation"):
+                if kind in a:
+                    s = a[kind]
+                    arows.append([n, kind, s["n"], ", ".join(f"{k}: {_fmt(v, pct=True)}" for k, v in s["psr"].items()),
+                                  _fmt(s["mean_score"], nd=2), s["no_face_protected"], s["errors"], s.get("cached", 0)])
+        parts.append(_table(["API", "protocol", "pairs", "PSR at the provider's thresholds", "mean score",
+                             "no face (protected)", "errors", "cached"], arows, left=2))
+
+    # figures
+    parts.append("<h2>Similarity distributions and ROC</h2>")
+    for m in report.get("models", {}):
+        th = report.get("thresholds", {}).get(m, {})
+        hist = _histogram(m, report.get("scores", {}).get(m, {}), th)
+        roc = _roc_figure(m, report["models"][m].get("roc"), (report.get("calibration") or {}).get(m))
+        parts.append("<div>")
+        if hist:
+            parts.append(f"<img alt='{html.escape(m)} histogram' src='data:image/png;base64,{hist}'>")
+        if roc:
+            parts.append(f"<img alt='{html.escape(m)} ROC' src='data:image/png;base64,{roc}'>")
+        parts.append("</div>")
+
+    # per-image grid
+    images = report.get("images", [])
+    limit = getattr(cfg, "html_max_images", 60) if cfg is not None else 60
+    parts.append(f"<h2>Images ({min(limit, len(images))} of {len(images)})</h2>")
+    parts.append("<table class='grid'><tr><th>original</th><th>protected</th><th>|difference| amplified</th>"
+                 "<th class='l'>details</th></tr>")
+    models = list(report.get("models", {}))
+    for r in images[:limit]:
+        th = None
+        if cfg is not None:
+            prot = cfg.protected if cfg.protected.is_file() else cfg.protected / r["protected"]
+            orig = cfg.original if cfg.original.is_file() else cfg.original / r["original"]
+            th = _thumbs(prot, orig)
+        cells = ["<td>–</td>"] * 3
+        if th:
+            a, b, d, gain = th
+            cells = [f"<td><img src='data:image/jpeg;base64,{a}'></td>", f"<td><img src='data:image/jpeg;base64,{b}'></td>",
+                     f"<td><img src='data:image/jpeg;base64,{d}'><br>×{gain:.1f}</td>"]
+        det = [f"<b>{html.escape(r['protected'])}</b>"]
+        if r.get("identity"):
+            det.append(f"identity: {html.escape(str(r['identity']))} ({html.escape(str(r.get('identity_source')))})")
+        if r.get("error"):
+            det.append(f"<span class='err'>{html.escape(r['error'])}</span>")
+        for m in models:
+            mr = (r.get("models") or {}).get(m)
+            if not mr:
+                continue
+            pa = mr.get("protected_at", {}).get("1e-3")
+            cls = "ok" if pa else "bad"
+            det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · "
+                       f"<span class='{cls}'>{'protected' if pa else 'recognised'} @1e-3</span>")
+        qq = r.get("quality") or {}
+        if qq:
+            det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
+        parts.append("<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>")
+    parts.append("</table>")
+    errs = report.get("errors", [])
+    if errs:
+        parts.append("<h2>Errors</h2><ul>" + "".join(
+            f"<li>{html.escape(str(e.get('file')))}: {html.escape(str(e.get('error')))}</li>" for e in errs) + "</ul>")
+    v = report.get("versions", {})
+    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(v, indent=1, default=str)) + "</pre>")
+    parts.append("</body></html>")
+    return atomic_write_bytes(path, redact("\n".join(parts)).encode())
+
+
+def json_safe(obj):
+    """Strict JSON: non-finite floats become the strings "inf" / "-inf" / "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_reports(report: dict, out: str | Path, cfg=None) -> dict[str, Path]:
+    """Write report.json, report.csv and report.html under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "csv": out / "report.csv", "html": out / "report.html"}
+    full = dict(report)
+    full["outputs"] = {k: str(v) for k, v in paths.items()}
+    atomic_write_bytes(paths["json"], json.dumps(json_safe(redact(full)), indent=1, default=str,
+                                                 allow_nan=False).encode())
+    write_csv(report, paths["csv"])
+    write_html(report, paths["html"], cfg)
+    return paths
