@@ -1,4 +1,4 @@
-"""``facepriv deid``: de-identify every face in photos."""
+"""``facepriv deid``: de-identify every face in photos and videos."""
 
 from __future__ import annotations
 
@@ -8,27 +8,75 @@ from typing import Annotated
 import typer
 
 from ..core.device import resolve_device
+from ..core.errors import ConfigError
 from ..core.faces import FacePolicy
 from ..core.pipeline import SaveOptions
 from . import common
 from .common import handle_errors, state
 
-HELP = """De-identify every face in photos: blur, pixelate or mask each detected face.
+HELP = """De-identify every face in photos and videos.
 
-Example: facepriv deid photos/ --method pixelate --out anonymised/
+Methods: blur, pixelate, mask, eyebar, noise (classical); k-same-average, k-same-select,
+k-same-pixelate (each face becomes the average of k other people's faces, from --k-pool or the
+inputs themselves); inpaint (a face diffusion model repaints the inner face, guarded so the
+result no longer matches); adversarial (when installed). --ensemble a,b applies several in
+sequence. Videos (.mp4 .mov .mkv .avi .webm) are processed frame by frame with face tracking.
+
+Examples:
+  facepriv deid photos/ --method pixelate --out anonymised/
+  facepriv deid party.jpg --method k-same-select --k 5 --k-pool faces/ --out out/
+  facepriv deid clip.mp4 --method blur --keep-audio --out out/
 """
+
+_GEN = "Generative (inpaint)"
+_KS = "k-Same"
+_CL = "Classical"
+_ADV = "Adversarial"
+_VID = "Video"
 
 
 @handle_errors
 def deid(
     inputs: common.Inputs,
     out: common.OutDir = Path("deid-out"),
-    method: Annotated[str, typer.Option("--method", "-m", help="blur | pixelate | mask; a comma list applies several in sequence.")] = "blur",
-    strength: Annotated[float, typer.Option("--strength", help="Scales the method's strength (1.0 = default, defeats recognition).")] = 1.0,
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", help="blur | pixelate | mask | eyebar | noise | k-same-average | k-same-select | "
+        "k-same-pixelate | inpaint | adversarial; a comma list applies several in sequence. [default: blur]",
+        show_default=False)] = None,
+    ensemble: Annotated[str | None, typer.Option(
+        "--ensemble", help="Methods applied in sequence, e.g. pixelate,noise (same as a comma list in --method).")] = None,
+    strength: Annotated[float, typer.Option("--strength", help="Scales each method's main parameter (1.0 = default, defeats recognition).")] = 1.0,
     region: Annotated[str, typer.Option("--region", help="face (ellipse) | head (larger ellipse) | box.")] = "face",
     feather: Annotated[float | None, typer.Option("--feather", help="Soft edge width as a fraction of the region (default per method).")] = None,
-    color: Annotated[str, typer.Option("--color", help="Mask colour as R,G,B in 0-255.")] = "0,0,0",
-    detector: common.Detector = "mtcnn",
+    color: Annotated[str, typer.Option("--color", help="Mask / eye-bar colour as R,G,B in 0-255.", rich_help_panel=_CL)] = "0,0,0",
+    noise_sigma: Annotated[float, typer.Option("--noise-sigma", help="noise: standard deviation (image in [0, 1]).", rich_help_panel=_CL)] = 0.35,
+    noise_grain: Annotated[float, typer.Option("--noise-grain", help="noise: grain size as a fraction of the face size (0 = per pixel).", rich_help_panel=_CL)] = 0.04,
+    eyebar_length: Annotated[float, typer.Option("--eyebar-length", help="eyebar: length in eye distances.", rich_help_panel=_CL)] = 2.6,
+    eyebar_height: Annotated[float, typer.Option("--eyebar-height", help="eyebar: height in eye distances (x --strength).", rich_help_panel=_CL)] = 2.2,
+    k: Annotated[int, typer.Option("--k", min=2, help="k-same: faces (of distinct people) averaged per output face.", rich_help_panel=_KS)] = 5,
+    k_pool: Annotated[Path | None, typer.Option("--k-pool", help="k-same: folder of face photos to average (identity sub-folders, or one person per face); default: the inputs.", rich_help_panel=_KS)] = None,
+    k_model: Annotated[str, typer.Option("--k-model", help="k-same: recognition model (identity distance for k-same-select; excludes the person's own faces).", rich_help_panel=_KS)] = "dlib-resnet",
+    no_color_match: Annotated[bool, typer.Option("--no-color-match", help="k-same: do not shift the average to the face's mean colour.", rich_help_panel=_KS)] = False,
+    score_model: Annotated[str, typer.Option("--score-model", help="inpaint: face diffusion model (registry name, diffusers folder or hub id).", rich_help_panel=_GEN)] = "ddpm-celebahq-256",
+    inpaint_steps: Annotated[int, typer.Option("--inpaint-steps", min=1, help="inpaint: diffusion steps.", rich_help_panel=_GEN)] = 100,
+    jump_length: Annotated[int, typer.Option("--jump-length", min=1, help="inpaint: RePaint jump length.", rich_help_panel=_GEN)] = 10,
+    jump_samples: Annotated[int, typer.Option("--jump-samples", min=1, help="inpaint: RePaint resampling count per jump.", rich_help_panel=_GEN)] = 3,
+    guard_model: Annotated[str, typer.Option("--guard-model", help="inpaint: recognition model of the identity guard ('none' to disable).", rich_help_panel=_GEN)] = "dlib-resnet",
+    guard_tries: Annotated[int, typer.Option("--guard-tries", min=1, help="inpaint: generations per face until the guards pass.", rich_help_panel=_GEN)] = 3,
+    guard_threshold: Annotated[float | None, typer.Option("--guard-threshold", help="inpaint: similarity the new face must stay below (default: the model's threshold).", rich_help_panel=_GEN)] = None,
+    expression_guard: Annotated[bool, typer.Option("--expression-guard/--no-expression-guard", help="inpaint: keep the expression label (expr-fer7).", rich_help_panel=_GEN)] = True,
+    target: Annotated[Path | None, typer.Option("--target", help="adversarial: target identity photo (impersonation).", rich_help_panel=_ADV)] = None,
+    surrogates: Annotated[str | None, typer.Option("--surrogates", help="adversarial: surrogate models, comma list.", rich_help_panel=_ADV)] = None,
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="adversarial: L-inf budget.", rich_help_panel=_ADV)] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="adversarial: attack iterations.", rich_help_panel=_ADV)] = None,
+    attack: Annotated[str | None, typer.Option("--attack", help="adversarial: attack name.", rich_help_panel=_ADV)] = None,
+    detect_every: Annotated[int, typer.Option("--detect-every", min=1, help="video: run the detector every N frames (tracking fills in).", rich_help_panel=_VID)] = 1,
+    track_hold: Annotated[int, typer.Option("--track-hold", min=0, help="video: frames a face stays protected after (and before) its detections.", rich_help_panel=_VID)] = 10,
+    keep_audio: Annotated[bool, typer.Option("--keep-audio", help="video: copy the audio track (dropped by default: voices identify too).", rich_help_panel=_VID)] = False,
+    crf: Annotated[int, typer.Option("--crf", min=0, max=63, help="video: encoder quality (lower = better).", rich_help_panel=_VID)] = 18,
+    detector: Annotated[str, typer.Option(
+        "--detector", help="Face detector from the model registry: yunet (default here: the best recall and "
+        "speed in docs/bench_deid.md), mtcnn, centerface.")] = "yunet",
     on_no_face: common.OnNoFace = "copy",
     max_faces: common.MaxFaces = None,
     min_face_size: common.MinFaceSize = 20.0,
@@ -39,12 +87,33 @@ def deid(
     keep_metadata: common.KeepMetadata = False,
     max_pixels: common.MaxPixels = 178_956_970,
 ):
-    from ..deid import DeidConfig, run_deid
+    from ..deid import DeidConfig, VideoOptions, run_deid
+    from ..deid.base import canonical_name
 
-    methods = common.split_list(method)
-    rgb = common.parse_floats(color, 3, "--color")
+    if method and ensemble:
+        raise ConfigError("give --method or --ensemble, not both (they mean the same)")
+    methods = common.split_list(ensemble or method or "blur")
+    names = {canonical_name(m) for m in methods}
+    rgb = tuple(c / 255.0 for c in common.parse_floats(color, 3, "--color"))
+    seed = state.seed if state.seed is not None else 0
+    ksame = {"k": k, "model": k_model, "match_color": not no_color_match}
+    per_method = {
+        "mask": {"color": rgb},
+        "eyebar": {"color": rgb, "length": eyebar_length, "height": eyebar_height},
+        "noise": {"sigma": noise_sigma, "grain": noise_grain, "seed": seed},
+        "k-same-average": ksame, "k-same-select": ksame, "k-same-pixelate": ksame,
+        "inpaint": {"score_model": score_model, "steps": inpaint_steps, "jump_length": jump_length,
+                    "jump_n_sample": jump_samples, "guard_model": guard_model, "guard_tries": guard_tries,
+                    "guard_threshold": guard_threshold, "expression_guard": expression_guard, "seed": seed},
+        "adversarial": {key: val for key, val in {
+            "epsilon": epsilon, "steps": steps, "attack": attack,
+            "surrogates": common.split_list(surrogates) if surrogates else None,
+            "target": str(target) if target else None}.items() if val is not None},
+    }
     cfg = DeidConfig(methods=methods, strength=strength, region=region, feather=feather, detector=detector,
-                     options={"mask": {"color": tuple(c / 255.0 for c in rgb)}})
+                     options={n: per_method[n] for n in names if per_method.get(n)},
+                     k_pool=str(k_pool) if k_pool else None,
+                     video=VideoOptions(detect_every=detect_every, track_hold=track_hold, keep_audio=keep_audio, crf=crf))
     summary = run_deid(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),

@@ -1,4 +1,14 @@
-"""The interface every de-identification method implements, and the method table."""
+"""The interface every de-identification method implements, and the method table.
+
+A method is a small class with one job: given a float RGB image (3, H, W) in [0, 1] and the
+faces found in it, return a new image in which those faces are unrecognisable. Methods are
+created by name (:func:`create_method`), moved to a device once (:meth:`DeidMethod.setup`,
+where methods that need models load them) and then applied to any number of images or video
+frames. ``apply_batch`` treats several images at once (the default loops; methods with
+batched models override it). What a method decided for the last image (which pool faces were
+averaged, how many generation tries were needed) is in ``last_info`` and goes into the batch
+manifest.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.faces import Face
-from ..core.regions import region_mask
+from ..core.regions import REGIONS, region_mask
 
 
 class DeidMethod(ABC):
@@ -27,13 +37,28 @@ class DeidMethod(ABC):
     def __init__(self, *, strength: float = 1.0, region: str = "face", feather: float | None = None):
         if strength <= 0:
             raise ConfigError(f"{self.name}: strength must be > 0")
+        if region not in REGIONS:
+            raise ConfigError(f"unknown region {region!r}; use one of {', '.join(REGIONS)}")
         self.strength = float(strength)
         self.region = region
         self.feather = self.default_feather if feather is None else float(feather)
+        if self.feather < 0:
+            raise ConfigError(f"{self.name}: feather must be >= 0")
+        self.device = torch.device("cpu")
+        self.last_info: dict = {}
+
+    def setup(self, device: str | torch.device = "cpu") -> DeidMethod:
+        """Prepare to run on ``device`` (methods with models load them here). Returns self."""
+        self.device = torch.device(device)
+        return self
 
     @abstractmethod
     def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
         ...
+
+    def apply_batch(self, images: list[torch.Tensor], faces: list[list[Face]]) -> list[torch.Tensor]:
+        """Several images (each (3, H, W), sizes may differ) with their faces."""
+        return [self.apply(im, f) for im, f in zip(images, faces)]
 
     def describe(self) -> dict:
         return {"method": self.name, "strength": self.strength, "region": self.region, "feather": self.feather}
@@ -67,16 +92,29 @@ class RegionEffect(DeidMethod):
 
 
 METHODS: dict[str, Callable[..., DeidMethod]] = {}
+#: other spellings accepted by :func:`create_method` (not listed separately)
+ALIASES: dict[str, str] = {}
 
 
-def register_method(cls):
-    METHODS[cls.name] = cls
-    return cls
+def register_method(cls=None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name`` (and ``aliases``)."""
+
+    def deco(c):
+        METHODS[c.name] = c
+        for a in aliases:
+            ALIASES[a] = c.name
+        return c
+
+    return deco(cls) if cls is not None else deco
+
+
+def canonical_name(name: str) -> str:
+    name = name.strip().lower()
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ConfigError(f"unknown deid method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return name
 
 
 def create_method(name: str, **kwargs) -> DeidMethod:
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown deid method {name!r}; available: {', '.join(sorted(METHODS))}") from None
-    return cls(**kwargs)
+    return METHODS[canonical_name(name)](**kwargs)

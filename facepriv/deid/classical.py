@@ -1,4 +1,4 @@
-"""Classical de-identification: blur, pixelate, solid mask.
+"""Classical de-identification: blur, pixelate, solid mask, eye bar, additive noise.
 
 Defaults are sized relative to each face (so a 40 px face and a 400 px face are equally
 unrecognisable) and were chosen with ``facepriv audit`` (see docs/benchmarks.md).
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
+from ..core.errors import ConfigError
 from ..core.faces import Face
-from .base import RegionEffect, register_method
+from .base import DeidMethod, RegionEffect, register_method
 
 
 @register_method
@@ -73,3 +74,125 @@ class Mask(RegionEffect):
 
     def effect(self, crop: torch.Tensor, face: Face) -> torch.Tensor:
         return torch.tensor(self.color, dtype=crop.dtype, device=crop.device)[:, None, None].expand_as(crop)
+
+
+def _rotated_box_mask(cx: float, cy: float, half_u: float, half_v: float, angle: float, image_hw: tuple[int, int],
+                      feather: float, device=None):
+    """Soft mask of a rotated rectangle (half-sizes ``half_u`` along ``angle``, ``half_v``
+    across) as (y0, y1, x0, x1, mask (1, h, w)); None when it is off the image."""
+    import math
+
+    H, W = image_hw
+    ext = math.hypot(half_u, half_v) * (1 + feather) + 2
+    x0, x1 = int(max(0, math.floor(cx - ext))), int(min(W, math.ceil(cx + ext) + 1))
+    y0, y1 = int(max(0, math.floor(cy - ext))), int(min(H, math.ceil(cy + ext) + 1))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    ys = torch.arange(y0, y1, device=device, dtype=torch.float32)[:, None] - cy
+    xs = torch.arange(x0, x1, device=device, dtype=torch.float32)[None, :] - cx
+    c, s = math.cos(angle), math.sin(angle)
+    u = (xs * c + ys * s).abs()
+    v = (-xs * s + ys * c).abs()
+    if feather > 0:
+        # the ramp has the same width (a fraction of the bar height) on all four sides
+        ramp = feather * half_v
+        du = ((half_u + ramp - u) / (2 * ramp)).clamp(0, 1)
+        dv = ((half_v + ramp - v) / (2 * ramp)).clamp(0, 1)
+        m = torch.minimum(du, dv)
+        m = m * m * (3 - 2 * m)
+    else:
+        m = ((u <= half_u) & (v <= half_v)).float()
+    return y0, y1, x0, x1, m[None]
+
+
+@register_method(aliases=("eye-bar", "eye_bar"))
+class EyeBar(DeidMethod):
+    """A solid bar over both eyes, along the eye line (the censor bar of old magazines).
+
+    The bar is ``length`` x eye distance long and ``height`` x eye distance x ``strength``
+    tall, centred between the eyes and shifted up by ``raise_`` x eye distance. A thin bar
+    over the eyes alone does *not* defeat face recognition (a 0.9 x eye-distance bar leaves
+    dlib-resnet re-identifying every face of our benchmark); the default is a band from the
+    brows down to the nose tip, measured to defeat dlib-resnet and FaceNet (see
+    docs/bench_deid.md). ``region`` does not apply (the bar has its own shape).
+    """
+
+    name = "eyebar"
+    default_feather = 0.0
+
+    def __init__(self, *, color: tuple[float, float, float] = (0.0, 0.0, 0.0), length: float = 2.6,
+                 height: float = 2.2, raise_: float = 0.05, **kw):
+        super().__init__(**kw)
+        if length <= 0 or height <= 0:
+            raise ConfigError("eyebar: length and height must be > 0")
+        self.color = tuple(float(c) for c in color)
+        self.length, self.height, self.raise_ = float(length), float(height), float(raise_)
+
+    def bar(self, face: Face) -> tuple[float, float, float, float, float]:
+        """Centre x, y, half-length, half-height and angle of the bar for ``face``."""
+        import math
+
+        import numpy as np
+
+        lm = np.asarray(face.landmarks, dtype=np.float64)
+        d = lm[1] - lm[0]
+        dist = float(np.hypot(*d))
+        if not np.isfinite(dist) or dist < 1.0:  # degenerate landmarks: use the box
+            dist = 0.4 * face.width
+            angle = 0.0
+            c = np.array([(face.box[0] + face.box[2]) / 2, face.box[1] + 0.38 * face.height])
+        else:
+            angle = math.atan2(d[1], d[0])
+            c = (lm[0] + lm[1]) / 2
+        up = np.array([math.sin(angle), -math.cos(angle)])
+        c = c + up * self.raise_ * dist
+        return float(c[0]), float(c[1]), 0.5 * self.length * dist, 0.5 * self.height * dist * self.strength, angle
+
+    def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
+        out = image.clone()
+        color = torch.tensor(self.color, dtype=image.dtype, device=image.device)[:, None, None]
+        for face in faces:
+            cx, cy, hu, hv, angle = self.bar(face)
+            got = _rotated_box_mask(cx, cy, hu, hv, angle, image.shape[-2:], self.feather, device=image.device)
+            if got is None:
+                continue
+            y0, y1, x0, x1, m = got
+            out[:, y0:y1, x0:x1] = out[:, y0:y1, x0:x1] * (1 - m) + color * m
+        return out
+
+    def describe(self) -> dict:
+        return {**super().describe(), "length": self.length, "height": self.height, "color": self.color}
+
+
+@register_method
+class Noise(RegionEffect):
+    """Additive Gaussian noise of standard deviation ``sigma`` x ``strength`` (image in [0, 1]).
+
+    ``grain`` sets the noise's spatial scale as a fraction of the face size (0 = per pixel):
+    coarse noise disturbs recognition far more than pixel noise of the same amplitude, which
+    face models average away. Reproducible: each face's noise is drawn from ``seed`` and the
+    face's position.
+    """
+
+    name = "noise"
+    default_feather = 0.1
+
+    def __init__(self, *, sigma: float = 0.35, grain: float = 0.04, seed: int = 0, **kw):
+        super().__init__(**kw)
+        if sigma <= 0 or grain < 0:
+            raise ConfigError("noise: sigma must be > 0 and grain >= 0")
+        self.sigma, self.grain, self.seed = float(sigma), float(grain), int(seed)
+
+    def effect(self, crop: torch.Tensor, face: Face) -> torch.Tensor:
+        h, w = crop.shape[-2:]
+        cell = max(1, int(round(self.grain * face.size)))
+        gh, gw = -(-h // cell), -(-w // cell)
+        gen = torch.Generator(device="cpu").manual_seed(
+            (self.seed * 1_000_003 + int(face.box[0]) * 7919 + int(face.box[1])) % (2**63))
+        noise = torch.randn((1, crop.shape[0], gh, gw), generator=gen).to(crop.device, crop.dtype)
+        if cell > 1:
+            noise = noise.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[..., :h, :w]
+        return (crop + noise[0] * self.sigma * self.strength).clamp(0, 1)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sigma": self.sigma, "grain": self.grain, "seed": self.seed}

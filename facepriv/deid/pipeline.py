@@ -1,16 +1,30 @@
-"""Run de-identification methods over photos and folders."""
+"""Run de-identification methods over photos, videos and folders.
+
+:func:`run_deid` is what ``facepriv deid`` calls: it collects the inputs (photos and, among
+them, video files, routed to :mod:`facepriv.deid.video`), builds the methods once (models
+loaded, k-Same pool built), and runs them through the batch runner, so outputs mirror the
+input tree, every file gets a manifest line (with what each method decided: the pool faces a
+k-Same face averages, the tries of the generative guard, the tracks of a video) and
+``--resume`` works.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..core.batch import BatchSummary, collect_inputs, run_batch
-from ..core.faces import Face, FacePolicy
+from ..core.batch import BatchSummary, InputItem, ItemResult, collect_inputs, run_batch
+from ..core.errors import ConfigError, FaceprivError
+from ..core.faces import Face, FaceDetector, FacePolicy
+from ..core.io import IMAGE_SUFFIXES
 from ..core.pipeline import SaveOptions, process_photo
-from .base import DeidMethod, create_method
+from ..core.progress import make_progress
+from .base import DeidMethod, canonical_name, create_method
+from .video import VIDEO_SUFFIXES, VideoOptions, deid_video, is_video
 
 
 @dataclass
@@ -19,13 +33,27 @@ class DeidConfig:
     strength: float = 1.0
     region: str = "face"
     feather: float | None = None
-    detector: str = "mtcnn"
+    detector: str = "yunet"  # the best recall (and 13x MTCNN's speed) on our benchmark, see docs/bench_deid.md
     options: dict = field(default_factory=dict)  # per-method extra keyword arguments
+    k_pool: str | None = None  # k-Same face pool: a folder, a saved pool file, or None = the inputs
+    video: VideoOptions = field(default_factory=VideoOptions)
 
 
-def build_methods(cfg: DeidConfig) -> list[DeidMethod]:
-    return [create_method(m, strength=cfg.strength, region=cfg.region, feather=cfg.feather,
-                          **cfg.options.get(m, {})) for m in cfg.methods]
+def build_methods(cfg: DeidConfig, device: str | torch.device | None = None) -> list[DeidMethod]:
+    """Create the configured methods (in order); with ``device`` also load their models."""
+    if not cfg.methods:
+        raise ConfigError("no de-identification method given")
+    methods = []
+    for m in cfg.methods:
+        name = canonical_name(m)
+        opts = {**cfg.options.get(m, {}), **cfg.options.get(name, {})}
+        if name.startswith("k-same") and cfg.k_pool and "pool" not in opts:
+            opts["pool"] = cfg.k_pool
+        methods.append(create_method(name, strength=cfg.strength, region=cfg.region, feather=cfg.feather, **opts))
+    if device is not None:
+        for method in methods:
+            method.setup(device)
+    return methods
 
 
 def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]) -> torch.Tensor:
@@ -36,26 +64,132 @@ def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]
     return out
 
 
+class CachedDetector(FaceDetector):
+    """Remembers the faces of images already detected (by pixel hash), so a k-Same pool built
+    from the batch itself does not detect every photo twice."""
+
+    def __init__(self, detector: FaceDetector):
+        self.detector = detector
+        self.name = getattr(detector, "name", "detector")
+        self.cache: dict[str, list[Face]] = {}
+
+    @staticmethod
+    def key(image: np.ndarray) -> str:
+        return f"{image.shape}:{hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()}"
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        k = self.key(image)
+        if k not in self.cache:
+            self.cache[k] = self.detector.detect(image)
+        return self.cache[k]
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[list[Face]]:
+        return self.detector.detect_batch(images)  # video frames: never seen twice
+
+
+def collect_media(inputs: list[str | Path], *, glob: str | None = None, exclude=()) -> list[InputItem]:
+    """Photos and videos among ``inputs`` (folders searched recursively), output-relative paths."""
+    if glob:
+        return collect_inputs(inputs, glob=glob, exclude=exclude)
+    items = collect_inputs(inputs, glob="*", exclude=exclude)
+    folders = [Path(str(p)).expanduser().resolve() for p in inputs
+               if not str(p).startswith("@") and Path(str(p)).expanduser().is_dir()]
+    keep = set(IMAGE_SUFFIXES) | set(VIDEO_SUFFIXES)
+    out = []
+    for it in items:
+        from_folder = any(f in it.path.parents for f in folders)
+        if from_folder and (it.path.suffix.lower() not in keep or it.path.name.startswith(".")):
+            continue
+        out.append(it)
+    return out
+
+
+def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: FaceDetector, cfg: DeidConfig,
+                   policy: FacePolicy, save: SaveOptions, device, progress: bool) -> dict | None:
+    """Build (or load) the k-Same pool; returns what to record about it."""
+    from ..core.io import load_image
+    from .ksame import FacePool, ksame_methods
+
+    ks = ksame_methods(methods)
+    if not ks:
+        return None
+    first = ks[0]
+    if first.pool is None:
+        if cfg.k_pool and Path(cfg.k_pool).is_dir():
+            first.build_pool(cfg.k_pool, detector, policy=policy, progress=progress)
+        elif cfg.k_pool:
+            raise ConfigError(f"--k-pool {cfg.k_pool}: not a folder or a saved pool file")
+        else:  # the batch itself is the pool
+            pool = FacePool.empty(first.size)
+            photos = [it for it in items if not is_video(it.path)]
+            with make_progress(enabled=progress) as bar:
+                task = bar.add_task("k-same pool (inputs)", total=len(photos))
+                for it in photos:
+                    try:
+                        img = load_image(it.path, max_pixels=save.max_pixels)
+                    except FaceprivError:
+                        bar.advance(task)
+                        continue  # reported by the main pass
+                    faces = policy.select(detector.detect(img.rgb))
+                    pool.add(img.to_tensor(device), faces, str(it.path), None, first.pool_models())
+                    bar.advance(task)
+            first.set_pool(pool)
+    for m in ks[1:]:
+        if m.pool is None:
+            m.set_pool(first.pool)
+    pool = first.pool
+    need = max(m.k for m in ks) + 1
+    if pool.n_identities < need:
+        where = cfg.k_pool or "the input photos"
+        raise ConfigError(
+            f"k-same: {where} hold{'s' if cfg.k_pool else ''} {pool.n_identities} identit"
+            f"{'y' if pool.n_identities == 1 else 'ies'} ({len(pool)} faces); k={need - 1} needs at least {need} "
+            "(k others than each face's own). Give --k-pool DIR with more people or a smaller --k.")
+    return {"faces": len(pool), "identities": pool.n_identities, "identity_mode": pool.identity_mode,
+            "source": str(cfg.k_pool) if cfg.k_pool else "inputs"}
+
+
 def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, policy: FacePolicy | None = None,
              save: SaveOptions | None = None, device: str | torch.device = "cpu", glob: str | None = None,
              resume: bool = False, output_suffix: str | None = None, progress: bool = True,
-             verbose: bool = False) -> BatchSummary:
-    """De-identify every face in every input photo, mirroring the inputs under ``out``."""
+             verbose: bool = False, detector: FaceDetector | None = None) -> BatchSummary:
+    """De-identify every face in every input photo and video, mirroring the inputs under ``out``.
+
+    ``detector``: a ready :class:`FaceDetector` to use instead of creating ``cfg.detector``.
+    """
     from ..models import create_model
 
     policy = policy or FacePolicy()
     save = save or SaveOptions()
     out = Path(out)
-    items = collect_inputs(inputs, glob=glob, exclude=[out])
-    methods = build_methods(cfg)
-    detector = create_model(cfg.detector, device=device)
+    device = torch.device(device)
+    items = collect_media(inputs, glob=glob, exclude=[out])
+    methods = build_methods(cfg, device=device)
+    if detector is None:
+        detector = create_model(cfg.detector, device=device)
+    if not isinstance(detector, CachedDetector):
+        detector = CachedDetector(detector)
+    pool_info = _prepare_ksame(methods, items, detector, cfg, policy, save, device, progress)
 
-    def process(item, dst):
-        return process_photo(item, dst, detector=detector, policy=policy, save=save, device=device,
-                             edit=lambda x, faces, _img: deidentify(x, faces, methods))
+    def process(item: InputItem, dst: Path) -> ItemResult:
+        for m in methods:
+            m.last_info = {}
+        if is_video(item.path):
+            dst = dst.with_suffix(item.path.suffix)
+            info = deid_video(item.path, dst, methods, detector, policy=policy, options=cfg.video,
+                              progress=progress, device=device)
+            status = info.pop("status")
+            return ItemResult(status=status, output=None if status == "skipped" else dst,
+                              faces=info.get("faces", 0), timings=info.pop("timings", {}), extra={"video": info})
+        res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device,
+                            edit=lambda x, faces, _img: deidentify(x, faces, methods))
+        decided = {m.name: m.last_info for m in methods if m.last_info}
+        if decided:
+            res.extra["deid"] = decided
+        return res
 
     config = {"command": "deid", **asdict(cfg), "policy": asdict(policy), "save": asdict(save),
-              "suffix": output_suffix}
+              "suffix": output_suffix, "methods_resolved": [m.describe() for m in methods], "pool": pool_info}
     return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
                      description=f"deid {'+'.join(cfg.methods)}", progress=progress, verbose=verbose,
                      command="deid")

@@ -1,0 +1,435 @@
+"""k-Same de-identification: replace each face by the average of k faces of other people.
+
+k-Same (Newton, Sweeney & Malin, IEEE TKDE 2005) replaces a face by the mean of the k
+closest faces of a face set, so that no output can be linked back to fewer than k people.
+facepriv's variants work on faces aligned to one template (:func:`ksame_template`, the
+ArcFace five-point layout with room for brows and chin):
+
+``k-same-average``
+    the k pool faces closest **in pixels** (masked grey aligned crops), averaged
+    (k-Same-Pixel).
+``k-same-select``
+    the k pool faces closest **in identity** (embedding distance of a face-recognition model
+    from the registry, default dlib-resnet), averaged: the result keeps the look (age,
+    gender, skin tone) of similar-looking people, the selection criterion of k-Same-Select.
+``k-same-pixelate``
+    the k-same average, shown as a mosaic (blocks of the average = averages of the blocks).
+
+**The guarantee.** Every output face is the exact mean of k aligned pool faces belonging to
+k *distinct identities*, none of them the person being replaced:
+
+* identity = the pool sub-folder name when the pool is a folder of identity folders
+  (``pool/alice/*.jpg``, ``pool/bob/*.jpg``); faces in images directly in the pool folder are
+  grouped into identities by the recognition model (faces it matches at its threshold are one
+  person, transitively), or each face is its own identity when no model is used;
+* the face itself (when the pool contains the photo being processed, e.g. a batch that is its
+  own pool) and every pool identity the recognition model matches to it are excluded;
+* fewer than k eligible identities is an error, never a weaker output.
+
+The average is pasted back into the photo with a feathered ellipse in aligned space (brows to
+chin, cheek to cheek), so hair, ears and background stay the photo's own. ``match_color``
+(default on) shifts the average's mean colour inside that ellipse to the replaced face's, so
+the seam does not show; it is a per-channel constant and carries no facial structure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.align import TEMPLATES, Template, align_faces, landmarks_tensor, paste_back
+from ..core.errors import ConfigError, FaceprivError
+from ..core.faces import Face, FacePolicy
+from .base import DeidMethod, register_method
+
+WORK_SIZE = 128
+
+
+def ksame_template(size: int = WORK_SIZE) -> Template:
+    """ArcFace's five points, scaled so that brows-to-chin fits a ``size`` square crop."""
+    arc = np.asarray(TEMPLATES["arcface-112"].points, dtype=np.float64)
+    eye_y, mouth_y = arc[:2, 1].mean(), arc[3:, 1].mean()
+    s = 0.3 * 128 / (mouth_y - eye_y)  # eye-to-mouth distance = 0.3 x crop side
+    pts = (arc - 56.0) * s
+    # centre the face ellipse (see face_ellipse) in the crop
+    em = (mouth_y - eye_y) * s
+    cy = pts[:2, 1].mean() + 0.45 * em
+    pts = pts + np.array([64.0, 64.0 - cy])
+    pts = pts * (size / 128.0)
+    return Template(f"ksame-{size}", (size, size), tuple((float(x), float(y)) for x, y in pts))
+
+
+def face_ellipse(template: Template, *, feather: float = 0.15, device=None) -> torch.Tensor:
+    """(1, 1, h, w) soft ellipse of the face (brows to chin) in ``template``'s aligned space."""
+    h, w = template.size
+    p = np.asarray(template.points, dtype=np.float64)
+    eye_y, mouth_y = p[:2, 1].mean(), p[3:, 1].mean()
+    em = mouth_y - eye_y
+    eye_d = float(np.hypot(*(p[1] - p[0])))
+    top, bottom = eye_y - 0.75 * em, mouth_y + 0.65 * em
+    cx, cy = p[:2, 0].mean(), (top + bottom) / 2
+    a, b = 1.0 * eye_d, (bottom - top) / 2
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, device=device, dtype=torch.float32)[None, :]
+    r = torch.sqrt(((xs - cx) / a) ** 2 + ((ys - cy) / b) ** 2)
+    if feather > 0:
+        m = ((1 + feather - r) / (2 * feather)).clamp(0, 1)
+        m = m * m * (3 - 2 * m)
+    else:
+        m = (r <= 1).float()
+    return m[None, None]
+
+
+def _grey_features(crops: torch.Tensor, mask: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Masked, mean-removed, unit-norm grey 32x32 vectors for pixel-space nearest neighbours."""
+    g = (0.299 * crops[:, 0] + 0.587 * crops[:, 1] + 0.114 * crops[:, 2])[:, None]
+    g = F.interpolate(g, size=(size, size), mode="area")
+    m = F.interpolate(mask.to(g), size=(size, size), mode="area")
+    mean = (g * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-6)
+    v = ((g - mean) * m).flatten(1)
+    return v
+
+
+@dataclass
+class FacePool:
+    """Aligned faces (on the k-Same template) with their identities and where they came from."""
+
+    crops: torch.Tensor  # (N, 3, S, S) float [0, 1], CPU
+    identities: list[str]
+    sources: list[str]  # "path#face_index"
+    template: Template
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # model name -> (N, D)
+    identity_mode: str = "faces"  # folders | clustered | faces
+
+    def __len__(self) -> int:
+        return int(self.crops.shape[0])
+
+    @property
+    def n_identities(self) -> int:
+        return len(set(self.identities))
+
+    @classmethod
+    def empty(cls, size: int = WORK_SIZE) -> FacePool:
+        return cls(torch.zeros(0, 3, size, size), [], [], ksame_template(size))
+
+    def add(self, image: torch.Tensor, faces: Sequence[Face], source: str, identity: str | None = None,
+            models: dict | None = None) -> None:
+        """Add the faces of one image (3, H, W); ``identity`` None = each face its own."""
+        if not faces:
+            return
+        from ..models.recognition import embed_faces
+
+        lm = landmarks_tensor(list(faces), device=image.device)
+        crops = align_faces(image, lm, self.template).crops.float().cpu()
+        self.crops = torch.cat([self.crops, crops], 0)
+        for i in range(len(faces)):
+            self.sources.append(f"{source}#{i}")
+            self.identities.append(identity if identity is not None else f"{source}#{i}")
+        for name, model in (models or {}).items():
+            with torch.no_grad():
+                e = embed_faces(model, image, lm).float().cpu()
+            prev = self.embeddings.get(name)
+            self.embeddings[name] = e if prev is None else torch.cat([prev, e], 0)
+
+    def cluster_identities(self, model, threshold: float) -> None:
+        """Merge faces whose identity is still per-face when ``model`` matches them (sim >= thr)."""
+        from ..models.recognition import similarity_matrix
+
+        emb = self.embeddings.get(model.spec.name)
+        if emb is None or len(self) == 0:
+            return
+        sim = similarity_matrix(emb, emb, model.metric)
+        parent = list(range(len(self)))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        own = [self.identities[i] == self.sources[i] for i in range(len(self))]
+        ii, jj = torch.nonzero(sim >= threshold, as_tuple=True)
+        for i, j in zip(ii.tolist(), jj.tolist()):
+            if i < j and own[i] and own[j]:
+                parent[find(i)] = find(j)
+        for i in range(len(self)):
+            if own[i]:
+                self.identities[i] = f"person-{find(i)}:{self.sources[find(i)]}"
+        if self.identity_mode == "faces":
+            self.identity_mode = "clustered"
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, detector, *, policy: FacePolicy | None = None,
+                    size: int = WORK_SIZE, models: dict | None = None, device="cpu", progress: bool = True,
+                    max_pixels: int | None = None) -> FacePool:
+        """Detect and align every face of every image under ``folder`` (see the module doc)."""
+        from ..core.batch import collect_inputs
+        from ..core.io import load_image
+        from ..core.progress import make_progress
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"--k-pool {folder} is not a folder")
+        items = collect_inputs([folder])
+        pool = cls.empty(size)
+        layout = any(len(it.rel.parts) > 1 for it in items)
+        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+        with make_progress(enabled=progress) as bar:
+            task = bar.add_task("k-same pool", total=len(items))
+            for it in items:
+                try:
+                    img = load_image(it.path, **kwargs)
+                except FaceprivError:
+                    bar.advance(task)
+                    continue  # an unreadable pool file is not worth stopping for
+                faces = (policy or FacePolicy()).select(detector.detect(img.rgb))
+                identity = it.rel.parts[0] if len(it.rel.parts) > 1 else None
+                pool.add(img.to_tensor(device), faces, str(it.path), identity, models)
+                bar.advance(task)
+        if layout:
+            pool.identity_mode = "folders"
+        return pool
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Store the pool (safetensors tensors + JSON names) to reuse it without detection."""
+        import json
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"crops": self.crops.contiguous(), **{f"emb.{k}": v.contiguous() for k, v in self.embeddings.items()}}
+        meta = {"identities": json.dumps(self.identities), "sources": json.dumps(self.sources),
+                "template": json.dumps([self.template.name, list(self.template.size), list(self.template.points)]),
+                "identity_mode": self.identity_mode}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FacePool:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        name, size, points = json.loads(meta["template"])
+        return cls(tensors["crops"], json.loads(meta["identities"]), json.loads(meta["sources"]),
+                   Template(name, tuple(size), tuple(tuple(p) for p in points)),
+                   {k[4:]: v for k, v in tensors.items() if k.startswith("emb.")}, meta.get("identity_mode", "faces"))
+
+
+class KSame(DeidMethod):
+    """Shared machinery of the k-Same variants (see the module docstring)."""
+
+    name = "k-same"
+    default_feather = 0.15
+    select_by = "pixels"  # or "identity"
+    mosaic = False
+
+    def __init__(self, *, k: int = 5, pool: FacePool | str | os.PathLike | None = None, model: str | None = "dlib-resnet",
+                 threshold: float | None = None, match_color: bool = True, size: int = WORK_SIZE, **kw):
+        super().__init__(**kw)
+        if int(k) < 2:
+            raise ConfigError(f"{self.name}: k must be at least 2 (k=1 would copy a real face)")
+        if self.select_by == "identity" and not model:
+            raise ConfigError(f"{self.name} needs a face-recognition model (--k-model)")
+        self.k = int(k)
+        self.model_name = model
+        self.threshold = threshold
+        self.match_color = bool(match_color)
+        self.size = int(size)
+        self.template = ksame_template(self.size)
+        self.model = None
+        self.pool: FacePool | None = None
+        self.pool_path: Path | None = None
+        if isinstance(pool, FacePool):
+            self.set_pool(pool)
+        elif pool is not None:
+            self.pool_path = Path(pool)
+            if not self.pool_path.exists():
+                raise ConfigError(f"--k-pool {self.pool_path} does not exist")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, device="cpu") -> KSame:
+        super().setup(device)
+        if self.model_name and self.model is None:
+            from ..models import create_model, get_spec
+
+            spec = get_spec(self.model_name)
+            if spec.task != "recognition":
+                raise ConfigError(f"--k-model {self.model_name}: a {spec.task} model, not face recognition")
+            self.model = create_model(self.model_name, device=self.device)
+            if self.threshold is None:
+                th = spec.thresholds
+                self.threshold = th.get("default", th.get("1e-3"))
+        if self.pool is None and self.pool_path is not None and self.pool_path.is_file():
+            self.set_pool(FacePool.load(self.pool_path))  # a pool saved with FacePool.save
+        elif self.pool is not None:
+            self.set_pool(self.pool)  # cluster its identities now that the model is loaded
+        return self
+
+    def pool_models(self) -> dict:
+        return {self.model.spec.name: self.model} if self.model is not None else {}
+
+    def set_pool(self, pool: FacePool) -> None:
+        if pool.template.size != self.template.size:
+            raise ConfigError(f"{self.name}: the pool was aligned at {pool.template.size}, the method works at "
+                              f"{self.template.size}")
+        if self.model is not None and self.threshold is not None and pool.identity_mode == "faces":
+            pool.cluster_identities(self.model, self.threshold)
+        self.pool = pool
+
+    def build_pool(self, folder: str | os.PathLike, detector, *, policy: FacePolicy | None = None,
+                   progress: bool = True) -> FacePool:
+        pool = FacePool.from_folder(folder, detector, policy=policy, size=self.size, models=self.pool_models(),
+                                    device=self.device, progress=progress)
+        self.set_pool(pool)
+        return pool
+
+    # ------------------------------------------------------------------ selection
+    def _pool_embeddings(self) -> torch.Tensor | None:
+        if self.model is None:
+            return None
+        name = self.model.spec.name
+        emb = self.pool.embeddings.get(name)
+        if emb is None:  # a pool built without this model: embed the aligned crops
+            from ..attacks.identity import SurrogateEnsemble
+
+            ens = SurrogateEnsemble([name], models=[self.model])
+            chunks = [ens.embed_aligned(c.to(self.device), self.template)[name].float().cpu()
+                      for c in self.pool.crops.split(32)]
+            emb = torch.cat(chunks) if chunks else torch.zeros(0, 1)
+            self.pool.embeddings[name] = emb
+        return emb
+
+    def select(self, crops: torch.Tensor, query_emb: torch.Tensor | None) -> list[list[int]]:
+        """Indices of the k pool faces (k distinct identities, never the query's) per query."""
+        from ..models.recognition import similarity_matrix
+
+        pool = self.pool
+        if pool is None or len(pool) == 0:
+            raise ConfigError(f"{self.name} needs a face pool: give --k-pool DIR or several photos to process")
+        mask = face_ellipse(self.template, feather=0.0)
+        pf = _grey_features(pool.crops, mask)
+        qf = _grey_features(crops.float().cpu(), mask)
+        pixel_d = torch.cdist(qf, pf)
+        # the query itself: a pool crop (nearly) equal to it
+        same_pix = (crops.float().cpu()[:, None] - pool.crops[None]).abs().flatten(2).mean(2) < 2.0 / 255
+        sim = None
+        pool_emb = self._pool_embeddings()
+        if pool_emb is not None and query_emb is not None and len(pool_emb):
+            sim = similarity_matrix(query_emb.float().cpu(), pool_emb, self.model.metric)
+        out = []
+        for q in range(crops.shape[0]):
+            excluded = {pool.identities[j] for j in torch.nonzero(same_pix[q]).flatten().tolist()}
+            if sim is not None and self.threshold is not None:
+                excluded |= {pool.identities[j] for j in torch.nonzero(sim[q] >= self.threshold).flatten().tolist()}
+            if self.select_by == "identity":
+                if sim is None:
+                    raise ConfigError(f"{self.name}: no identity embeddings (is --k-model set?)")
+                order = torch.argsort(sim[q], descending=True).tolist()
+            else:
+                order = torch.argsort(pixel_d[q]).tolist()
+            chosen, ids = [], set()
+            for j in order:
+                ident = pool.identities[j]
+                if ident in excluded or ident in ids:
+                    continue
+                chosen.append(j)
+                ids.add(ident)
+                if len(chosen) == self.k:
+                    break
+            if len(chosen) < self.k:
+                avail = len(set(pool.identities) - excluded)
+                raise FaceprivError(
+                    f"{self.name}: only {avail} pool identit{'y' if avail == 1 else 'ies'} other than the face's own "
+                    f"(k={self.k}); give a larger --k-pool or a smaller --k")
+            out.append(chosen)
+        return out
+
+    # ------------------------------------------------------------------ synthesis
+    def synthesize(self, crops: torch.Tensor, chosen: list[list[int]]) -> torch.Tensor:
+        """The k-same faces in aligned space: mean of the chosen pool crops (+ colour shift, mosaic)."""
+        pool = self.pool.crops
+        avg = torch.stack([pool[idx].mean(0) for idx in chosen]).to(crops)
+        if self.match_color:
+            m = face_ellipse(self.template, feather=0.0, device=crops.device)
+            area = m.sum().clamp_min(1.0)
+            shift = ((crops - avg) * m).sum((2, 3), keepdim=True) / area
+            avg = avg + shift
+        if self.mosaic:
+            avg = self._mosaic(avg)
+        return avg.clamp(0, 1)
+
+    def block(self) -> int:
+        return max(2, int(round(self.size * self.strength / 8.0)))
+
+    def _mosaic(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block()
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % b, (-w) % b
+        xp = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        means = F.avg_pool2d(xp, b, b)
+        return means.repeat_interleave(b, 2).repeat_interleave(b, 3)[..., :h, :w]
+
+    def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
+        self.last_info = {}
+        if not faces:
+            return image.clone()
+        if self.pool is None and self.pool_path is not None:
+            raise ConfigError(f"{self.name}: the pool {self.pool_path} has not been built (call build_pool)")
+        lm = landmarks_tensor(faces, device=image.device)
+        aligned = align_faces(image, lm, self.template)
+        q_emb = None
+        if self.model is not None:
+            from ..models.recognition import embed_faces
+
+            with torch.no_grad():
+                q_emb = embed_faces(self.model, image, lm)
+        chosen = self.select(aligned.crops, q_emb)
+        synth = self.synthesize(aligned.crops, chosen)
+        mask = face_ellipse(self.template, feather=self.feather, device=image.device).expand(len(faces), 1, -1, -1)
+        out = paste_back(image, synth, aligned.matrices, mask=mask)
+        self.last_info = {"k": self.k, "faces": [
+            {"pool": [self.pool.sources[j] for j in idx], "identities": [self.pool.identities[j] for j in idx]}
+            for idx in chosen]}
+        return out
+
+    def describe(self) -> dict:
+        return {**super().describe(), "k": self.k, "model": self.model_name, "match_color": self.match_color,
+                "size": self.size}
+
+
+@register_method(aliases=("ksame", "k-same", "ksame-average"))
+class KSameAverage(KSame):
+    """k-Same-Pixel: the average of the k faces closest in (aligned, masked) pixels."""
+
+    name = "k-same-average"
+    select_by = "pixels"
+
+
+@register_method(aliases=("ksame-select",))
+class KSameSelect(KSame):
+    """The average of the k faces closest in identity (face-recognition embedding distance)."""
+
+    name = "k-same-select"
+    select_by = "identity"
+
+
+@register_method(aliases=("ksame-pixelate",))
+class KSamePixelate(KSame):
+    """The k-same average shown as a mosaic of ``size / (8 / strength)`` pixel blocks."""
+
+    name = "k-same-pixelate"
+    select_by = "pixels"
+    mosaic = True
+
+
+def ksame_methods(methods: Iterable[DeidMethod]) -> list[KSame]:
+    return [m for m in methods if isinstance(m, KSame)]

@@ -1,0 +1,171 @@
+"""Generative de-identification (RePaint) with a tiny self-made diffusion model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import fixture_path
+from facepriv.core.align import align_faces, landmarks_tensor, paste_back
+from facepriv.core.errors import ConfigError
+from facepriv.deid import create_method
+from facepriv.deid.generative import ellipse_masks, inner_face_ellipse
+from test_deid_classical import make_face, textured
+
+
+def tiny_score_model(path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    unet.save_pretrained(path / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_score_model(tmp_path_factory.mktemp("tiny-ddpm"))
+
+
+FAST = dict(steps=6, jump_length=1, jump_n_sample=1)
+
+
+def inpaint(tiny, **kw):
+    opts = {"score_model": str(tiny), "guard_model": None, "expression_guard": False, **FAST, **kw}
+    return create_method("inpaint", **opts).setup("cpu")
+
+
+def support(m, x, faces):
+    """Where the paste-back mask of ``m`` is non-zero, in image space."""
+    r = m.resolution
+    al = align_faces(x, landmarks_tensor(faces), m.template, size=(r, r))
+    _, paste = m.masks()
+    ones = torch.ones(len(faces), 3, r, r)
+    return paste_back(torch.zeros_like(x), ones, al.matrices, mask=paste.expand(len(faces), 1, r, r))[0] > 0
+
+
+def test_masks_cover_the_inner_face_only():
+    from facepriv.core.align import get_template
+
+    tpl = get_template("celebahq-256")
+    known, paste = ellipse_masks(tpl, 256, feather=0.1)
+    p = torch.tensor(tpl.points)
+    for x, y in p:  # eyes, nose, mouth corners are regenerated
+        assert known[0, 0, int(y), int(x)] == 0 and paste[0, 0, int(y), int(x)] == 1
+    assert known[0, 0, 250, 128] == 1 and known[0, 0, 128, 5] == 1  # chin edge, cheek outline kept
+    cx, cy, a, b = inner_face_ellipse(tpl, 256)
+    assert abs(cx - 128) < 3 and 0.4 * 256 < 2 * b < 0.6 * 256
+    assert bool(((paste > 0) >= (known == 0)).all())  # the paste mask covers the regenerated area
+
+
+def test_only_the_inner_face_changes(tiny):
+    x = textured(256, 256)
+    faces = [make_face(90, 110, 100), make_face(190, 150, 80, roll=0.2)]
+    m = inpaint(tiny)
+    assert m.resolution == 32 and m.template.name == "celebahq-256"
+    y = m.apply(x, faces)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    sup = support(m, x, faces)
+    assert torch.equal(y[:, ~sup], x[:, ~sup])
+    changed = (y != x).any(0)
+    for f in faces:  # each face's centre changed
+        cx, cy = f.landmarks[2]
+        assert bool(changed[int(cy), int(cx)])
+    assert [i["tries"] for i in m.last_info["faces"]] == [1, 1]
+    # reproducible with the same seed, different with another
+    assert torch.equal(y, inpaint(tiny).apply(x, faces))
+    assert not torch.equal(y, inpaint(tiny, seed=1).apply(x, faces))
+
+
+def test_identity_guard_regenerates_until_the_face_no_longer_matches(tiny, monkeypatch):
+    x = textured(256, 256)
+    faces = [make_face(128, 128, 120)]
+    m = inpaint(tiny, guard_tries=5)
+    m.guard, m.guard_threshold = object(), 0.5  # a guard whose scores we script
+    sims = iter([0.9, 0.8, 0.2, 0.1])
+    seen_seeds = []
+    real_generate = m.generate
+
+    def generate(crops, known, seed):
+        seen_seeds.append(seed)
+        return real_generate(crops, known, seed)
+
+    monkeypatch.setattr(m, "generate", generate)
+    monkeypatch.setattr(m, "identity_similarity", lambda a, b, lm: torch.tensor([next(sims)]))
+    m.apply(x, faces)
+    info = m.last_info["faces"][0]
+    assert info["tries"] == 3 and info["identity_ok"] is True and info["similarity"] == pytest.approx(0.2)
+    assert len(set(seen_seeds)) == 3  # the seed advances each try
+
+
+def test_guard_keeps_the_least_similar_try_when_none_passes(tiny, monkeypatch):
+    x = textured(256, 256)
+    faces = [make_face(128, 128, 120)]
+    m = inpaint(tiny, guard_tries=3)
+    m.guard, m.guard_threshold = object(), 0.5
+    outputs, sims = [], iter([0.9, 0.7, 0.8])
+    real_generate = m.generate
+
+    def generate(crops, known, seed):
+        out = real_generate(crops, known, seed)
+        outputs.append(out)
+        return out
+
+    monkeypatch.setattr(m, "generate", generate)
+    monkeypatch.setattr(m, "identity_similarity", lambda a, b, lm: torch.tensor([next(sims)]))
+    y = m.apply(x, faces)
+    info = m.last_info["faces"][0]
+    assert info["tries"] == 3 and info["identity_ok"] is False and info["similarity"] == pytest.approx(0.7)
+    r = m.resolution
+    al = align_faces(x, landmarks_tensor(faces), m.template, size=(r, r))
+    _, paste = m.masks()
+    assert torch.allclose(y, paste_back(x, outputs[1], al.matrices, mask=paste), atol=1e-6)
+
+
+def test_loads_by_registry_name_from_the_hub_cache(tmp_path, monkeypatch):
+    repo = tmp_path / "hf" / "models--google--ddpm-celebahq-256"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    tiny_score_model(snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for spec in ("ddpm-celebahq-256", "google/ddpm-celebahq-256"):
+        m = create_method("inpaint", score_model=spec, guard_model=None, expression_guard=False, **FAST).setup("cpu")
+        assert m.resolution == 32
+    with pytest.raises(ConfigError):
+        create_method("inpaint", score_model="dlib-resnet", guard_model=None, expression_guard=False).setup("cpu")
+    with pytest.raises(ConfigError):
+        create_method("inpaint", guard_tries=0)
+
+
+@pytest.mark.realmodels
+def test_cli_inpaint_on_a_real_photo_with_both_guards(tmp_path, tiny, mtcnn):
+    from typer.testing import CliRunner
+
+    from facepriv.cli import app
+    from facepriv.cli.common import hoist_global_options
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(fixture_path("obama.jpg"), src / "obama.jpg")
+    out = tmp_path / "out"
+    args = ["--json", "deid", str(src), "--method", "inpaint", "--score-model", str(tiny), "--inpaint-steps", "5",
+            "--jump-length", "1", "--jump-samples", "1", "--guard-tries", "2", "--out", str(out), "--format", "png"]
+    r = CliRunner().invoke(app, hoist_global_options(args))
+    assert r.exit_code == 0, r.output
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    info = row["deid"]["inpaint"]
+    assert info["guard"] == "dlib-resnet" and info["threshold"] == -0.6
+    face = info["faces"][0]
+    assert 1 <= face["tries"] <= 2 and face["expression_ok"] is not None
+    # an untrained model paints noise: certainly no longer the same person
+    assert face["identity_ok"] is True and face["similarity"] < -0.6
+    assert (out / "obama.png").is_file()

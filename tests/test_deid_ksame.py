@@ -1,0 +1,207 @@
+"""k-Same: every output face is exactly the mean of k aligned pool faces of k distinct people."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import fixture_path
+from facepriv.core.align import align_faces, landmarks_tensor
+from facepriv.core.errors import ConfigError, FaceprivError
+from facepriv.core.faces import FaceDetector
+from facepriv.deid import FacePool, create_method
+from facepriv.deid.ksame import face_ellipse, ksame_template
+from test_deid_classical import make_face
+
+
+def smooth_image(seed: int, h: int = 256, w: int = 256) -> torch.Tensor:
+    """A distinct, smooth random picture per 'person' (low-res noise upsampled)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, 12, 12, generator=g)
+    return torch.nn.functional.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
+FACE = make_face(128, 128, 140)
+
+
+def pool_of(n: int, per_identity: int = 1) -> FacePool:
+    pool = FacePool.empty()
+    for i in range(n):
+        for j in range(per_identity):
+            ident = f"person{i}" if per_identity > 1 else None
+            pool.add(smooth_image(100 * i + j), [FACE], f"img{i}_{j}", ident)
+    return pool
+
+
+def method(name="k-same-average", k=3, **kw):
+    return create_method(name, k=k, model=None, match_color=False, **kw)
+
+
+def test_template_and_ellipse_fit_the_crop():
+    tpl = ksame_template(128)
+    pts = np.asarray(tpl.points)
+    assert tpl.size == (128, 128) and pts[0, 0] < pts[1, 0] and pts[2, 1] < pts[3, 1]
+    m = face_ellipse(tpl, feather=0.15)[0, 0]
+    assert float(m[64, 64]) == 1.0 and float(m[:, 0].max()) == 0 and float(m[0].max()) == 0 and float(m[-1].max()) == 0
+
+
+def test_output_is_exactly_the_average_of_k_pool_faces():
+    pool = pool_of(8)
+    m = method(k=4)
+    m.set_pool(pool)
+    x = smooth_image(999)
+    crops = align_faces(x, landmarks_tensor([FACE]), m.template).crops
+    chosen = m.select(crops, None)
+    assert len(chosen) == 1 and len(chosen[0]) == 4 and len(set(chosen[0])) == 4
+    synth = m.synthesize(crops, chosen)
+    expected = torch.stack([pool.crops[j] for j in chosen[0]]).mean(0)
+    assert torch.allclose(synth[0], expected.clamp(0, 1), atol=1e-6)
+    # they are the 4 nearest in masked grey pixels
+    from facepriv.deid.ksame import _grey_features
+
+    mask = face_ellipse(m.template, feather=0.0)
+    d = torch.cdist(_grey_features(crops, mask), _grey_features(pool.crops, mask))[0]
+    assert sorted(chosen[0]) == sorted(torch.argsort(d)[:4].tolist())
+
+
+def test_pasted_face_is_the_average_inside_the_mask_and_the_rest_is_untouched():
+    pool = pool_of(6)
+    m = method(k=3)
+    m.set_pool(pool)
+    x = smooth_image(999)
+    y = m.apply(x, [FACE])
+    info = m.last_info["faces"][0]
+    assert len(info["pool"]) == 3 and len(set(info["identities"])) == 3
+    idx = [pool.sources.index(s) for s in info["pool"]]
+    avg = pool.crops[idx].mean(0)
+    back = align_faces(y, landmarks_tensor([FACE]), m.template).crops[0]
+    core = face_ellipse(m.template, feather=0.0)[0, 0] > 0
+    core[:, :] &= face_ellipse(m.template, feather=0.0)[0, 0].roll(6, 0) > 0  # away from the edge
+    assert float((back - avg)[:, core].abs().mean()) < 0.01
+    # far from the face nothing changed
+    assert torch.equal(y[:, :, :20], x[:, :, :20]) and torch.equal(y[:, -20:], x[:, -20:])
+
+
+def test_the_face_itself_is_never_in_its_average():
+    pool = pool_of(5)
+    m = method(k=4)
+    m.set_pool(pool)
+    x = smooth_image(200)  # = pool image "img2_0"
+    m.apply(x, [FACE])
+    assert "img2_0#0" not in m.last_info["faces"][0]["pool"]
+    with pytest.raises(FaceprivError, match="only 4 pool identities"):
+        method(k=5, pool=pool).apply(x, [FACE])
+
+
+def test_k_distinct_identities_with_identity_folders(tmp_path):
+    class Fixed(FaceDetector):
+        def detect(self, image):
+            return [FACE]
+
+    for i, person in enumerate(("ann", "bob", "cy")):
+        (tmp_path / "pool" / person).mkdir(parents=True)
+        for j in range(3):
+            arr = (smooth_image(100 * i + j).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "pool" / person / f"{j}.png")
+    pool = FacePool.from_folder(tmp_path / "pool", Fixed(), progress=False)
+    assert len(pool) == 9 and pool.n_identities == 3 and pool.identity_mode == "folders"
+    m = method(k=3)
+    m.set_pool(pool)
+    m.apply(smooth_image(5000), [FACE])
+    assert sorted(m.last_info["faces"][0]["identities"]) == ["ann", "bob", "cy"]
+    # a photo of bob (in the pool): all of bob's faces are excluded, 2 people remain
+    bob = (torch.from_numpy(np.array(Image.open(tmp_path / "pool" / "bob" / "1.png"))).permute(2, 0, 1) / 255.0)
+    m2 = method(k=2)
+    m2.set_pool(pool)
+    m2.apply(bob, [FACE])
+    assert sorted(m2.last_info["faces"][0]["identities"]) == ["ann", "cy"]
+    with pytest.raises(FaceprivError):
+        m.apply(bob, [FACE])
+    # save / load round trip
+    pool.save(tmp_path / "pool.safetensors")
+    again = FacePool.load(tmp_path / "pool.safetensors")
+    assert torch.equal(again.crops, pool.crops) and again.identities == pool.identities
+    assert again.template.points == pool.template.points
+
+
+def test_k_same_pixelate_is_blocks_of_the_average():
+    pool = pool_of(6)
+    avg_m, pix_m = method("k-same-average"), method("k-same-pixelate")
+    avg_m.set_pool(pool)
+    pix_m.set_pool(pool)
+    x = smooth_image(999)
+    crops = align_faces(x, landmarks_tensor([FACE]), avg_m.template).crops
+    chosen = avg_m.select(crops, None)
+    assert pix_m.select(crops, None) == chosen
+    a = avg_m.synthesize(crops, chosen)[0]
+    p = pix_m.synthesize(crops, chosen)[0]
+    b = pix_m.block()
+    assert b == 16
+    for by in range(0, 128, b):
+        for bx in range(0, 128, b):
+            blk = p[:, by:by + b, bx:bx + b]
+            assert float((blk - blk[:, :1, :1]).abs().max()) == 0
+            assert torch.allclose(blk[:, 0, 0], a[:, by:by + b, bx:bx + b].mean((1, 2)), atol=1e-5)
+
+
+def test_colour_match_is_a_constant_shift():
+    pool = pool_of(6)
+    plain, matched = method(), create_method("k-same-average", k=3, model=None)
+    plain.set_pool(pool)
+    matched.set_pool(pool)
+    x = smooth_image(999) * 0.3  # a dark photo
+    crops = align_faces(x, landmarks_tensor([FACE]), plain.template).crops
+    chosen = plain.select(crops, None)
+    d = matched.synthesize(crops, chosen) - plain.synthesize(crops, chosen)
+    inner = face_ellipse(plain.template, feather=0.0)[0, 0] > 0
+    vals = d[0][:, inner]
+    assert float(vals.mean()) < -0.05
+    unclipped = vals[:, (plain.synthesize(crops, chosen)[0][:, inner] > 0.5).all(0)]
+    assert float((unclipped - unclipped[:, :1]).abs().max()) < 1e-5
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError):
+        create_method("k-same-average", k=1)
+    with pytest.raises(ConfigError):
+        create_method("k-same-select", model=None)
+    with pytest.raises(ConfigError):
+        method().apply(smooth_image(1), [FACE])  # no pool at all
+    with pytest.raises(ConfigError):
+        create_method("k-same-average", pool="/no/such/folder")
+
+
+@pytest.mark.realmodels
+def test_k_same_select_on_real_photos_excludes_the_same_person(tmp_path, mtcnn):
+    """Pool = the fixtures (group of 6 + obama twice + biden): obama's average never uses obama2."""
+    from facepriv.deid import DeidConfig, run_deid
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "group.jpg"):
+        shutil.copy(fixture_path(name), photos / name)
+    out = tmp_path / "out"
+    cfg = DeidConfig(methods=["k-same-select"], options={"k-same-select": {"k": 3}}, k_pool=str(photos))
+    summary = run_deid([photos], out, cfg, progress=False)
+    assert summary.counts == {"ok": 4}
+    rows = {r["input"].rsplit("/", 1)[-1]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    for name in ("obama.jpg", "obama2.jpg"):
+        used = rows[name]["deid"]["k-same-select"]["faces"][0]["pool"]
+        assert len(used) == 3 and not any("obama" in u for u in used), used
+    assert len(rows["group.jpg"]["deid"]["k-same-select"]["faces"]) == 6
+    # the result no longer matches the original person
+    from facepriv.core.io import load_image
+    from facepriv.models import create_model
+    from facepriv.models.recognition import embed_faces, similarity
+
+    fr = create_model("dlib-resnet")
+    src = load_image(photos / "obama.jpg")
+    dst = load_image(out / "obama.jpg")
+    lm = landmarks_tensor(mtcnn.detect(src.rgb))
+    s = similarity(embed_faces(fr, src.to_tensor(), lm), embed_faces(fr, dst.to_tensor(), lm), "euclidean")
+    assert float(s[0]) < -0.6
