@@ -1,4 +1,131 @@
-"""``facepriv patch`` (being written)."""
+"""``facepriv patch train|apply``: a conditional adversarial patch generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="Adversarial patches.", no_args_is_help=True)
+from ..core.device import resolve_device
+from ..core.faces import FacePolicy
+from ..core.pipeline import SaveOptions
+from . import common
+from .common import emit_json, err_console, handle_errors, out_console, state
+
+app = typer.Typer(
+    help=(
+        "Adversarial patches made in one pass by a trained generator.\n\n"
+        "Train once against surrogate face-recognition models, then patch any number of photos "
+        "without per-image optimisation (evasion, or impersonation of a --target)."
+    ),
+    no_args_is_help=True,
+)
+
+TRAIN_HELP = """Train a patch generator on the faces in --data photos.
+
+With --targets the generator learns impersonation (pull towards a target, push away from the
+source) and, for a share of samples, evasion; without it, evasion only. A checkpoint
+(safetensors) is written after every epoch; --resume continues an interrupted run.
+
+Example: facepriv patch train --data faces/ --targets celebs/ --surrogates dlib-resnet,facenet-casia --epochs 20 --out gen/
+"""
+
+APPLY_HELP = """Paste a generated patch on every face in photos (one forward pass per batch of faces).
+
+Without --target the patch is for evasion (not being recognised as yourself); with --target
+IMG it makes the faces look like the person in IMG to face recognition.
+
+Example: facepriv patch apply photos/ --generator gen/ --out protected/
+"""
+
+
+@app.command("train", help=TRAIN_HELP, no_args_is_help=True)
+@handle_errors
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Photos (files, folders or @lists) whose faces to train on; repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Generator folder (config, weights, checkpoints, cache).")] = Path("patch-generator"),
+    targets: Annotated[list[Path] | None, typer.Option("--targets", help="Target identity photos (one face each); omit for evasion only.")] = None,
+    surrogates: Annotated[str, typer.Option("--surrogates", help="Differentiable FR models to attack, comma-separated.")] = "dlib-resnet,facenet-casia",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training faces.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per training step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    region: Annotated[str, typer.Option("--region", help="forehead | eyeglass | cheek | path of a mask image (aligned ArcFace-112 frame, white = patch).")] = "forehead",
+    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side in pixels (power of two).")] = 64,
+    base_channels: Annotated[int, typer.Option("--channels", help="Width of the generator (channels of its first layer).")] = 16,
+    fusion: Annotated[str, typer.Option("--fusion", help="concat | attention: how source and target features are fused.")] = "concat",
+    pull: Annotated[float, typer.Option("--pull", help="Weight of the pull towards the target.")] = 1.0,
+    push: Annotated[float, typer.Option("--push", help="Weight of the push away from the source.")] = 1.0,
+    tv: Annotated[float, typer.Option("--tv", help="Weight of the total-variation (smoothness) term.")] = 0.05,
+    nps: Annotated[float, typer.Option("--nps", help="Weight of the non-printability term (0 = off).")] = 0.0,
+    palette: Annotated[Path | None, typer.Option("--palette", help="Printable colours: R,G,B lines (0-255) or a swatch image.")] = None,
+    evasion_prob: Annotated[float, typer.Option("--evasion-share", help="With --targets: share of samples trained for evasion.")] = 0.25,
+    natural: Annotated[bool, typer.Option("--natural", help="Decode patches through a pretrained latent autoencoder.")] = False,
+    autoencoder: Annotated[str, typer.Option("--autoencoder", help="Natural mode: registry name, hub id or diffusers folder.")] = "taesd",
+    prior_unet: Annotated[str | None, typer.Option("--prior-unet", help="Natural mode: diffusers UNet2DModel folder/hub id trained on the autoencoder's latents (score-distillation prior).")] = None,
+    prior: Annotated[float, typer.Option("--prior", help="Weight of the latent prior.")] = 0.0,
+    eot: Annotated[bool, typer.Option("--eot/--no-eot", help="Random placement / colour jitter while training.")] = True,
+    detector: common.Detector = "mtcnn",
+    min_face_size: common.MinFaceSize = 40.0,
+    glob: common.Glob = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+):
+    from ..patch import GeneratorConfig, PatchLossWeights, PatchTrainConfig, train_patch_generator
+    from ..patch.placement import EOTConfig
+
+    cfg = PatchTrainConfig(
+        data=[str(p) for p in data], out=str(out), targets=[str(p) for p in targets] if targets else None,
+        surrogates=common.split_list(surrogates), epochs=epochs, batch_size=batch_size, lr=lr,
+        weights=PatchLossWeights(pull=pull, push=push, tv=tv, nps=nps, prior=prior), evasion_prob=evasion_prob,
+        palette=str(palette) if palette else None, prior_unet=prior_unet, eot=EOTConfig(enabled=eot),
+        generator=GeneratorConfig(patch_size=patch_size, base_channels=base_channels, fusion=fusion, region=region,
+                                  natural=natural, autoencoder=autoencoder if natural else None),
+        detector=detector, min_face_size=min_face_size, glob=glob, seed=state.seed if state.seed is not None else 0,
+    )
+    device = resolve_device(state.device)
+    res = train_patch_generator(cfg, device=device, resume=resume, progress=not (state.quiet or state.json))
+    if state.json:
+        emit_json(res.to_json())
+        return
+    last = res.history[-1] if res.history else {}
+    out_console.print(f"trained {res.epochs} epochs ({res.steps} steps) on {res.faces} faces"
+                      f"{f' with {res.targets} targets' if res.targets else ' (evasion only)'} in {res.elapsed:.1f} s")
+    if last:
+        out_console.print("last epoch: " + ", ".join(f"{k} {v}" for k, v in last.items() if k not in ("epoch", "step")))
+    out_console.print(f"generator: {res.out}  (facepriv patch apply PHOTOS --generator {res.out} --out DIR)")
+
+
+@app.command("apply", help=APPLY_HELP, no_args_is_help=True)
+@handle_errors
+def apply(
+    inputs: common.Inputs,
+    generator: Annotated[Path, typer.Option("--generator", "-g", help="Folder written by `facepriv patch train`.")],
+    out: common.OutDir = Path("patch-out"),
+    target: Annotated[Path | None, typer.Option("--target", help="Photo of the identity to impersonate; omit for evasion.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per generator forward pass.")] = 32,
+    detector: common.Detector = "mtcnn",
+    on_no_face: common.OnNoFace = "copy",
+    max_faces: common.MaxFaces = None,
+    min_face_size: common.MinFaceSize = 20.0,
+    glob: common.Glob = None,
+    resume: common.Resume = False,
+    fmt: common.Format = None,
+    quality: common.Quality = 95,
+    keep_metadata: common.KeepMetadata = False,
+    max_pixels: common.MaxPixels = 178_956_970,
+):
+    from ..patch import PatchApplyConfig, run_patch_apply
+
+    cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=detector,
+                           batch_size=batch_size)
+    if target is None and not (state.quiet or state.json):
+        err_console.print("[cyan]no --target: evasion patches")
+    summary = run_patch_apply(
+        inputs, out, cfg,
+        policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
+        save=SaveOptions(quality=quality, keep_metadata=keep_metadata, max_pixels=max_pixels),
+        device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
+        progress=not (state.quiet or state.json), verbose=state.verbose,
+    )
+    common.print_batch_summary(summary, f"patch apply ({'impersonation' if target else 'evasion'})")
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,185 @@
+"""Applying a trained patch generator to photos: one forward pass per batch of faces.
+
+For every face: align it to the ArcFace template at the generator's input size, run the
+generator (with the target face's encoder features computed once, or none = evasion), and
+paste the patch into the photo with :func:`facepriv.patch.placement.paste_patch` (single
+resampling straight from patch pixels to photo pixels; everything outside the patch mask is
+left bit-for-bit unchanged).
+
+:func:`run_patch_apply` drives folders of photos through :func:`facepriv.core.batch.run_batch`
+and :func:`facepriv.core.pipeline.process_photo` (per-file errors, manifest, ``--resume``,
+safe atomic outputs, ``RANK``/``WORLD_SIZE`` sharding under ``accelerate launch`` / torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.align import align_faces, landmarks_tensor
+from ..core.batch import BatchSummary, collect_inputs, run_batch
+from ..core.errors import ConfigError, NoFaceError
+from ..core.faces import FacePolicy
+from ..core.io import load_image
+from ..core.pipeline import SaveOptions, process_photo
+from .generator import PatchGenerator
+from .placement import patch_to_photo, paste_patch
+
+
+@dataclass
+class PatchApplyConfig:
+    generator: str
+    target: str | None = None  # image of the identity to impersonate; None = evasion
+    detector: str = "mtcnn"
+    batch_size: int = 32  # faces per generator forward pass
+
+
+class PatchApplier:
+    """A loaded generator (+ target) that patches faces given by landmarks."""
+
+    def __init__(self, generator: PatchGenerator | str | os.PathLike, *, target=None, detector=None,
+                 device: str | torch.device = "cpu", batch_size: int = 32):
+        self.device = torch.device(device)
+        if not isinstance(generator, PatchGenerator):
+            generator = PatchGenerator.from_pretrained(generator, device=self.device)
+        self.generator = generator.to(self.device).eval()
+        self.batch_size = max(1, int(batch_size))
+        cfg = self.generator.config
+        self.size = cfg.input_size
+        self.region = self.generator.region
+        self.target_aligned = None
+        self.target_features = None
+        if target is not None:
+            self.set_target(target, detector=detector)
+
+    def set_target(self, target, *, detector=None) -> None:
+        """``target``: an image path, an RGB uint8 array, an aligned (3, S, S) tensor, or None
+        (evasion)."""
+        if target is None:
+            self.target_aligned = self.target_features = None
+            return
+        if isinstance(target, torch.Tensor) and target.dim() == 3 and target.shape[-1] == self.size:
+            aligned = target[None].to(self.device)
+        else:
+            if isinstance(target, (str, os.PathLike)):
+                img = load_image(target)
+                rgb = img.rgb
+                x = img.to_tensor(self.device)
+            else:
+                rgb = np.asarray(target, dtype=np.uint8)
+                x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255).to(self.device)
+            if detector is None:
+                from ..models import create_model
+
+                detector = create_model("mtcnn", device=self.device)
+            faces = detector.detect(rgb)
+            if not faces:
+                raise NoFaceError(f"no face found in the target image {target if isinstance(target, (str, os.PathLike)) else ''}")
+            face = max(faces, key=lambda f: f.width * f.height)
+            aligned = align_faces(x, landmarks_tensor([face], self.device), "arcface-112", size=(self.size, self.size)).crops
+        self.target_aligned = aligned.clamp(0, 1)
+        with torch.no_grad():
+            self.target_features = self.generator.encode_target(self.target_aligned)
+
+    @property
+    def mode(self) -> str:
+        return "impersonation" if self.target_features is not None else "evasion"
+
+    @torch.no_grad()
+    def patches_for(self, aligned: torch.Tensor) -> torch.Tensor:
+        """Patches (N, 3, P, P) for aligned faces (N, 3, S, S), in batches of ``batch_size``."""
+        out = []
+        for i in range(0, aligned.shape[0], self.batch_size):
+            out.append(self.generator(aligned[i: i + self.batch_size], target_features=self.target_features))
+        if not out:
+            P = self.generator.config.patch_size
+            return aligned.new_zeros(0, 3, P, P)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def apply(self, image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Patch every face (landmarks (N, 5, 2)) of one photo (3, H, W) in [0, 1]."""
+        return self.apply_many([image], [landmarks])[0]
+
+    @torch.no_grad()
+    def apply_many(self, images: list[torch.Tensor], landmarks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Patch the faces of many photos with one generator pass per ``batch_size`` faces."""
+        if len(images) != len(landmarks):
+            raise ValueError("one landmark tensor per image is needed")
+        lms = [torch.as_tensor(lm, dtype=torch.float32, device=self.device).reshape(-1, 5, 2) for lm in landmarks]
+        crops = [align_faces(img.to(self.device), lm, "arcface-112", size=(self.size, self.size)).crops
+                 for img, lm in zip(images, lms) if lm.shape[0]]
+        if not crops:
+            return [img.clone() for img in images]
+        patches = self.patches_for(torch.cat(crops))
+        out, k = [], 0
+        P = self.generator.config.patch_size
+        for img, lm in zip(images, lms):
+            n = lm.shape[0]
+            if n == 0:
+                out.append(img.clone())
+                continue
+            mats = patch_to_photo(self.region, P, lm)
+            out.append(paste_patch(img.to(self.device), patches[k: k + n], self.region, mats))
+            k += n
+        return out
+
+    def edit(self, x: torch.Tensor, faces, _loaded=None) -> torch.Tensor:
+        """The edit function for :func:`facepriv.core.pipeline.process_photo`."""
+        return self.apply(x, landmarks_tensor(faces, x.device))
+
+
+def _stamp(path: str | os.PathLike | None) -> list | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.glob("*")) if f.is_file()]
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _dist_rank() -> tuple[int | None, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return (rank if world > 1 else None), world
+
+
+def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyConfig, *,
+                    policy: FacePolicy | None = None, save: SaveOptions | None = None,
+                    device: str | torch.device = "cpu", glob: str | None = None, resume: bool = False,
+                    output_suffix: str | None = None, progress: bool = True, verbose: bool = False) -> BatchSummary:
+    """Patch every face of every input photo, mirroring the inputs under ``out``."""
+    from ..models import create_model
+
+    policy = policy or FacePolicy()
+    save = save or SaveOptions()
+    out = Path(out)
+    gen_dir = Path(cfg.generator).expanduser()
+    if not (gen_dir / "config.json").is_file():
+        raise ConfigError(f"--generator {gen_dir}: not a trained patch generator folder (no config.json)")
+    if cfg.target is not None and not Path(cfg.target).is_file():
+        raise ConfigError(f"--target {cfg.target}: no such image")
+    items = collect_inputs(inputs, glob=glob, exclude=[out])
+    rank, world = _dist_rank()
+    device = torch.device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))  # one GPU per process
+    detector = create_model(cfg.detector, device=device)
+    applier = PatchApplier(gen_dir, target=cfg.target, detector=detector, device=device, batch_size=cfg.batch_size)
+
+    def process(item, dst):
+        res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device, edit=applier.edit)
+        res.extra["mode"] = applier.mode
+        return res
+
+    config = {"command": "patch apply", **asdict(cfg), "generator_files": _stamp(gen_dir / "generator.safetensors"),
+              "target_file": _stamp(cfg.target), "policy": asdict(policy), "save": asdict(save),
+              "suffix": output_suffix}
+    return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
+                     description=f"patch ({applier.mode})", progress=progress, verbose=verbose,
+                     command="patch apply", rank=rank, world_size=world)

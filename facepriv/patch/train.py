@@ -1,0 +1,497 @@
+"""Training a conditional patch generator against a surrogate ensemble.
+
+Data
+    Faces are detected in the ``data`` photos (and one face per ``targets`` image), aligned
+    to a *context canvas* - the ArcFace template scaled by ``context_scale`` with a margin
+    of ``context_margin`` reference pixels around it - and cached as uint8 tensors
+    (``out/cache/*.safetensors``, keyed by the files, their sizes/mtimes and the geometry),
+    so later runs and ``--resume`` skip detection. The canvas is the "photo" during training:
+    every surrogate re-aligns the patched canvas to its own template exactly as it would
+    align a real photo, and patches are placed with the same functions ``apply`` uses.
+
+Step
+    ``patch = G(source, target)`` -> EOT (random placement jitter + colour jitter) -> pasted
+    onto the canvas -> surrogate embeddings -> :func:`~facepriv.patch.losses.patch_objective`
+    (pull to the target / push from the source, TV, printability, optional latent prior).
+    Each sample gets a random target; with probability ``evasion_prob`` (and always without
+    ``targets``) it gets none and the push-only evasion objective.
+
+Bookkeeping
+    :class:`accelerate.Accelerator` places the generator, optimiser and data loader (one or
+    many GPUs under ``accelerate launch``; CPU otherwise). After every epoch the main process
+    writes the generator (``config.json`` + ``generator.safetensors``, loadable with
+    :meth:`PatchGenerator.from_pretrained`) and the training state
+    (``train_state.safetensors``: optimiser tensors + RNG; ``train_state.json``: epoch, step,
+    history, settings) atomically; ``resume=True`` continues from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..core.align import Template, align_faces, get_template, invert_affine, landmarks_tensor
+from ..core.batch import collect_inputs
+from ..core.errors import ConfigError, FaceprivError
+from ..core.faces import FacePolicy
+from ..core.io import load_image
+from ..core.progress import make_progress, stderr_console
+from .generator import GeneratorConfig, PatchGenerator
+from .losses import PatchLossWeights, default_palette, load_latent_prior, load_palette, patch_objective
+from .placement import EOTConfig, color_jitter, compose, get_region, photo_to_reference, random_placement_jitter
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PatchTrainConfig:
+    data: list[str] = field(default_factory=list)
+    out: str = "patch-generator"
+    targets: list[str] | None = None
+    surrogates: list[str] = field(default_factory=lambda: ["dlib-resnet", "facenet-casia"])
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weights: PatchLossWeights = field(default_factory=PatchLossWeights)
+    evasion_prob: float = 0.25  # share of samples trained without a target when targets exist
+    palette: str | None = None
+    prior_unet: str | None = None  # natural mode: diffusers UNet2DModel on the autoencoder's latents
+    eot: EOTConfig = field(default_factory=EOTConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    detector: str = "mtcnn"
+    min_face_size: float = 40.0
+    max_faces: int | None = None  # per data photo
+    glob: str | None = None
+    context_scale: float = 1.5
+    context_margin: int = 16  # reference (ArcFace-112) pixels around the template
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch size must be at least 1")
+        if not 0 <= self.evasion_prob <= 1:
+            raise ConfigError("evasion_prob must be in [0, 1]")
+        if not self.data:
+            raise ConfigError("no training photos given (--data)")
+        if self.lr <= 0:
+            raise ConfigError("learning rate must be positive")
+
+    def fingerprint(self) -> str:
+        """What must not change between a run and its --resume."""
+        d = asdict(self)
+        keep = {k: d[k] for k in ("surrogates", "batch_size", "lr", "weights", "evasion_prob", "palette",
+                                  "prior_unet", "eot", "detector", "min_face_size", "max_faces", "glob",
+                                  "context_scale", "context_margin", "seed")}
+        g = dict(d["generator"])
+        for k in ("autoencoder_model", "latent_channels", "latent_factor", "latent_scaling_factor",
+                  "latent_shift_factor", "autoencoder"):
+            g.pop(k, None)
+        keep["generator"] = g
+        keep["data"] = sorted(str(Path(p).expanduser().resolve()) for p in self.data)
+        keep["targets"] = sorted(str(Path(p).expanduser().resolve()) for p in (self.targets or []))
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- canvas
+def context_template(scale: float, margin: float) -> Template:
+    """The ArcFace template scaled by ``scale`` inside a margin of ``margin`` reference pixels."""
+    tpl = get_template("arcface-112")
+    side = int(round((112 + 2 * margin) * scale))
+    pts = tuple(((x + margin + 0.5) * scale - 0.5, (y + margin + 0.5) * scale - 0.5) for x, y in tpl.points)
+    return Template(f"arcface-context-{scale:g}-{margin:g}", (side, side), pts)
+
+
+@dataclass
+class FaceSet:
+    """Aligned faces cached for training: context canvases and generator inputs (uint8)."""
+
+    canvases: torch.Tensor  # (N, 3, C, C) uint8
+    aligned: torch.Tensor  # (N, 3, S, S) uint8, ArcFace template at the generator's input size
+    files: list[str]
+    template: Template
+
+    def __len__(self) -> int:
+        return self.canvases.shape[0]
+
+    def landmarks(self, n: int, device=None) -> torch.Tensor:
+        return self.template.tensor(device).expand(n, 5, 2)
+
+
+def _cache_key(items, kind: str, cfg: PatchTrainConfig, tpl: Template, one_face: bool) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        st = it.path.stat()
+        h.update(f"{it.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps([CACHE_VERSION, kind, cfg.detector, cfg.min_face_size, cfg.max_faces, one_face,
+                         tpl.size, tpl.points, cfg.generator.input_size]).encode())
+    return h.hexdigest()[:20]
+
+
+def build_face_set(inputs: list[str], *, cfg: PatchTrainConfig, detector, cache_dir: Path | None, kind: str,
+                   one_face: bool = False, progress: bool = True, device="cpu",
+                   detections: dict | None = None) -> FaceSet:
+    """Detect, align and cache the faces of ``inputs`` (one per image with ``one_face``).
+
+    ``detections``: a dict shared between calls (path -> faces) so a photo that is both a
+    training photo and a target is detected once.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tpl = context_template(cfg.context_scale, cfg.context_margin)
+    items = collect_inputs(inputs, glob=cfg.glob)
+    if not items:
+        raise ConfigError(f"no images found in {', '.join(map(str, inputs))}")
+    key = _cache_key(items, kind, cfg, tpl, one_face)
+    cache = cache_dir / f"{kind}-{key}.safetensors" if cache_dir is not None else None
+    S = cfg.generator.input_size
+    if cache is not None and cache.is_file():
+        t = load_file(str(cache))
+        meta = json.loads((cache.with_suffix(".json")).read_text())
+        return FaceSet(t["canvases"], t["aligned"], meta["files"], tpl)
+    policy = FacePolicy(on_no_face="skip", max_faces=1 if one_face else cfg.max_faces, min_face_size=cfg.min_face_size)
+    canvases, aligned, files, skipped = [], [], [], []
+    with make_progress(enabled=progress) as bar:
+        task = bar.add_task(f"finding faces ({kind})", total=len(items))
+        for it in items:
+            try:
+                img = load_image(it.path)
+                key = str(it.path)
+                found = detections.get(key) if detections is not None else None
+                if found is None:
+                    found = detector.detect(img.rgb)
+                    if detections is not None:
+                        detections[key] = found
+                faces = policy.select(found)
+            except FaceprivError as exc:
+                skipped.append(f"{it.path}: {exc}")
+                faces = []
+                img = None
+            if img is not None and not faces:
+                skipped.append(f"{it.path}: no face")
+            if faces:
+                x = img.to_tensor(device)
+                lms = landmarks_tensor(faces, device)
+                c = align_faces(x, lms, tpl).crops
+                a = align_faces(x, lms, "arcface-112", size=(S, S)).crops
+                canvases.append((c.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+                aligned.append((a.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+                files += [str(it.path)] * len(faces)
+            bar.advance(task)
+    if skipped and progress:
+        stderr_console.print(f"[yellow]{kind}: {len(skipped)} image(s) without a usable face were skipped")
+    if not canvases:
+        raise ConfigError(f"no faces found in the {kind} images")
+    fs = FaceSet(torch.cat(canvases), torch.cat(aligned), files, tpl)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".part")
+        save_file({"canvases": fs.canvases.contiguous(), "aligned": fs.aligned.contiguous()}, str(tmp))
+        cache.with_suffix(".json").write_text(json.dumps({"files": files, "skipped": skipped}))
+        os.replace(tmp, cache)
+    return fs
+
+
+def to_float(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device).float().div_(255.0)
+
+
+@torch.no_grad()
+def reference_embeddings(surrogates, faces: FaceSet, device, chunk: int = 16) -> dict[str, torch.Tensor]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(faces), chunk):
+        x = to_float(faces.canvases[i: i + chunk], device)
+        n = x.shape[0]
+        emb = surrogates.reference(x, faces.landmarks(n, device), image_index=torch.arange(n, device=device))
+        for k, v in emb.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- sampling
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch, seeded by (seed, epoch): resumable and reproducible."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ----------------------------------------------------------------------------- state
+def _atomic_json(path: Path, payload) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_train_state(out: Path, optimizer, *, epoch: int, step: int, history: list, fingerprint: str,
+                     config: dict) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    tmp = out / "train_state.safetensors.part"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "train_state.safetensors")
+    _atomic_json(out / "train_state.json", {
+        "epoch": epoch, "step": step, "history": history, "fingerprint": fingerprint,
+        "param_groups": sd["param_groups"], "scalars": scalars, "config": config,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+
+
+def load_train_state(out: Path, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / "train_state.json").read_text())
+    tensors = load_file(str(out / "train_state.safetensors"))
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, d in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    return meta
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int
+    steps: int
+    faces: int
+    targets: int
+    history: list[dict]
+    elapsed: float
+    resumed_from: int = 0
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out), "epochs": self.epochs, "steps": self.steps, "faces": self.faces,
+                "targets": self.targets, "resumed_from_epoch": self.resumed_from,
+                "elapsed_s": round(self.elapsed, 2), "history": self.history}
+
+
+class PatchTrainer:
+    """Holds everything a training run needs; :meth:`fit` runs the epochs."""
+
+    def __init__(self, cfg: PatchTrainConfig, *, device: str | torch.device | None = None, progress: bool = True,
+                 surrogates=None, detector=None, autoencoder=None, prior=None):
+        from accelerate import Accelerator
+
+        from ..attacks.identity import SurrogateEnsemble
+        from ..models import create_model
+
+        self.cfg = cfg
+        self.progress = progress
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)
+        self.accelerator = Accelerator(cpu=dev is not None and dev.type == "cpu")
+        self.device = self.accelerator.device
+        self.out = Path(cfg.out).expanduser()
+        self.region = get_region(cfg.generator.region, feather=cfg.generator.region_feather)
+        self.surrogates = surrogates if surrogates is not None else SurrogateEnsemble(cfg.surrogates, device=self.device)
+        self.surrogates.to(self.device).eval()
+        for p in self.surrogates.parameters():
+            p.requires_grad_(False)
+        detector = detector if detector is not None else create_model(cfg.detector, device=self.device)
+        cache_dir = self.out / "cache"
+        show = progress and self.accelerator.is_main_process
+        seen: dict = {}
+        with self.accelerator.main_process_first():
+            self.faces = build_face_set(cfg.data, cfg=cfg, detector=detector, cache_dir=cache_dir, kind="data",
+                                        progress=show, device=self.device, detections=seen)
+            self.targets = None
+            if cfg.targets:
+                self.targets = build_face_set(cfg.targets, cfg=cfg, detector=detector, cache_dir=cache_dir,
+                                              kind="targets", one_face=True, progress=show, device=self.device,
+                                              detections=seen)
+        self.source_ref = reference_embeddings(self.surrogates, self.faces, self.device)
+        self.target_ref = reference_embeddings(self.surrogates, self.targets, self.device) if self.targets else None
+        self.palette = (load_palette(cfg.palette) if cfg.palette else default_palette()).to(self.device)
+        self.generator = PatchGenerator(cfg.generator, autoencoder=autoencoder).to(self.device)
+        self.prior = prior
+        if self.prior is None and cfg.prior_unet and cfg.weights.prior > 0:
+            if not cfg.generator.natural:
+                raise ConfigError("the latent prior (--prior-unet) needs the natural mode (--natural)")
+            self.prior = load_latent_prior(cfg.prior_unet, device=self.device)
+        if self.prior is not None:
+            self.prior.to(self.device)
+        params = [p for n, p in self.generator.named_parameters() if not n.startswith("latent.")]
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
+        self.sampler = EpochSampler(len(self.faces), cfg.seed)
+        self.loader = DataLoader(list(range(len(self.faces))), batch_size=cfg.batch_size, sampler=self.sampler,
+                                 drop_last=len(self.faces) > cfg.batch_size)
+        self.start_epoch, self.step, self.history = 0, 0, []
+        self.resumed_from = 0
+        self._model = None
+
+    # -- one step, exposed for tests and for PGD-style use
+    def placement_matrices(self, n: int, *, jitter: bool = True) -> torch.Tensor:
+        lms = self.faces.landmarks(n, self.device)
+        to_ref = photo_to_reference(lms)
+        p2r = self.region.patch_to_reference(self.cfg.generator.patch_size, device=self.device).expand(n, 2, 3)
+        if jitter:
+            p2r = compose(random_placement_jitter(n, self.region, self.cfg.eot, device=self.device), p2r)
+        return compose(invert_affine(to_ref), p2r)
+
+    def batch_loss(self, idx: torch.Tensor, *, train: bool = True) -> dict[str, torch.Tensor]:
+        from .placement import place_on_canvas
+
+        cfg, dev = self.cfg, self.device
+        idx = idx.to(torch.long).cpu()
+        n = idx.numel()
+        canvas = to_float(self.faces.canvases[idx], dev)
+        src = to_float(self.faces.aligned[idx], dev)
+        src_ref = {k: v[idx.to(v.device)] for k, v in self.source_ref.items()}
+        tgt, tgt_ref, has_t = None, None, None
+        if self.targets is not None:
+            t_idx = torch.randint(0, len(self.targets), (n,))
+            has_t = (torch.rand(n) >= cfg.evasion_prob).to(dev)
+            tgt = to_float(self.targets.aligned[t_idx], dev)
+            tgt_ref = {k: v[t_idx.to(v.device)] for k, v in self.target_ref.items()}
+        model = self._model if self._model is not None else self.generator  # DDP-wrapped under accelerate
+        patch, latent = model(src, tgt, has_t, return_latent=True)
+        mask = self.region.patch_mask(cfg.generator.patch_size, device=dev)
+        shown = color_jitter(patch, cfg.eot) if train else patch
+        patched, _ = place_on_canvas(canvas, shown, self.region, self.placement_matrices(n, jitter=train))
+        emb = self.surrogates.embed(patched, self.faces.landmarks(n, dev), image_index=torch.arange(n, device=dev))
+        terms = patch_objective(emb, src_ref, tgt_ref, has_t, patch, cfg.weights, mask=mask, palette=self.palette,
+                                latent=latent, prior=self.prior)
+        with torch.no_grad():
+            cs = [torch.nn.functional.cosine_similarity(emb[k], src_ref[k], dim=-1) for k in emb]
+            terms["cos_source"] = torch.stack(cs).mean(0)
+            if tgt_ref is not None:
+                ct = [torch.nn.functional.cosine_similarity(emb[k], tgt_ref[k], dim=-1) for k in emb]
+                terms["cos_target"] = torch.stack(ct).mean(0)
+                terms["has_target"] = has_t
+        return terms
+
+    def resume(self) -> bool:
+        if not (self.out / "train_state.json").is_file():
+            return False
+        meta = json.loads((self.out / "train_state.json").read_text())
+        if meta.get("fingerprint") != self.cfg.fingerprint():
+            raise ConfigError(f"{self.out} holds a training run with other settings; use another --out or the same "
+                              "settings to resume")
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.out / "generator.safetensors"))
+        missing, unexpected = self.generator.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("latent.")] or unexpected:
+            raise ConfigError(f"{self.out}/generator.safetensors does not match this generator")
+        meta = load_train_state(self.out, self.optimizer)
+        self.start_epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
+        self.resumed_from = self.start_epoch
+        return True
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        if resume:
+            self.resume()
+        self.out.mkdir(parents=True, exist_ok=True)
+        gen, opt, loader = acc.prepare(self.generator, self.optimizer, self.loader)
+        self._model = gen
+        per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        todo = max(0, cfg.epochs - self.start_epoch)
+        show = self.progress and acc.is_main_process
+        with make_progress(enabled=show) as bar:
+            task = bar.add_task("training patch generator", total=todo * per_epoch)
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self.sampler.set_epoch(epoch)
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+                gen.train()
+                sums: dict[str, float] = {}
+                counts: dict[str, int] = {}
+                for i, idx in enumerate(loader):
+                    if i >= per_epoch:
+                        break
+                    terms = self.batch_loss(idx)
+                    opt.zero_grad(set_to_none=True)
+                    acc.backward(terms["total"])
+                    if cfg.grad_clip:
+                        acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+                    opt.step()
+                    self.step += 1
+                    for k, v in terms.items():
+                        if k in ("has_target",):
+                            continue
+                        v = v.detach()
+                        if k == "cos_target" and "has_target" in terms:
+                            sel = terms["has_target"]
+                            if not bool(sel.any()):
+                                continue
+                            v = v[sel]
+                        sums[k] = sums.get(k, 0.0) + float(v.float().sum() if v.dim() else v)
+                        counts[k] = counts.get(k, 0) + (v.numel() if v.dim() else 1)
+                    bar.update(task, advance=1, description=(
+                        f"epoch {epoch + 1}/{cfg.epochs} loss {float(terms['total'].detach()):.3f} "
+                        f"cos(src) {float(terms['cos_source'].mean()):.2f}"))
+                rec = {"epoch": epoch + 1, "step": self.step, **{k: round(sums[k] / counts[k], 5) for k in sums}}
+                self.history.append(rec)
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    acc.unwrap_model(gen).save_pretrained(self.out)
+                    save_train_state(self.out, opt.optimizer if hasattr(opt, "optimizer") else opt,
+                                     epoch=epoch + 1, step=self.step, history=self.history,
+                                     fingerprint=cfg.fingerprint(), config=_jsonable(cfg))
+        if acc.is_main_process and todo == 0 and not (self.out / "generator.safetensors").is_file():
+            acc.unwrap_model(gen).save_pretrained(self.out)
+        return TrainResult(self.out, cfg.epochs, self.step, len(self.faces), len(self.targets) if self.targets else 0,
+                           self.history, time.perf_counter() - t0, self.resumed_from)
+
+
+def _jsonable(cfg: PatchTrainConfig) -> dict:
+    d = asdict(cfg)
+    return json.loads(json.dumps(d, default=str))
+
+
+def train_patch_generator(cfg: PatchTrainConfig, *, device: str | torch.device | None = None, resume: bool = False,
+                          progress: bool = True, **kwargs) -> TrainResult:
+    """Train (or resume training) a generator; see the module docstring."""
+    trainer = PatchTrainer(cfg, device=device, progress=progress, **kwargs)
+    return trainer.fit(resume=resume)
+
+
+__all__ = ["FaceSet", "PatchTrainConfig", "PatchTrainer", "TrainResult", "build_face_set", "context_template",
+           "train_patch_generator"]
