@@ -131,6 +131,10 @@ def protect(
         expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces, feather=feather,
         epsilon=parse_epsilon(epsilon), attack_steps=attack_steps, step_size=step_size,
     )
+    if method != "map" and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") and not state.quiet:
+        common.err_console.print(
+            "[yellow]note:[/yellow] lossy outputs (JPEG/WebP) re-quantise the perturbation: the saved image may "
+            "differ from the input by more than --epsilon and protection weakens; `--format png` keeps it exact.")
     summary = run_protect(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
