@@ -468,3 +468,17 @@ def test_cli_calibrate_then_audit_uses_the_calibration(tmp_path, photo_sets):
                                "--models", "sface"]).exit_code == 2
     assert runner.invoke(app, ["audit", "--protected", str(orig), "--original", str(orig), "--models",
                                "mtcnn"]).exit_code == 2
+
+
+def test_model_without_any_threshold_still_reports_similarities(monkeypatch, tmp_path):
+    """No protocol, calibration or default: the audit goes on, success rates are None, never invented."""
+    from facepriv.audit.metrics import psr
+    from facepriv.audit.thresholds import resolve_thresholds
+    from facepriv.models import get_spec
+
+    monkeypatch.setenv("FACEPRIV_THRESHOLDS_DIR", str(tmp_path))
+    spec = get_spec("facenet-casia")
+    assert not spec.thresholds
+    ts = resolve_thresholds("facenet-casia", spec=spec)
+    assert ts.kind == "none" and all(v is None for v in ts.values.values()) and "calibrate" in ts.note
+    assert psr([0.1, 0.9, None], ts.values) == {"1e-1": None, "1e-2": None, "1e-3": None}

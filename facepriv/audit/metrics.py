@@ -41,6 +41,9 @@ def psr(similarities: Sequence[float | None], thresholds: Mapping[str, float], *
             out[far] = None
             continue
         t = thresholds[far]
+        if t is None:  # no threshold known for this model
+            out[far] = None
+            continue
         if mode == "dodging":
             ok = sum(1 for s in similarities if s is None or s < t)
         else:

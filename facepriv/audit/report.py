@@ -150,7 +150,7 @@ def _histogram(model: str, scores: dict, thresholds: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(6.0, 3.0))
     allv = np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series])
     tvals = [thresholds.get(f) for f in FARS if thresholds.get(f) is not None]
-    lo, hi = float(min(allv.min(), *tvals)), float(max(allv.max(), *tvals))
+    lo, hi = float(min([allv.min(), *tvals])), float(max([allv.max(), *tvals]))
     bins = np.linspace(lo - 1e-6, hi + 1e-6, 31)
     for name, vals, color in series:
         ax.hist(vals, bins=bins, alpha=0.5, label=f"{name} (n={len(vals)})", color=color)

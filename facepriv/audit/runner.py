@@ -421,7 +421,8 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
                 mrow["faces"].append(frow)
             th = thresholds[m].values
             mrow["dodging_max"] = _r(max((s for f in mrow["faces"] for s in f["dodging"] if s is not None), default=None))
-            mrow["protected_at"] = {far: all(s is None or s < th[far] for f in mrow["faces"] for s in f["dodging"])
+            mrow["protected_at"] = {far: None if th[far] is None else
+                                    all(s is None or s < th[far] for f in mrow["faces"] for s in f["dodging"])
                                     for far in FARS}
             row["models"][m] = mrow
         if cfg.utility:

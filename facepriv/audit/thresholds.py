@@ -149,8 +149,12 @@ def resolve_thresholds(model: str, *, spec=None, file: str | Path | None = None,
             note=(f"NOT FAR-calibrated: {model} has no protocol thresholds and no calibration, so its single "
                   f"default operating threshold {t:g} is used for every FAR. Run `facepriv audit calibrate "
                   f"--pairs PAIRS.csv --models {model}` on labelled clean pairs for real FAR thresholds."))
-    raise ConfigError(f"{model}: no thresholds known (no protocol values, no calibration, no default); "
-                      f"run `facepriv audit calibrate --pairs PAIRS.csv --models {model}` or pass --thresholds FILE")
+    # No threshold at all: similarities are still measured and reported, success rates are not.
+    return ThresholdSet(
+        model, dict.fromkeys(FARS), "none", "none",
+        note=(f"NO THRESHOLDS: {model} has no protocol values, calibration or default, so its protection "
+              f"success rates cannot be computed (similarities are still reported). Run `facepriv audit "
+              f"calibrate --pairs PAIRS.csv --models {model}` or pass --thresholds FILE."))
 
 
 # ------------------------------------------------------------------------------ calibration
