@@ -7,7 +7,6 @@ Photos come from ``tests/fixtures`` with a fall-back to ``../shared`` (``conftes
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -275,18 +274,3 @@ def test_options(photos):
     mtcnn_low = create_model("mtcnn", min_score=0.5)
     assert len(mtcnn_low.detect(photos["obama.jpg"])) >= 1
 
-
-@pytest.mark.realmodels
-def test_speed_report(detectors, photos, capsys):
-    """Prints per-detector time on the real photos; fails only on pathological slowness."""
-    lines = []
-    for name, det in detectors.items():
-        for img_name, img in {**photos, **optional_photo("selfie-many-people.jpg")}.items():
-            det.detect(img)
-            t0 = time.perf_counter()
-            det.detect(img)
-            dt = time.perf_counter() - t0
-            lines.append(f"{name:10s} {img_name:24s} {img.shape[1]}x{img.shape[0]} {dt * 1000:7.1f} ms")
-            assert dt < 10.0, lines[-1]
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

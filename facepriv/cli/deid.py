@@ -76,7 +76,7 @@ def deid(
     crf: Annotated[int, typer.Option("--crf", min=0, max=63, help="video: encoder quality (lower = better).", rich_help_panel=_VID)] = 18,
     detector: Annotated[str, typer.Option(
         "--detector", help="Face detector from the model registry: yunet (default here: the best recall and "
-        "speed in docs/bench_deid.md), mtcnn, centerface.")] = "yunet",
+        "speed in docs/benchmarks.md), mtcnn, centerface.")] = "yunet",
     on_no_face: common.OnNoFace = "copy",
     max_faces: common.MaxFaces = None,
     min_face_size: common.MinFaceSize = 20.0,

@@ -114,7 +114,7 @@ class EyeBar(DeidMethod):
     over the eyes alone does *not* defeat face recognition (a 0.9 x eye-distance bar leaves
     dlib-resnet re-identifying every face of our benchmark); the default is a band from the
     brows down to the nose tip, measured to defeat dlib-resnet and FaceNet (see
-    docs/bench_deid.md). ``region`` does not apply (the bar has its own shape).
+    docs/benchmarks.md). ``region`` does not apply (the bar has its own shape).
     """
 
     name = "eyebar"
