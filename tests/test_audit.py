@@ -129,6 +129,7 @@ def test_quality_metrics_and_unavailable_weights(isolated_home):
     meter.add(x, x)
     s = meter.summary()
     assert s["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)  # the identical pair (inf) is left out
+    assert s["n_identical"] == 1 and "1 of 2" in s["psnr_note"]  # ... and counted
     assert s["lpips"] is None and s["fid"] is None
     assert "lpips-alex" in s["unavailable"]["lpips"] and "models import" in s["unavailable"]["lpips"]
     assert "fid-inception" in s["unavailable"]["fid"]
@@ -352,6 +353,7 @@ def test_clean_vs_clean_is_not_protected(tmp_path, photo_sets, real_models, mtcn
         ident = rep["models"][m]["identification"]
         assert ident["n"] == 2 and ident["rank1_before"] == ident["rank1_after"] == 1.0
     assert rep["quality"]["psnr"] == math.inf and rep["quality"]["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert rep["quality"]["n_identical"] == 3
     rows = {r["protected"]: r for r in rep["images"]}
     assert rows["obama.jpg"]["identity"] == "obama" and rows["obama.jpg"]["identity_source"] == "gallery"
     f0 = rows["obama.jpg"]["models"]["sface"]["faces"][0]
@@ -455,7 +457,9 @@ def test_cli_calibrate_then_audit_uses_the_calibration(tmp_path, photo_sets):
                               "dlib-resnet", "--gallery", str(gal), "--out", str(tmp_path / "rep"), "--no-fid",
                               "--lpips", "none"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout)
+    # strict JSON: the infinite PSNR of this clean-vs-clean run is the string "inf", never Infinity
+    summary = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert summary["quality"]["psnr"] == "inf" and summary["quality"]["n_identical"] == 3
     th = summary["thresholds"]["dlib-resnet"]
     assert th["kind"] == "calibrated" and th["1e-3"] == pytest.approx(stored["thresholds"]["1e-3"])
     assert summary["models"]["dlib-resnet"]["dodging"]["psr"]["1e-3"] == 0.0

@@ -21,6 +21,7 @@ import time
 import urllib.parse
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -89,7 +90,7 @@ class MockFacePP:
     def __init__(self, *, qps: int = 100, delay: float = 0.0):
         self.identity: dict[str, str] = {}  # image digest -> person
         self.no_face: set[str] = set()
-        self.fail_first: list[tuple[int, str]] = []  # forced (status, error_message) for the next requests
+        self.fail_first: list[tuple] = []  # forced (status, error_message[, headers]) for the next requests
         self.qps, self.delay = qps, delay
         self.slow_first = 0.0
         self.calls = 0
@@ -131,8 +132,9 @@ class MockFacePP:
             with self.lock:
                 self.forms.append({k: (v if isinstance(v, str) else f"<{len(v)} bytes>") for k, v in form.items()})
             rid = f"{int(time.time())},req-{n}"
-            if forced is not None:
-                return forced[0], {}, {"time_used": 1, "error_message": forced[1], "request_id": rid}
+            if forced is not None:  # (status, error_message[, headers])
+                headers = forced[2] if len(forced) > 2 else {}
+                return forced[0], headers, {"time_used": 1, "error_message": forced[1], "request_id": rid}
             if form.get("api_key") != KEY or form.get("api_secret") != SECRET:
                 return 401, {}, {"time_used": 1, "error_message": "AUTHENTICATION_ERROR", "request_id": rid}
             if over:
@@ -543,10 +545,13 @@ def test_cli_audit_with_facepp_mock_never_prints_the_key(facepp_server, tmp_path
     out = tmp_path / "report"
     args = ["--json", "audit", "--protected", str(prot), "--original", str(orig), "--models", "sface",
             "--out", str(out), "--api", "facepp", "--api-endpoint", facepp_server.url, "--api-cache",
-            str(tmp_path / "cache"), "--api-rate", "0", "--no-fid", "--lpips", "none"]
+            str(tmp_path / "cache"), "--api-rate", "0", "--no-fid", "--lpips", "none", "--api-timeout", "9",
+            "--api-retries", "3"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout)
+    summary = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    provider = json.loads((out / "report.json").read_text())["apis"]["facepp"]["provider"]
+    assert provider["timeout_s"] == 9 and provider["retries"] == 3
     dod = summary["apis"]["facepp"]["dodging"]
     # obama: same person, verified -> not protected; biden: no face in the protected photo -> protected
     assert dod["n"] == 2 and dod["no_face_protected"] == 1
@@ -555,7 +560,7 @@ def test_cli_audit_with_facepp_mock_never_prints_the_key(facepp_server, tmp_path
     # the human output too
     res_h = CliRunner().invoke(app, args[1:])
     assert res_h.exit_code == 0
-    assert "facepp dodging" in res_h.stdout and "cache hits" in res_h.stdout
+    assert "facepp dodging" in res_h.stdout and "cache hits" in res_h.stdout and "(thresholds" in res_h.stdout
     assert facepp_server.calls == 3  # 1 rate-limited + 2; the second run was served from the cache
     texts = [res.output, res_h.output, getattr(res, "stderr", "") or "", getattr(res_h, "stderr", "") or ""]
     texts += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()]
@@ -572,3 +577,123 @@ def test_cli_audit_with_facepp_mock_never_prints_the_key(facepp_server, tmp_path
         if p.is_file():
             assert "bad-key-5555aaaa" not in p.read_text(errors="replace")
     assert "bad-key-5555aaaa" not in res_bad.output
+
+
+def test_facepp_429_honours_retry_after(facepp_server, images, tmp_path):
+    _register(facepp_server, images)
+    facepp_server.fail_first = [(429, "CONCURRENCY_LIMIT_EXCEEDED", {"Retry-After": "0.25"})]
+    api, sleeps = _client(facepp_server, tmp_path, cache=False, backoff=0.001, backoff_max=5.0)
+    res = api.compare(images["alice1"], images["alice2"])
+    assert res.ok and res.score == 91.5 and res.attempts == 2
+    # the backoff alone would wait ~1 ms; the server asked for 0.25 s
+    assert sleeps == [pytest.approx(0.25)]
+
+
+# ------------------------------------------------------------------------------ per-provider options
+def test_per_provider_endpoint_and_threshold_options():
+    from facepriv.audit import AuditConfig
+    from facepriv.audit.apis import per_provider
+    from facepriv.core.errors import ConfigError
+
+    assert per_provider(None, ["facepp"], "--api-endpoint") == {}
+    # a plain URL (even one with "=" in its query) is fine with a single --api
+    assert per_provider(["http://h:1/c?a=b"], ["face++"], "--api-endpoint") == {"facepp": "http://h:1/c?a=b"}
+    assert per_provider(["facepp=http://a", "azure=http://b"], ["facepp", "azure"], "--api-endpoint") == {
+        "facepp": "http://a", "azure": "http://b"}
+    assert per_provider(["aws=85"], ["rekognition"], "--api-threshold", float) == {"rekognition": 85.0}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        per_provider(["http://a"], ["facepp", "azure"], "--api-endpoint")
+    with pytest.raises(ConfigError, match="not selected"):
+        per_provider(["azure=http://b"], ["facepp"], "--api-endpoint")
+    with pytest.raises(ConfigError, match="unknown API"):
+        per_provider(["bing=http://b"], ["facepp"], "--api-endpoint")
+    with pytest.raises(ConfigError, match="not a valid value"):
+        per_provider(["rekognition=high"], ["rekognition"], "--api-threshold", float)
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        AuditConfig(protected="p", original="o", apis=["facepp", "azure"], api_endpoint="http://one-for-all")
+    cfg = AuditConfig(protected="p", original="o", apis=["facepp"], api_endpoint="http://x")
+    assert cfg.api_endpoint == {"facepp": "http://x"} and cfg.api_threshold == {}
+    with pytest.raises(ConfigError, match="Face\\+\\+ sends its own"):
+        create_api("facepp", threshold=50, cache=False)
+
+
+def test_api_threshold_replaces_the_default_of_rekognition_and_azure(images, monkeypatch):
+    client = FakeRekognition(images)
+    api = create_api("rekognition", threshold=99.5, client=client, cache=False, rate=None)
+    r = api.compare(images["alice1"], images["alice2"])
+    assert r.score == 99.2 and r.thresholds == {"default": 99.5} and r.verified("default") is False
+    assert create_api("aws", client=client, cache=False).threshold == 80.0
+    monkeypatch.setenv("AZURE_FACE_KEY", "az-test-key-abc123")
+    az = create_api("azure", endpoint="http://127.0.0.1:9", threshold=0.9, cache=False)
+    assert az.threshold == 0.9 and az.endpoint == "http://127.0.0.1:9"
+
+
+class _MeanColour(torch.nn.Module):
+    """Fake recogniser (mean colour of the crop's centre) so that the audit runs in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.spec = type("S", (), {"template": "arcface-112", "input_size": (112, 112), "metric": "cosine",
+                                   "name": "mean-colour", "thresholds": {"default": 0.5}, "threshold_source": None})()
+
+    def forward(self, x):
+        return x[:, :, 28:84, 28:84].mean((2, 3))
+
+
+def test_audit_sends_each_api_to_its_own_endpoint_and_shows_thresholds(facepp_server, tmp_path, monkeypatch, capsys):
+    from facepriv.audit import AuditConfig, run_audit
+    from facepriv.audit.report import thresholds_seen_text
+    from facepriv.cli import audit as cli_audit
+    from facepriv.cli import common
+
+    azure = MockAzure()
+    try:
+        orig, prot = tmp_path / "orig", tmp_path / "prot"
+        orig.mkdir()
+        prot.mkdir()
+        for person, colour in (("ann", (200, 60, 40)), ("ben", (40, 60, 200))):
+            for folder, shift in ((orig, 0), (prot, 9)):
+                arr = np.full((112, 112, 3), colour, dtype=np.uint8) + shift
+                Image.fromarray(arr).save(folder / f"{person}.png")
+                d = _digest((folder / f"{person}.png").read_bytes())
+                facepp_server.identity[d] = person
+                azure.identity[d] = person
+        monkeypatch.setenv("FACEPP_API_KEY", KEY)
+        monkeypatch.setenv("FACEPP_API_SECRET", SECRET)
+        monkeypatch.setenv("AZURE_FACE_KEY", MockAzure.key)
+        for var in ("AZURE_FACE_ENDPOINT", "FACEPP_ENDPOINT", "FACEPRIV_API_CONFIG"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+        monkeypatch.setenv("FACEPRIV_THRESHOLDS_DIR", str(tmp_path / "thresholds"))
+        cfg = AuditConfig(protected=prot, original=orig, models=["mean-colour"], aligned=True, quality=False,
+                          progress=False, device="cpu", out=tmp_path / "rep", apis=["facepp", "azure"],
+                          api_endpoint=[f"facepp={facepp_server.url}", f"azure={azure.url}"],
+                          api_threshold=["azure=0.9"], api_timeout=7, api_retries=1, api_rate=None,
+                          api_cache=tmp_path / "cache")
+        rep = run_audit(cfg, recognizers={"mean-colour": _MeanColour()})
+        a = rep["apis"]
+        # each provider went to its own server
+        assert a["facepp"]["provider"]["endpoint"] == facepp_server.url and facepp_server.calls == 2
+        assert a["azure"]["provider"]["endpoint"] == azure.url
+        assert sum(c.endswith("/verify") for c in azure.calls) == 2
+        for name in ("facepp", "azure"):
+            assert a[name]["provider"]["timeout_s"] == 7 and a[name]["provider"]["retries"] == 1
+        # Azure: same person at confidence 0.87, below the user's 0.9 -> "protected" (0.5 would say not)
+        assert a["azure"]["dodging"]["psr"] == {"default": 1.0}
+        assert a["azure"]["dodging"]["thresholds_seen"] == {"default": [0.9, 0.9]}
+        # Face++: the thresholds of every response, min-max, in the HTML and in the terminal
+        seen = a["facepp"]["dodging"]["thresholds_seen"]
+        per_row = [c["thresholds"]["1e-3"] for r in rep["images"] for c in r["apis"]["facepp"]]
+        assert seen["1e-3"] == [min(per_row), max(per_row)] and min(per_row) < max(per_row)
+        text = thresholds_seen_text(seen)
+        assert f"1e-3: {min(per_row):.2f}–{max(per_row):.2f}" in text
+        html = (tmp_path / "rep" / "report.html").read_text()
+        assert "thresholds used (min–max seen)" in html and text in html
+        monkeypatch.setattr(common.out_console, "width", 400)
+        capsys.readouterr()
+        cli_audit.print_summary(rep)
+        out = capsys.readouterr().out
+        assert "facepp dodging: 2 pairs" in out and f"(thresholds {text})" in out
+        assert "(thresholds default: 0.90)" in out
+    finally:
+        azure.close()

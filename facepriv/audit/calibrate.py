@@ -4,7 +4,8 @@ Each image of the pairs file is read once; its largest face is embedded by every
 Pairs where either image has no detected face are left out (and counted). The thresholds are
 stored per model under ``FACEPRIV_HOME/thresholds/<model>.json`` (and/or one JSON file given
 with ``out``), and later audits use them automatically for models without published protocol
-thresholds.
+thresholds. Each record keeps the detector and alignment mode it was computed with; an audit
+that reuses it under other ones says so in its notes.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def run_calibration(cfg: CalibrationConfig, *, recognizers: dict | None = None, 
         cal = calibrate_scores(scores[m]["genuine"], scores[m]["impostor"], default_threshold=default)
         rec = calibration_record(m, cal, pairs_file=cfg.pairs, spec=spec,
                                  extra={"skipped_pairs": skipped, "detector": None if cfg.aligned else cfg.detector,
+                                        "aligned": bool(cfg.aligned),
+                                        "aligned_template": cfg.aligned_template if cfg.aligned else None,
                                         "genuine_scores": [round(v, 6) for v in scores[m]["genuine"]],
                                         "impostor_scores": [round(v, 6) for v in scores[m]["impostor"]]})
         if cfg.store:

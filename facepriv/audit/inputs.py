@@ -6,7 +6,9 @@
 * Identities of clean photos come from, in order: an identities CSV (``file,identity``), the
   gallery folder structure (``gallery/<identity>/*.jpg``; an original whose first folder is
   a gallery identity, or which is the same file/content as a gallery photo), or a pairs file
-  (connected components of its "same" pairs).
+  (connected components of its "same" pairs). Only the identities CSV may fall back to the
+  bare file name (a row ``1.jpg,bob`` for ``photos/x/1.jpg``); galleries and pairs files
+  match by path or content only, since two people's photos often share a name.
 * :func:`read_pairs` reads a labelled pairs CSV (``file_x,file_y,label``; label yes/no,
   same/different, 1/0, true/false, genuine/impostor, match/mismatch; header optional).
 """
@@ -200,13 +202,16 @@ def pair_components(pairs: Iterable[LabelledPair]) -> dict[Path, str]:
 # ------------------------------------------------------------------------------ identities
 @dataclass
 class IdentityIndex:
-    """Looks up the identity of a clean photo by path, relative path, content or file name."""
+    """Looks up the identity of a clean photo by relative path, path or content, and by bare
+    file name only when ``name_fallback`` is set (the identities CSV: names there are the
+    user's explicit labels; a gallery's or pairs file's names are not)."""
 
     by_path: dict[Path, str] = field(default_factory=dict)
     by_rel: dict[str, str] = field(default_factory=dict)
     by_digest: dict[str, str] = field(default_factory=dict)
     by_name: dict[str, str | None] = field(default_factory=dict)  # None = ambiguous
     source: str = "none"
+    name_fallback: bool = False
 
     def add(self, path: Path | None, identity: str, *, rel: str | None = None, digest: str | None = None) -> None:
         if path is not None:
@@ -223,15 +228,24 @@ class IdentityIndex:
             self.by_digest[digest] = identity
 
     def lookup(self, path: Path, *, rel: str | None = None, digest: str | None = None) -> str | None:
+        return self.lookup_how(path, rel=rel, digest=digest)[0]
+
+    def lookup_how(self, path: Path, *, rel: str | None = None, digest: str | None = None
+                   ) -> tuple[str | None, str | None]:
+        """(identity, how): how is "rel", "path", "content" or "name" (None when not found)."""
         path = Path(path)
         if rel is not None and rel in self.by_rel:
-            return self.by_rel[rel]
+            return self.by_rel[rel], "rel"
         hit = self.by_path.get(path.resolve())
         if hit is not None:
-            return hit
+            return hit, "path"
         if digest is not None and digest in self.by_digest:
-            return self.by_digest[digest]
-        return self.by_name.get(path.name.lower())
+            return self.by_digest[digest], "content"
+        if self.name_fallback:
+            hit = self.by_name.get(path.name.lower())
+            if hit is not None:
+                return hit, "name"
+        return None, None
 
     def __len__(self) -> int:
         return len(set(self.by_path.values()) | set(self.by_rel.values()) | set(self.by_digest.values()))
@@ -243,7 +257,7 @@ def read_identities(path: str | Path, root: str | Path | None = None) -> Identit
     if not path.is_file():
         raise ConfigError(f"identities file {path} does not exist")
     root = Path(root) if root is not None else path.parent
-    idx = IdentityIndex(source=f"identities file {path.name}")
+    idx = IdentityIndex(source=f"identities file {path.name}", name_fallback=True)
     rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and r[0].strip()]
     if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "identity"], ["path", "identity"],
                                                              ["file", "id"], ["image", "identity"]):

@@ -110,24 +110,27 @@ def _fit(img: torch.Tensor, max_side: int) -> torch.Tensor:
                          align_corners=False, antialias=True)[0]
 
 
-def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance between two Gaussians (the FID formula), matrix square root by scipy.
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6
+                     ) -> tuple[float, str | None]:
+    """Fréchet distance between two Gaussians (the FID formula), computed by pytorch-fid's own
+    :func:`pytorch_fid.fid_score.calculate_frechet_distance`.
 
-    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))``; a singular product (fewer images than
-    feature dimensions) is regularised with ``eps`` on the diagonals, as pytorch-fid does.
+    Returns (distance, note): the note repeats what pytorch-fid says about a singular product
+    (it regularises it with ``eps`` on the diagonals and prints a line, which is captured here so
+    that it never reaches stdout). pytorch-fid raises ``ValueError`` when the matrix square root
+    keeps a large imaginary component; that error is passed on.
     """
-    from scipy import linalg
+    import contextlib
+    import io
 
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
         warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(s1.dot(s2))
-    if not np.isfinite(covmean).all():
-        off = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + off).dot(s2 + off))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+        d = calculate_frechet_distance(mu1, s1, mu2, s2, eps=eps)
+    note = buf.getvalue().strip() or None
+    return float(d), (f"pytorch-fid: {note}" if note else None)
 
 
 class QualityMeter:
@@ -139,6 +142,7 @@ class QualityMeter:
         self.unavailable: dict[str, str] = {}
         self.rows: list[dict] = []
         self._fid_feats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.fid_notes: list[str] = []
         self.lpips_name = lpips
         self.lpips = lpips_model
         self.fid_model = fid_model
@@ -194,9 +198,23 @@ class QualityMeter:
             self.unavailable["fid"] = f"FID needs at least 2 images per set (got {len(a)})"
             return None
         fa, fb = torch.cat(a).numpy(), torch.cat(b).numpy()
-        return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+        try:
+            d, note = frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+        except ImportError as exc:
+            self.unavailable["fid"] = f"pytorch-fid is not installed ({exc}); pip install pytorch-fid"
+            return None
+        except ValueError as exc:  # pytorch-fid: "Imaginary component ..." (too few images for the features)
+            self.unavailable["fid"] = (f"pytorch-fid could not compute the Fréchet distance ({exc}); FID needs "
+                                       "many more images than this set has")
+            return None
+        if note:
+            self.fid_notes.append(note)
+        return d
 
     def summary(self) -> dict:
+        """Means over the pairs. PSNR is averaged over the pairs that differ: identical pairs
+        (infinite PSNR) are counted in ``n_identical`` instead (PSNR is ``inf`` when every pair
+        is identical)."""
         def agg(key):
             vals = [r[key] for r in self.rows if key in r and r[key] is not None and not math.isnan(r[key])]
             if not vals:
@@ -204,11 +222,17 @@ class QualityMeter:
             finite = [v for v in vals if math.isfinite(v)]
             return float(np.mean(finite)) if finite else math.inf
 
-        out = {"psnr": agg("psnr"), "ssim": agg("ssim"), "lpips": agg("lpips") if self.lpips is not None else None,
-               "fid": self.fid(), "n": len(self.rows)}
+        n_identical = sum(1 for r in self.rows if r.get("psnr") == math.inf)
+        out = {"psnr": agg("psnr"), "n_identical": n_identical, "ssim": agg("ssim"),
+               "lpips": agg("lpips") if self.lpips is not None else None, "fid": self.fid(), "n": len(self.rows)}
+        if n_identical and out["psnr"] is not None and math.isfinite(out["psnr"]):
+            out["psnr_note"] = (f"{n_identical} of {len(self.rows)} protected image(s) are identical to their "
+                                "original (infinite PSNR) and are left out of the PSNR mean")
         if out["fid"] is not None and len(self.rows) < 50:
             out["fid_note"] = (f"FID over {len(self.rows)} images is strongly biased (it needs thousands); "
                                "compare it only between runs on the same set")
+        if out["fid"] is not None and self.fid_notes:
+            out["fid_note"] = "; ".join([*([out["fid_note"]] if "fid_note" in out else []), *self.fid_notes])
         if out["lpips"] is not None:
             out["lpips_model"] = self.lpips_name
         out["unavailable"] = dict(self.unavailable)
@@ -231,9 +255,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / ua) if ua > 0 else 0.0
 
 
-def match_faces(orig_boxes: Sequence[np.ndarray], prot_boxes: Sequence[np.ndarray], min_iou: float = 0.3
-                ) -> list[int | None]:
-    """For each original face, the index of the protected face it corresponds to (greedy by IoU)."""
+def match_faces(orig_boxes: Sequence[np.ndarray], prot_boxes: Sequence[np.ndarray], min_iou: float = 0.3, *,
+                scale: tuple[float, float] = (1.0, 1.0)) -> list[int | None]:
+    """For each original face, the index of the protected face it corresponds to (greedy by IoU).
+
+    ``scale`` = (sx, sy) maps protected-image pixels to original-image pixels (original size /
+    protected size): a protected photo saved at another size has its boxes in another frame.
+    """
+    sx, sy = scale
+    if (sx, sy) != (1.0, 1.0):
+        f = np.array([sx, sy, sx, sy], dtype=np.float64)
+        prot_boxes = [np.asarray(b, dtype=np.float64)[:4] * f for b in prot_boxes]
     cands = sorted(((box_iou(a, b), i, j) for i, a in enumerate(orig_boxes) for j, b in enumerate(prot_boxes)),
                    reverse=True)
     out: list[int | None] = [None] * len(orig_boxes)

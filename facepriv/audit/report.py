@@ -39,6 +39,28 @@ def _fmt(v, pct: bool = False, nd: int = 3) -> str:
     return str(v)
 
 
+def thresholds_seen_text(seen: dict | None, nd: int = 2) -> str:
+    """``{"1e-3": [lo, hi], ...}`` -> ``"1e-3: 62.10–62.30, 1e-4: 69.1"`` (one value when lo == hi)."""
+    if not seen:
+        return "no thresholds (no score)"
+    parts = []
+    for k, v in seen.items():
+        lo, hi = (v[0], v[-1]) if isinstance(v, list | tuple) and v else (v, v)
+        parts.append(f"{k}: {_fmt(lo, nd=nd)}" if lo == hi else f"{k}: {_fmt(lo, nd=nd)}–{_fmt(hi, nd=nd)}")
+    return ", ".join(parts)
+
+
+def psnr_text(q: dict) -> str:
+    """PSNR mean with the count of identical pairs (infinite PSNR) it leaves out."""
+    text = f"{_fmt(q.get('psnr'), nd=2)} dB"
+    n_id = q.get("n_identical") or 0
+    if n_id and q.get("psnr") is not None and not (isinstance(q.get("psnr"), float) and math.isinf(q["psnr"])):
+        text += f" (+ {n_id} identical pair(s), infinite PSNR, not in the mean)"
+    elif n_id:
+        text += f" ({n_id} identical pair(s))"
+    return text
+
+
 # ------------------------------------------------------------------------------ summary
 def summarize(report: dict) -> dict:
     """The compact summary the CLI prints (and ``--json`` emits)."""
@@ -293,11 +315,13 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     # quality
     q = report.get("quality", {})
     parts.append("<h2>Image quality (protected vs original)</h2>")
-    parts.append(_table(["PSNR (dB)", "SSIM", "LPIPS", "FID"],
-                        [[_fmt(q.get("psnr"), nd=2), _fmt(q.get("ssim"), nd=4), _fmt(q.get("lpips"), nd=4),
-                          _fmt(q.get("fid"), nd=2)]], left=0))
+    parts.append(_table(["PSNR (dB)", "identical pairs (infinite PSNR, not in the mean)", "SSIM", "LPIPS", "FID"],
+                        [[_fmt(q.get("psnr"), nd=2), q.get("n_identical", 0), _fmt(q.get("ssim"), nd=4),
+                          _fmt(q.get("lpips"), nd=4), _fmt(q.get("fid"), nd=2)]], left=0))
     for k, v in (q.get("unavailable") or {}).items():
         parts.append(f"<div class='note'>{html.escape(k)}: {html.escape(str(v))}</div>")
+    if q.get("psnr_note"):
+        parts.append(f"<div class='note'>{html.escape(q['psnr_note'])}</div>")
     if q.get("fid_note"):
         parts.append(f"<div class='note'>{html.escape(q['fid_note'])}</div>")
     if "utility" in report:
@@ -314,9 +338,11 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
                 if kind in a:
                     s = a[kind]
                     arows.append([n, kind, s["n"], ", ".join(f"{k}: {_fmt(v, pct=True)}" for k, v in s["psr"].items()),
+                                  thresholds_seen_text(s.get("thresholds_seen")),
                                   _fmt(s["mean_score"], nd=2), s["no_face_protected"], s["errors"], s.get("cached", 0)])
-        parts.append(_table(["API", "protocol", "pairs", "PSR at the provider's thresholds", "mean score",
-                             "no face (protected)", "errors", "cached"], arows, left=2))
+        parts.append(_table(["API", "protocol", "pairs", "PSR at the provider's thresholds",
+                             "thresholds used (min–max seen)", "mean score", "no face (protected)", "errors", "cached"],
+                            arows, left=2))
 
     # figures
     parts.append("<h2>Similarity distributions and ROC</h2>")
@@ -333,16 +359,18 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
 
     # per-image grid
     images = report.get("images", [])
-    limit = getattr(cfg, "html_max_images", 60) if cfg is not None else 60
+    limit = getattr(cfg, "html_max_images", 60) if cfg is not None else int(c.get("html_max_images") or 60)
+    prot_root = Path(cfg.protected) if cfg is not None else (Path(c["protected"]) if c.get("protected") else None)
+    orig_root = Path(cfg.original) if cfg is not None else (Path(c["original"]) if c.get("original") else None)
     parts.append(f"<h2>Images ({min(limit, len(images))} of {len(images)})</h2>")
     parts.append("<table class='grid'><tr><th>original</th><th>protected</th><th>|difference| amplified</th>"
                  "<th class='l'>details</th></tr>")
     models = list(report.get("models", {}))
     for r in images[:limit]:
         th = None
-        if cfg is not None:
-            prot = cfg.protected if cfg.protected.is_file() else cfg.protected / r["protected"]
-            orig = cfg.original if cfg.original.is_file() else cfg.original / r["original"]
+        if prot_root is not None and orig_root is not None:
+            prot = prot_root if prot_root.is_file() else prot_root / r["protected"]
+            orig = orig_root if orig_root.is_file() else orig_root / r["original"]
             th = _thumbs(prot, orig)
         cells = ["<td>–</td>"] * 3
         if th:
@@ -359,12 +387,16 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
             if not mr:
                 continue
             pa = mr.get("protected_at", {}).get("1e-3")
-            cls = "ok" if pa else "bad"
-            det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · "
-                       f"<span class='{cls}'>{'protected' if pa else 'recognised'} @1e-3</span>")
+            if pa is None:  # the model has no threshold: nothing can be decided
+                verdict = "<span>no threshold @1e-3</span>"
+            else:
+                verdict = f"<span class='{'ok' if pa else 'bad'}'>{'protected' if pa else 'recognised'} @1e-3</span>"
+            det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · {verdict}")
         qq = r.get("quality") or {}
         if qq:
             det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
+        if r.get("resized"):
+            det.append(html.escape(r["resized"]))
         parts.append("<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>")
     parts.append("</table>")
     errs = report.get("errors", [])

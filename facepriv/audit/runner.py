@@ -11,13 +11,16 @@ Protocols (per recognition model, thresholds at FAR 1e-1 / 1e-2 / 1e-3):
   it used. The same comparisons with the clean original in place of the protected photo give
   the "before" baseline (the clean false-reject rate).
 * **Impersonation.** Each protected face against every target photo except the one(s) used
-  to protect (``target_used``); PSR = share reaching the threshold.
+  to protect (``target_used``, required unless ``allow_target_reuse`` is set, which the report
+  notes); PSR = share reaching the threshold.
 * **Identification.** Rank of the true identity among the gallery identities (best score per
   identity) for the clean original and the protected photo; rank-1 / rank-5 before and after.
   Gallery photos identical to the original are left out.
 
-Whole photos may hold several faces: original and protected faces are matched by box IoU.
-A face the detector no longer finds in the protected photo counts as protected (dodging) /
+Whole photos may hold several faces: original and protected faces are matched by box IoU,
+after the protected boxes are scaled by original size / protected size (a protected photo
+saved at another size); pre-aligned crops (``aligned``) hold one face each and are paired
+directly. A face the detector no longer finds in the protected photo counts as protected (dodging) /
 failed (impersonation), and is counted separately (``faces.not_detected``). The identity
 label of an image refers to its largest face; other faces use self-verification.
 """
@@ -40,7 +43,7 @@ from . import inputs as inp
 from .embed import FaceEmbeddingCache, ImageFaces, model_metric
 from .metrics import QualityMeter, expression_change, identity_rank, match_faces, mean_or_none, psr, rank_k
 from .secrets import redact
-from .thresholds import FARS, ThresholdSet, resolve_thresholds, roc_curve
+from .thresholds import FARS, ThresholdSet, calibration_mismatch, resolve_thresholds, roc_curve
 
 EXPRESSION_MODEL = "expr-fer7"
 MAX_IMPOSTOR_PAIRS = 20000
@@ -55,6 +58,7 @@ class AuditConfig:
     gallery: Path | None = None
     target: Path | None = None
     target_used: list[Path] = field(default_factory=list)
+    allow_target_reuse: bool = False  # no target_used: measure against every target photo (noted, optimistic)
     pairs: Path | None = None
     pairs_root: Path | None = None
     identities: Path | None = None
@@ -75,7 +79,8 @@ class AuditConfig:
     download: bool = True  # may quality metrics download their weights
     utility: bool = False
     apis: list[str] = field(default_factory=list)
-    api_endpoint: str | None = None
+    api_endpoint: dict | list | str | None = None  # {provider: URL}; "NAME=URL" strings; a bare URL for one --api
+    api_threshold: dict | list | str | float | None = None  # {provider: threshold} (rekognition, azure)
     api_config: Path | None = None
     api_concurrency: int = 2
     api_rate: float | None = 2.0
@@ -105,11 +110,48 @@ class AuditConfig:
             raise ConfigError("--batch-size must be at least 1")
         if self.api_max_refs < 1:
             raise ConfigError("--api-max-refs must be at least 1")
+        if self.target is not None and not self.target_used and not self.allow_target_reuse:
+            raise ConfigError("impersonation needs a *different* photo of the target than the one used to protect: "
+                              "give that photo with --target-used PHOTO (it is excluded), or pass "
+                              "--allow-target-reuse to measure against every --target photo anyway (optimistic; "
+                              "noted in the report)")
+        if self.api_timeout <= 0:
+            raise ConfigError("--api-timeout must be positive")
+        if self.api_retries < 0:
+            raise ConfigError("--api-retries must be 0 or more")
+        if self.api_endpoint or self.api_threshold is not None:
+            from .apis import per_provider
+
+            self.api_endpoint = per_provider(self.api_endpoint or None, self.apis, "--api-endpoint")
+            self.api_threshold = per_provider(self.api_threshold, self.apis, "--api-threshold", float)
+        else:
+            self.api_endpoint, self.api_threshold = {}, {}
 
     def to_json(self) -> dict:
         d = asdict(self)
         return redact({k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "target_used" else v)
                        for k, v in d.items()})
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as :func:`~facepriv.core.io.load_image` returns it (EXIF
+    orientation applied), read from the header only; None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - the embedding pass reports unreadable files
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def size_ratio(original: tuple[int, int], protected: tuple[int, int]) -> tuple[float, float]:
+    """(sx, sy) mapping protected-image pixels to original-image pixels."""
+    if not original or not protected or not all(original) or not all(protected):
+        return 1.0, 1.0
+    return original[0] / protected[0], original[1] / protected[1]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -166,6 +208,7 @@ class _Identities:
 
     def __init__(self, cfg: AuditConfig, digest: inp.DigestCache, gallery: list[inp.GalleryImage]):
         self.digest = digest
+        self.by_name: set[Path] = set()  # photos labelled from the identities CSV by bare file name
         self.csv = None
         if cfg.identities is not None:
             root = cfg.original if cfg.original.is_dir() else cfg.original.parent
@@ -186,8 +229,11 @@ class _Identities:
     def __call__(self, path: Path, rel: str | None = None) -> tuple[str | None, str | None]:
         d = self.digest(path)
         if self.csv is not None:
-            hit = self.csv.lookup(path, rel=rel, digest=d)
+            hit, how = self.csv.lookup_how(path, rel=rel, digest=d)
             if hit:
+                if how == "name":
+                    self.by_name.add(Path(path).resolve())
+                    return hit, "identities (file name)"
                 return hit, "identities"
         if self.gallery_ids:
             parts = Path(rel).parts if rel else ()
@@ -273,6 +319,10 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             if p.is_file():
                 add_pool(p, identities(p)[0])
     known = sum(1 for v in pair_ident.values() if v[0] is not None)
+    if identities.by_name:
+        notes.append(f"{len(identities.by_name)} photo(s) got their identity from the identities CSV by bare file "
+                     "name only (no row with their relative path); check that those names are unique "
+                     "(identity_source 'identities (file name)')")
     if known == 0:
         notes.append("no identities known (no --identities, --gallery or --pairs matched the originals): dodging "
                      "uses the weaker self-verification protocol (each protected face vs its own original)")
@@ -286,12 +336,10 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         if not targets:
             raise ConfigError("no target photo is left once the photo(s) used for protection are excluded; "
                               "give another photo of the target identity")
-        if len(all_targets) == 1 and not cfg.target_used:
-            notes.append("impersonation is measured against the single target photo given, which is probably the "
-                         "one used to protect (optimistic); the usual protocol uses another photo of the target")
-        elif not cfg.target_used:
-            notes.append("--target-used not given: if the photo used to protect is in the target folder, "
-                         "impersonation is partly measured against it (optimistic)")
+        if not cfg.target_used:
+            notes.append(f"--allow-target-reuse: impersonation is measured against all {len(all_targets)} target "
+                         "photo(s), which probably include the one used to protect (optimistic); the usual "
+                         "protocol excludes it (--target-used) and uses other photos of the target")
 
     # ---- embed everything
     clean_paths = [fp.original for fp in pairs] + [p for p, _ in pool] + [g.path for g in gallery] + targets
@@ -302,7 +350,9 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         for fp in pairs:
             o = cache.get(fp.original)
             if o.faces:
-                extra[fp.protected.resolve()] = np.stack([f.landmarks for f in o.faces])
+                lms = np.stack([f.landmarks for f in o.faces]).astype(np.float32)
+                sx, sy = size_ratio(o.size, image_size(fp.protected))
+                extra[fp.protected.resolve()] = lms / np.array([sx, sy], dtype=np.float32)
     cache.process([fp.protected for fp in pairs], extra=extra, progress=cfg.progress, description="protected photos")
     embed_seconds = time.perf_counter() - t_embed
 
@@ -355,12 +405,15 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             errors.append({"file": fp.rel, "error": row["error"]})
             rows.append(row)
             continue
-        if cfg.landmarks == "original":
-            matched = list(range(len(o.faces)))
-            detected = match_faces([f.box for f in o.faces], [f.box for f in p.faces], cfg.iou)
+        if cfg.aligned:  # one pre-aligned face per crop, whatever the crops' sizes
+            detected = [0 if p.faces else None for _ in o.faces]
         else:
-            matched = match_faces([f.box for f in o.faces], [f.box for f in p.faces], cfg.iou)
-            detected = matched
+            scale = size_ratio(o.size, p.size)
+            detected = match_faces([f.box for f in o.faces], [f.box for f in p.faces], cfg.iou, scale=scale)
+            if scale != (1.0, 1.0):
+                row["resized"] = (f"protected {p.size[0]}x{p.size[1]} vs original {o.size[0]}x{o.size[1]}: faces "
+                                  "matched after scaling")
+        matched = list(range(len(o.faces))) if cfg.landmarks == "original" else detected
         n_det = sum(1 for j in detected if j is not None)
         row.update(faces_original=len(o.faces), faces_protected=len(p.faces), faces_matched=n_det,
                    faces_not_detected=len(o.faces) - n_det)
@@ -499,7 +552,10 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         "counts": {"pairs": len(pairs), "evaluated": sum(1 for r in rows if not r["error"]),
                    "identities_known": known, "reference_photos": len(pool), "targets": len(target_ok),
                    "gallery_images": len(gal_ok)},
-        "protocol_notes": notes + [t.note for t in thresholds.values() if t.note],
+        "protocol_notes": notes + [t.note for t in thresholds.values() if t.note] + [
+            n for t in thresholds.values()
+            if (n := calibration_mismatch(t, detector=None if cfg.aligned else cfg.detector, aligned=cfg.aligned,
+                                          aligned_template=cfg.aligned_template))],
         "images": rows,
         "scores": scores,
         "errors": errors,
@@ -625,10 +681,14 @@ def _run_apis(cfg: AuditConfig, rows: list[dict], jobs: list, adapters: dict | N
 
     if adapters is None:
         adapters = {}
+        from .apis import canonical_name
+
         for name in cfg.apis:
-            adapters[name] = create_api(name, endpoint=cfg.api_endpoint, config=cfg.api_config,
-                                        concurrency=cfg.api_concurrency, rate=cfg.api_rate,
-                                        cache=cfg.api_cache, timeout=cfg.api_timeout, retries=cfg.api_retries)
+            key = canonical_name(name)
+            adapters[name] = create_api(name, endpoint=cfg.api_endpoint.get(key), config=cfg.api_config,
+                                        threshold=cfg.api_threshold.get(key), concurrency=cfg.api_concurrency,
+                                        rate=cfg.api_rate, cache=cfg.api_cache, timeout=cfg.api_timeout,
+                                        retries=cfg.api_retries)
     out = {}
     for name, api in adapters.items():
         results = api.compare_many([(j[2], j[3]) for j in jobs], progress=cfg.progress,

@@ -134,10 +134,14 @@ def resolve_thresholds(model: str, *, spec=None, file: str | Path | None = None,
 
         spec = get_spec(model)
     th = dict(getattr(spec, "thresholds", {}) or {})
-    if all(f in th for f in FARS):
-        return ThresholdSet(model, {f: float(th[f]) for f in FARS},
-                            f"protocol: {spec.threshold_source or 'published'}", "protocol")
     cal = load_calibrated(model)
+    if all(f in th for f in FARS):
+        note = None
+        if cal is not None:
+            note = (f"a stored calibration of {model} ({calibrated_path(model)}) is not used: the published protocol "
+                    "thresholds take precedence; pass it with --thresholds FILE to use it instead")
+        return ThresholdSet(model, {f: float(th[f]) for f in FARS},
+                            f"protocol: {spec.threshold_source or 'published'}", "protocol", note=note)
     if cal is not None:
         return ThresholdSet(model, {f: float(cal["thresholds"][f]) for f in FARS},
                             cal.get("source") or f"calibrated ({calibrated_path(model)})", "calibrated",
@@ -155,6 +159,31 @@ def resolve_thresholds(model: str, *, spec=None, file: str | Path | None = None,
         note=(f"NO THRESHOLDS: {model} has no protocol values, calibration or default, so its protection "
               f"success rates cannot be computed (similarities are still reported). Run `facepriv audit "
               f"calibrate --pairs PAIRS.csv --models {model}` or pass --thresholds FILE."))
+
+
+def calibration_mismatch(ts: ThresholdSet, *, detector: str | None, aligned: bool,
+                         aligned_template: str | None = None) -> str | None:
+    """A note when a calibration is reused with another detector or alignment mode than the one
+    it was computed with (its thresholds then describe other score distributions)."""
+    cal = ts.calibration
+    if not cal or ts.kind not in ("calibrated", "file"):
+        return None
+    if "aligned" not in cal and "detector" not in cal:
+        return (f"the calibration of {ts.model} does not record the detector or alignment mode it was computed "
+                "with; re-run `facepriv audit calibrate` if they differ from this audit's")
+    was_aligned = bool(cal["aligned"]) if "aligned" in cal else cal.get("detector") is None
+    diffs = []
+    if was_aligned != bool(aligned):
+        diffs.append(f"{'pre-aligned crops' if was_aligned else 'whole photos'} there, "
+                     f"{'pre-aligned crops' if aligned else 'whole photos'} here")
+    elif aligned and cal.get("aligned_template") and aligned_template and cal["aligned_template"] != aligned_template:
+        diffs.append(f"crops aligned to {cal['aligned_template']} there, to {aligned_template} here")
+    elif not aligned and cal.get("detector") != detector:
+        diffs.append(f"detector {cal.get('detector')} there, {detector} here")
+    if not diffs:
+        return None
+    return (f"the calibration of {ts.model} was computed under other conditions ({'; '.join(diffs)}): its FAR "
+            "thresholds may not hold for this audit; re-run `facepriv audit calibrate` with the same options")
 
 
 # ------------------------------------------------------------------------------ calibration

@@ -46,7 +46,11 @@ def audit(
     gallery: Annotated[Path | None, typer.Option("--gallery", help="Identity gallery: GALLERY/<identity>/*.jpg.")] = None,
     target: Annotated[Path | None, typer.Option("--target", help="Photo(s) of the impersonation target (file or folder).")] = None,
     target_used: Annotated[list[Path] | None, typer.Option(
-        "--target-used", help="Target photo used when protecting (excluded from impersonation; repeatable).")] = None,
+        "--target-used", help="Target photo used when protecting (excluded from impersonation; repeatable). "
+                              "Required with --target unless --allow-target-reuse.")] = None,
+    allow_target_reuse: Annotated[bool, typer.Option(
+        "--allow-target-reuse", help="With --target but no --target-used: measure impersonation against every target "
+                                     "photo, probably including the one used to protect (optimistic; noted).")] = False,
     pairs: Annotated[Path | None, typer.Option("--pairs", help="Labelled pairs CSV (file_x,file_y,same/different): identities.")] = None,
     pairs_root: Annotated[Path | None, typer.Option("--pairs-root", help="Folder the pairs' paths are relative to.")] = None,
     identities: Annotated[Path | None, typer.Option("--identities", help="CSV file,identity for the originals.")] = None,
@@ -67,7 +71,14 @@ def audit(
     download: Annotated[bool, typer.Option("--download/--no-download", help="May quality metrics download weights.")] = True,
     utility: Annotated[bool, typer.Option("--utility", help="Also check expression kept and face still detected.")] = False,
     api: Annotated[list[str] | None, typer.Option("--api", help="Online API: facepp | rekognition | azure (repeatable).")] = None,
-    api_endpoint: Annotated[str | None, typer.Option("--api-endpoint", help="Override the API endpoint URL.")] = None,
+    api_endpoint: Annotated[list[str] | None, typer.Option(
+        "--api-endpoint", metavar="NAME=URL", help="Endpoint of one API: NAME=URL (repeatable), or a plain URL with a single --api.")] = None,
+    api_threshold: Annotated[list[str] | None, typer.Option(
+        "--api-threshold", metavar="NAME=VALUE", help="Decision threshold of one API: NAME=VALUE (rekognition: similarity, default 80; "
+                                "azure: confidence, default 0.5; repeatable), or a plain VALUE with a single --api.")] = None,
+    api_timeout: Annotated[float, typer.Option("--api-timeout", min=0.1, help="Seconds per API request.")] = 30.0,
+    api_retries: Annotated[int, typer.Option("--api-retries", min=0,
+                                             help="Retries of a rate-limited / failed API request.")] = 4,
     api_config: Annotated[Path | None, typer.Option("--api-config", help="JSON/TOML file with API keys (never printed).")] = None,
     api_concurrency: Annotated[int, typer.Option("--api-concurrency", min=1, help="Requests in flight per API.")] = 2,
     api_rate: Annotated[float, typer.Option("--api-rate", help="Requests per second per API (0 = unlimited).")] = 2.0,
@@ -84,14 +95,17 @@ def audit(
         err_console.print("[red]error:[/red] --protected and --original are required (see `facepriv audit --help`)")
         raise typer.Exit(2)
     from ..audit import AuditConfig, run_audit, summarize
+    from ..audit.report import json_safe
 
     cfg = AuditConfig(
         protected=protected, original=original, models=common.split_list(models), out=out, gallery=gallery,
-        target=target, target_used=list(target_used or []), pairs=pairs, pairs_root=pairs_root, identities=identities,
+        target=target, target_used=list(target_used or []), allow_target_reuse=allow_target_reuse, pairs=pairs, pairs_root=pairs_root, identities=identities,
         aligned=aligned, aligned_template=aligned_template, detector=detector, min_face_size=min_face_size,
         landmarks=landmarks, thresholds=thresholds, device=state.device, batch_size=batch_size, amp=amp,
         workers=workers, quality=quality, lpips=None if lpips.lower() in ("none", "off", "") else lpips, fid=fid,
-        download=download, utility=utility, apis=list(api or []), api_endpoint=api_endpoint, api_config=api_config,
+        download=download, utility=utility, apis=list(api or []), api_endpoint=list(api_endpoint or []) or None,
+        api_threshold=list(api_threshold or []) or None, api_timeout=api_timeout, api_retries=api_retries,
+        api_config=api_config,
         api_concurrency=api_concurrency, api_rate=api_rate or None, api_max_refs=api_max_refs, api_cache=api_cache,
         glob=glob, max_images=max_images, max_pixels=max_pixels, html_max_images=html_max_images,
         progress=not (state.quiet or state.json),
@@ -99,7 +113,7 @@ def audit(
     report = run_audit(cfg)
     summary = summarize(report)
     if state.json:
-        common.emit_json(summary)
+        common.emit_json(json_safe(summary))
     else:
         print_summary(report)
     raise typer.Exit(1 if report.get("errors") else 0)
@@ -118,6 +132,7 @@ def _num(v, nd: int = 3) -> str:
 
 
 def print_summary(report: dict) -> None:
+    from ..audit.report import psnr_text, thresholds_seen_text
     from ..audit.secrets import redact
     from ..audit.thresholds import FARS
 
@@ -152,7 +167,7 @@ def print_summary(report: dict) -> None:
                        _pct(s["rank5_after"]))
         out_console.print(t2)
     q = report.get("quality", {})
-    out_console.print(f"quality: PSNR {_num(q.get('psnr'), 2)} dB · SSIM {_num(q.get('ssim'), 4)} · "
+    out_console.print(f"quality: PSNR {psnr_text(q)} · SSIM {_num(q.get('ssim'), 4)} · "
                       f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
     for k, v in (q.get("unavailable") or {}).items():
         out_console.print(f"  [yellow]{k} not computed:[/yellow] {v}", markup=True, highlight=False)
@@ -168,9 +183,10 @@ def print_summary(report: dict) -> None:
             if kind in a:
                 s = a[kind]
                 rates = ", ".join(f"{k}: {_pct(v)}" for k, v in s["psr"].items()) or "no scores"
-                out_console.print(f"{name} {kind}: {s['n']} pairs, PSR {rates}; no face in protected "
+                out_console.print(f"{name} {kind}: {s['n']} pairs, PSR {rates} (thresholds "
+                                  f"{thresholds_seen_text(s.get('thresholds_seen'))}); no face in protected "
                                   f"{s['no_face_protected']}, errors {s['errors']}, cached {s.get('cached', 0)}",
-                                  highlight=False)
+                                  highlight=False, markup=False)
         out_console.print(f"{name}: {a.get('calls', 0)} requests sent, {a.get('cache_hits', 0)} cache hits, "
                           f"{a.get('retries', 0)} retries", highlight=False)
     for n in report.get("protocol_notes", []):
@@ -201,19 +217,22 @@ def calibrate(
     aligned_template: AlignedTemplate = "arcface-112",
     batch_size: BatchSize = 32,
     min_face_size: common.MinFaceSize = 20.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Threads reading/detecting/aligning images.")] = 2,
 ):
     """Compute FAR 1e-1/1e-2/1e-3 thresholds, ROC AUC, EER and accuracy from labelled clean pairs."""
     from ..audit import CalibrationConfig, run_calibration
+    from ..audit.report import json_safe
     from ..audit.thresholds import FARS
 
     cfg = CalibrationConfig(pairs=pairs, models=common.split_list(models), root=root, out=out, store=store,
                             detector=detector, aligned=aligned, aligned_template=aligned_template,
                             device=state.device, batch_size=batch_size, min_face_size=min_face_size,
-                            progress=not (state.quiet or state.json))
+                            workers=workers, progress=not (state.quiet or state.json))
     result = run_calibration(cfg)
     if state.json:
-        common.emit_json({m: {k: v for k, v in r.items() if k not in ("roc", "genuine_scores", "impostor_scores")}
-                          for m, r in result.items()})
+        common.emit_json(json_safe({m: {k: v for k, v in r.items() if k not in ("roc", "genuine_scores",
+                                                                                 "impostor_scores")}
+                                    for m, r in result.items()}))
         return
     t = Table(title=f"calibration on {pairs.name}", header_style="bold")
     for c in ("model", "genuine", "impostor", "AUC", "EER", "best acc", "acc @ default", *[f"thr {f}" for f in FARS],

@@ -9,7 +9,8 @@ of faces with ``faceId`` (``[]`` = no face); ``POST {endpoint}/face/v1.0/verify`
 the adapter, 429 and 5xx are retried with backoff (``Retry-After`` honoured).
 
 Keys: ``AZURE_FACE_ENDPOINT`` and ``AZURE_FACE_KEY`` or the ``[azure]`` section of the API
-config file (``endpoint``, ``key``). Face identification / verification is a Limited Access
+config file (``endpoint``, ``key``; ``threshold`` or ``--api-threshold azure=VALUE`` replaces the
+0.5 decision threshold). Face identification / verification is a Limited Access
 feature of Azure: the resource must have been approved for it.
 """
 
@@ -110,11 +111,13 @@ class AzureFace(FaceAPI):
         return CompareResult(score=float(body["confidence"]), thresholds={"default": self.threshold}, raw=raw)
 
 
-def from_config(section: dict, *, endpoint: str | None = None, **kw) -> AzureFace:
+def from_config(section: dict, *, endpoint: str | None = None, threshold: float | None = None, **kw) -> AzureFace:
     import os
 
     from .base import credential
 
     key = credential(section, "AZURE_FACE_KEY", "key", "api_key", "subscription_key")
     endpoint = endpoint or os.environ.get("AZURE_FACE_ENDPOINT") or section.get("endpoint")
-    return AzureFace(endpoint or "", key or "", threshold=float(section.get("threshold", DEFAULT_THRESHOLD)), **kw)
+    if threshold is None:
+        threshold = float(section.get("threshold", DEFAULT_THRESHOLD))
+    return AzureFace(endpoint or "", key or "", threshold=float(threshold), **kw)

@@ -4,7 +4,8 @@
 SimilarityThreshold=0)`` compares the largest face of the source with every face of the
 target; the score is the highest ``Similarity`` (0-100) among ``FaceMatches`` (0 when the
 target's faces are all ``UnmatchedFaces``). Rekognition's documented default decision
-threshold is 80 (``--api-threshold`` / ``similarity_threshold`` in the config changes it).
+threshold is 80 (``--api-threshold rekognition=VALUE`` or ``similarity_threshold`` in the
+config changes it).
 ``InvalidParameterException`` means no face in an image; ``ThrottlingException``,
 ``ProvisionedThroughputExceededException``, ``InternalServerError`` and
 ``ServiceUnavailableException`` are retried with backoff; bad or expired credentials stop
@@ -97,9 +98,10 @@ class Rekognition(FaceAPI):
         return CompareResult(score=score, thresholds={"default": self.threshold}, raw=raw)
 
 
-def from_config(section: dict, *, endpoint: str | None = None, **kw) -> Rekognition:
+def from_config(section: dict, *, endpoint: str | None = None, threshold: float | None = None, **kw) -> Rekognition:
     creds = {k: section[k] for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
              if section.get(k)}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or section.get("region")
     return Rekognition(region=region, endpoint=endpoint or section.get("endpoint"), credentials=creds or None,
-                       similarity_threshold=float(section.get("similarity_threshold", DEFAULT_THRESHOLD)), **kw)
+                       similarity_threshold=float(threshold if threshold is not None
+                                                  else section.get("similarity_threshold", DEFAULT_THRESHOLD)), **kw)
