@@ -1,4 +1,5 @@
-"""Generative de-identification (RePaint) with a tiny self-made diffusion model."""
+"""Generative de-identification (RePaint) with a tiny self-made diffusion model: the guards and the
+classical fallback for faces that still match their owner."""
 
 from __future__ import annotations
 
@@ -104,12 +105,12 @@ def test_identity_guard_regenerates_until_the_face_no_longer_matches(tiny, monke
     assert len(set(seen_seeds)) == 3  # the seed advances each try
 
 
-def test_guard_keeps_the_least_similar_try_when_none_passes(tiny, monkeypatch):
-    x = textured(256, 256)
-    faces = [make_face(128, 128, 120)]
-    m = inpaint(tiny, guard_tries=3)
-    m.guard, m.guard_threshold = object(), 0.5
-    outputs, sims = [], iter([0.9, 0.7, 0.8])
+def scripted_guard(m, monkeypatch, sims, threshold=0.5):
+    """Give ``m`` an identity guard whose similarities are ``sims`` (one tensor per call), and
+    record every generated batch in the returned list."""
+    m.guard, m.guard_name, m.guard_threshold = object(), "scripted", threshold
+    it = iter(sims)
+    outputs = []
     real_generate = m.generate
 
     def generate(crops, known, seed):
@@ -118,14 +119,111 @@ def test_guard_keeps_the_least_similar_try_when_none_passes(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(m, "generate", generate)
-    monkeypatch.setattr(m, "identity_similarity", lambda a, b, lm: torch.tensor([next(sims)]))
+    monkeypatch.setattr(m, "identity_similarity", lambda a, b, lm: torch.tensor(next(it), dtype=torch.float32))
+    return outputs
+
+
+def test_a_face_that_still_matches_is_blurred_not_published(tiny, monkeypatch):
+    x = textured(256, 256)
+    faces = [make_face(128, 128, 120)]
+    m = inpaint(tiny, guard_tries=3)
+    # three tries all at or above the threshold, then the guard's check of the blurred face
+    outputs = scripted_guard(m, monkeypatch, [[0.9], [0.7], [0.8], [0.1]])
     y = m.apply(x, faces)
+    assert len(outputs) == 3
     info = m.last_info["faces"][0]
     assert info["tries"] == 3 and info["identity_ok"] is False and info["similarity"] == pytest.approx(0.7)
+    assert info["fallback"] == ["blur"] and "0.7" in info["fallback_reason"] and "0.5" in info["fallback_reason"]
+    assert info["fallback_similarity"] == pytest.approx(0.1) and info["fallback_identity_ok"] is True
+    assert m.last_info["guard_fallback"] == "blur"
+    # exactly the classical blur (at twice its default strength) of the input: no generated pixel left
+    assert torch.equal(y, create_method("blur", strength=2.0).apply(x, faces))
     r = m.resolution
     al = align_faces(x, landmarks_tensor(faces), m.template, size=(r, r))
     _, paste = m.masks()
-    assert torch.allclose(y, paste_back(x, outputs[1], al.matrices, mask=paste), atol=1e-6)
+    published = paste_back(x, outputs[1], al.matrices, mask=paste)  # what the old code published
+    assert not torch.allclose(y, published, atol=1e-3)
+
+
+@pytest.mark.parametrize("fallback, expected", [("pixelate", ["pixelate", "mask"]), ("blur", ["blur", "mask"]),
+                                                ("mask", ["mask"])])
+def test_fallback_that_still_matches_is_masked(tiny, monkeypatch, fallback, expected):
+    x = textured(256, 256)
+    faces = [make_face(128, 128, 120)]
+    m = inpaint(tiny, guard_tries=1, guard_fallback=fallback)
+    scripted_guard(m, monkeypatch, [[0.9], [0.8], [0.6]])  # generated, then fallback(s) still match
+    y = m.apply(x, faces)
+    info = m.last_info["faces"][0]
+    assert info["fallback"] == expected and info["fallback_identity_ok"] is False
+    want = x
+    for name in expected:
+        want = create_method(name, **({"strength": 2.0} if name != "mask" else {})).apply(want, faces)
+    assert torch.equal(y, want)
+    assert bool((y[:, 128, 128] == 0).all())  # the mask's black at the face centre
+
+
+def test_only_the_failing_face_falls_back(tiny, monkeypatch):
+    x = textured(256, 256)
+    faces = [make_face(70, 128, 90), make_face(190, 128, 90)]
+    m = inpaint(tiny, guard_tries=2)
+    # face 0 fails both tries; face 1 passes at once; the blurred face 0 no longer matches
+    outputs = scripted_guard(m, monkeypatch, [[0.9, 0.2], [0.8, 0.2], [0.1, 0.2]])
+    y = m.apply(x, faces)
+    f0, f1 = m.last_info["faces"]
+    assert f0["fallback"] == ["blur"] and f1["fallback"] is None and f1["identity_ok"] is True and f1["tries"] == 1
+    r = m.resolution
+    al = align_faces(x, landmarks_tensor(faces), m.template, size=(r, r))
+    _, paste = m.masks()
+    paste = paste.expand(2, 1, r, r).clone()
+    paste[0] = 0
+    kept = paste_back(x, outputs[0], al.matrices, mask=paste)  # face 1's first try, face 0 untouched
+    want = create_method("blur", strength=2.0).apply(kept, [faces[0]])
+    assert torch.allclose(y, want, atol=1e-6)
+
+
+def test_guard_fallback_error_fails_the_file(tiny, tmp_path, monkeypatch):
+    from facepriv.core.faces import FaceDetector
+    from PIL import Image
+
+    from facepriv.deid import DeidConfig, run_deid
+    from facepriv.deid.generative import DiffusionInpaint, IdentityGuardError
+
+    x = textured(256, 256)
+    faces = [make_face(128, 128, 120)]
+    m = inpaint(tiny, guard_tries=2, guard_fallback="error")
+    scripted_guard(m, monkeypatch, [[0.9], [0.9]])
+    with pytest.raises(IdentityGuardError, match="still match"):
+        m.apply(x, faces)
+    with pytest.raises(ConfigError):
+        create_method("inpaint", guard_fallback="nothing")
+
+    class Fixed(FaceDetector):
+        def detect(self, image):
+            return list(faces)
+
+    real_setup = DiffusionInpaint.setup
+
+    def setup(self, device="cpu"):  # a scripted guard that always matches
+        real_setup(self, device)
+        self.guard, self.guard_name, self.guard_threshold = object(), "scripted", 0.5
+        return self
+
+    monkeypatch.setattr(DiffusionInpaint, "setup", setup)
+    monkeypatch.setattr(DiffusionInpaint, "identity_similarity", lambda self, a, b, lm: torch.full((len(lm),), 0.9))
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy()).save(src / "a.png")
+    base = {"score_model": str(tiny), "guard_model": None, "expression_guard": False, "guard_tries": 2, **FAST}
+    for fallback, status, code in (("error", "error", 1), ("mask", "ok", 0)):
+        out = tmp_path / fallback
+        cfg = DeidConfig(methods=["inpaint"], options={"inpaint": {**base, "guard_fallback": fallback}})
+        summary = run_deid([src], out, cfg, detector=Fixed(), progress=False)
+        row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+        assert row["status"] == status and summary.exit_code == code
+        if fallback == "error":
+            assert "still match" in row["error"] and not (out / "a.png").exists()
+        else:
+            assert row["deid"]["inpaint"]["faces"][0]["fallback"] == ["mask"] and (out / "a.png").is_file()
 
 
 def test_loads_by_registry_name_from_the_hub_cache(tmp_path, monkeypatch):
