@@ -22,8 +22,12 @@ identity similarity to the original before/after (the two surrogates and SFace, 
 never saw), expression probabilities, PSNR of the faces. It shows the mechanics on real
 photos; the quality of a 64 px model trained for minutes is far from a 256 px CelebA-HQ one.
 
-Both skip (exit 0) when ../shared is absent. Results are written next to this file
-(protect_map.json, protect_map_experiment.json).
+Both skip (exit 0) when ../shared is absent. Both print every figure of the tables in
+docs/benchmarks.md (``timing``: one line and one markdown row per configuration; ``experiment``:
+the pre-training, the untuned reconstruction, one line per photo and a markdown row of means),
+so the printed log is the record. The raw figures also go to JSON files next to this file
+(protect_map.json, protect_map_experiment.json); benchmarks/*.json is git-ignored, so those
+are local working files, not something the docs can point to.
 """
 
 from __future__ import annotations
@@ -184,12 +188,19 @@ def cmd_timing(args) -> None:
             row["command"] = " ".join(sys.argv)
             rows.append(row)
             mem = f"peak RSS {row['peak_rss_MB']:.0f} MB (+{row['step_rss_increase_MB']:.0f} MB during steps)"
+            mem_md = f"{row['peak_rss_MB'] / 1024:.2f} GB (+{row['step_rss_increase_MB'] / 1024:.2f} GB)"
             if "gpu_peak_MB" in row:
-                mem = f"GPU peak {row['gpu_peak_MB']:.0f} MB ({row['gpu']})"
+                mem = (f"GPU peak {row['gpu_peak_MB']:.0f} MB (+{row['gpu_step_peak_above_models_MB']:.0f} MB above "
+                       f"the loaded models, {row['gpu']}); {mem}")
+                mem_md = (f"GPU {row['gpu_peak_MB'] / 1024:.2f} GB (+{row['gpu_step_peak_above_models_MB'] / 1024:.2f} "
+                          f"GB), {row['gpu']}")
             print(f"{name:9s} {device:4s} {row['resolution']}px {row['unet_parameters_M']:.1f}M params, "
-                  f"batch {row['faces_per_step']}, n_inv {n_inv}, n_gen {n_gen}, {args.threads} thread(s): "
-                  f"{row['s_per_step']:.2f} s/step (first {row['first_step_s']:.2f} s), "
-                  f"inversion {row['invert_s_per_face']:.2f} s/face; {mem}")
+                  f"batch {row['faces_per_step']}, n_inv {n_inv}, n_gen {n_gen}, {row['threads']} thread(s), "
+                  f"{steps} steps: {row['s_per_step']:.2f} s/step (first {row['first_step_s']:.2f} s), "
+                  f"inversion {row['invert_s_per_face']:.2f} s/face; {mem}; wall {row['wall_s']} s")
+            print(f"| {name} ({device}) | {row['unet_parameters_M']:.1f} M | {row['resolution']} | "
+                  f"{row['faces_per_step']} | {n_inv} | {n_gen} | {row['s_per_step']:.3g} s | "
+                  f"{row['invert_s_per_face']:.3g} s / face | {mem_md} |", flush=True)
     out = HERE / "protect_map.json"
     keep = []
     if out.is_file():  # keep the figures of configurations not measured this time
@@ -390,6 +401,7 @@ def cmd_experiment(args) -> None:
     img = torch.cat(tiles, 1).permute(1, 2, 0).numpy()
     Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(out / "grid.png")
     thresholds = {"dlib-resnet": -0.6, "sface": 0.363}
+    _print_experiment_summary(args, info, rec_psnr, group, rows, thresholds, models)
     result = {
         "command": " ".join(sys.argv), "pretraining": info, "untuned_reconstruction_psnr_db": round(rec_psnr, 2),
         "map": {k: group[k] for k in ("faces", "steps", "first", "last", "conflicts", "seconds_per_step")},
@@ -404,6 +416,50 @@ def cmd_experiment(args) -> None:
     print(f"still verified as the same person (of {len(rows)}): {result['still_verified']} "
           f"(dlib distance 0.6, SFace cosine 0.363)")
     print(f"wrote {HERE / 'protect_map_experiment.json'}, {out / 'grid.png'}, protected photos in {protected}")
+
+
+def _print_experiment_summary(args, pretraining: dict, rec_psnr: float, group: dict, rows: list[dict],
+                              thresholds: dict, models) -> None:
+    """Everything the experiment table of docs/benchmarks.md shows, as text and a markdown row."""
+    def mean(key):
+        vals = [r[key] for r in rows]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def arrow(key):
+        a, b = (group.get("first") or {}).get(key), (group.get("last") or {}).get(key)
+        return "-" if a is None or b is None else f"{a:.3f} → {b:.3f}"
+
+    conf = group.get("conflicts") or {}
+    steps = group.get("steps", 0)
+    conflicts = (f"{conf.get('conflict_steps', 0)}/{conf.get('steps', 0)} steps, mean cos "
+                 f"{conf.get('mean_cosine', float('nan')):.2f}, removed {conf.get('mean_removed_fraction', 0):.0%}"
+                 if steps else "-")
+    sps = f"{group['seconds_per_step']:.1f}" if steps and group.get("seconds_per_step") is not None else "-"
+
+    def sim(n):
+        s = f"{mean(f'sim_{n}'):.3f}"
+        if n in thresholds:
+            kept = sum(r[f"sim_{n}"] >= thresholds[n] for r in rows)
+            s += f" ({kept}/{len(rows)})"
+        return s
+
+    print("\n== summary (what docs/benchmarks.md records) ==")
+    print(f"pre-training: {pretraining.get('crops')} crops, {pretraining.get('steps')} steps in "
+          f"{pretraining.get('seconds')} s, final denoising loss {pretraining.get('final_loss')}")
+    print(f"untuned DDIM inversion + regeneration: {rec_psnr:.1f} dB (t0 {args.t0}, n_inv {args.n_inv}, "
+          f"n_gen {args.n_gen})")
+    print(f"MAP: {group.get('faces')} faces, {steps} steps, lr {args.lr}, w_smooth {args.w_smooth}, "
+          f"w_exp {args.w_exp}, w_sm {args.w_sm}, projection {args.projection}, {args.batch} faces/step, "
+          f"{args.threads} thread(s)")
+    print(f"P({args.expression}) before -> after: " + ", ".join(
+        f"{r['photo']} {r['expr_before'].get(args.expression, 0):.2f} -> {r['expr_after'].get(args.expression, 0):.2f}"
+        for r in rows))
+    print("| run | L_id first → last | L_exp first → last | grad. conflicts | s / step | "
+          + " | ".join(f"{n} sim." + (f" (verified, thr {thresholds[n]})" if n in thresholds else "") for n in models)
+          + " | face PSNR | photo PSNR |")
+    print(f"| steps {steps}, lr {args.lr}, w_smooth {args.w_smooth} | {arrow('L_id')} | {arrow('L_exp')} | "
+          f"{conflicts} | {sps} | " + " | ".join(sim(n) for n in models)
+          + f" | {mean('face_psnr_db'):.1f} dB | {mean('photo_psnr_db'):.1f} dB |", flush=True)
 
 
 def align_faces_256(x, lm):

@@ -156,3 +156,87 @@ def test_sharding_groups_and_resume(tiny_dir, tmp_path):
     # resume: nothing left to do, no fine-tuning at all
     again = run_protect([photos], out, cfg, progress=False, rank=0, world_size=2, resume=True)
     assert again.resumed == 2 and sum(again.counts.values()) == 0 and again.details["groups"] == []
+
+
+def _history(out):
+    (log,) = json.loads((out / "map_log.json").read_text())
+    return log["history"]
+
+
+def _face_landmarks(path, mtcnn):
+    from facepriv.core.align import landmarks_tensor
+    from facepriv.core.io import load_image
+
+    img = load_image(path)
+    face = max(mtcnn.detect(img.rgb), key=lambda f: f.width * f.height)
+    return img, landmarks_tensor([face])
+
+
+def test_impersonation_moves_the_face_towards_the_target(tiny_dir, ensemble, tmp_path, mtcnn):
+    """``target=``: L_id = 1 - cos to the target's embedding falls while fine-tuning, and the
+    written photo's face is closer to the target for both surrogates."""
+    import torch.nn.functional as F
+
+    from facepriv.core.io import load_image
+    from facepriv.protect.pipeline import target_reference
+
+    src = _png(fixture_path("obama.jpg"), tmp_path / "obama.png")
+    target = fixture_path("biden.jpg")
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    cfg = ProtectConfig(score_model=str(tiny_dir), target=str(target), save_model=str(saved),
+                        map={**FAST, "steps": 8, "batch_size": 1, "w_exp": 0.0})
+    summary = run_protect([src], out, cfg, progress=False)
+    assert summary.counts == {"ok": 1}, summary.failures
+    l_id = [h["L_id"] for h in _history(out)]
+    assert len(l_id) == 8 and all(0.0 <= v <= 2.0 for v in l_id)  # 1 - cos lies in [0, 2]
+    assert np.mean(l_id[-3:]) < 0.6 * np.mean(l_id[:3]), l_id
+    assert json.loads((saved / "facepriv.json").read_text())["target"] == str(target)
+
+    # independently of the tuner's bookkeeping: the surrogates see the written photo's face
+    # closer to the target (mean target embedding, as the tuner uses) than the original's
+    tgt = target_reference(target, ensemble, mtcnn)
+    img, lm = _face_landmarks(src, mtcnn)
+    with torch.no_grad():
+        before = ensemble.embed(img.to_tensor(), lm)
+        after = ensemble.embed(load_image(out / "obama.png").to_tensor(), lm)
+    cos = {k: (float(F.cosine_similarity(before[k], tgt[k])), float(F.cosine_similarity(after[k], tgt[k])))
+           for k in tgt}
+    assert all(a > b for b, a in cos.values()), cos
+    assert np.mean([a - b for b, a in cos.values()]) > 0.05, cos
+
+
+def test_expression_reference_pulls_the_expression_features(tiny_dir, tmp_path, mtcnn):
+    """``expression_ref=``: L_exp = 1 - cos to the reference's expression features falls, i.e.
+    the cosine to the reference rises, also on the written photo."""
+    import torch.nn.functional as F
+
+    from facepriv.core.align import align_faces
+    from facepriv.models import create_model
+
+    src = _png(fixture_path("obama.jpg"), tmp_path / "obama.png")
+    ref = fixture_path("biden.jpg")
+    out = tmp_path / "out"
+    cfg = ProtectConfig(score_model=str(tiny_dir), expression_ref=str(ref),
+                        map={**FAST, "steps": 8, "batch_size": 1, "w_exp": 1.0})
+    summary = run_protect([src], out, cfg, progress=False)
+    assert summary.counts == {"ok": 1}, summary.failures
+    hist = _history(out)
+    l_exp = [h["L_exp"] for h in hist]
+    assert all(v is not None and 0.0 <= v <= 2.0 for v in l_exp), l_exp
+    cos_ref = [1 - v for v in l_exp]
+    assert np.mean(cos_ref[-3:]) > np.mean(cos_ref[:3]) + 0.1, cos_ref
+    group = summary.details["groups"][0]
+    assert group["last"]["L_exp"] < group["first"]["L_exp"]
+
+    expr = create_model("expr-fer7")
+
+    def features(path):
+        img, lm = _face_landmarks(path, mtcnn)
+        crops = align_faces(img.to_tensor(), lm, expr.template, size=tuple(expr.input_size)).crops
+        with torch.no_grad():
+            return expr.features(crops)
+
+    r = features(ref)
+    before = float(F.cosine_similarity(features(src), r))
+    after = float(F.cosine_similarity(features(out / "obama.png"), r))
+    assert after > before + 0.02, (before, after)

@@ -22,6 +22,7 @@ Examples:
   facepriv protect more-photos/ --out protected2/ --model my-map/
   facepriv protect photos/ --out protected/ --target someone.jpg --expression surprise
   facepriv protect photos/ --out noisy/ --method mifgsm --epsilon 8/255
+  facepriv protect photos/ --out noisy/ --method pgd --diversity-prob 0.5 --random-start --format png
   accelerate launch -m facepriv protect photos/ --out protected/   (one shard per process)
 """
 
@@ -42,7 +43,7 @@ def protect(
     # ---- MAP
     expression: Annotated[str | None, typer.Option(
         "--expression", help="Target expression: angry, disgust, fear, happy, sad, surprise, neutral, none "
-                             "[default: happy].", rich_help_panel=_MAP)] = None,
+                             "(default: happy).", rich_help_panel=_MAP)] = None,
     expression_ref: Annotated[Path | None, typer.Option(
         "--expression-ref", help="Photo whose facial expression the faces should take (instead of a label).",
         rich_help_panel=_MAP)] = None,
@@ -51,7 +52,7 @@ def protect(
     = "expr-fer7",
     score_model: Annotated[str | None, typer.Option(
         "--score-model", help="Diffusion score network: registry name, hub id or diffusers folder "
-                              "[default: ddpm-celebahq-256; with --model: the one it was tuned from].",
+                              "(default: ddpm-celebahq-256; with --model: the one it was tuned from).",
         rich_help_panel=_MAP)] = None,
     model: Annotated[Path | None, typer.Option(
         "--model", help="Reuse a network saved with --save-model: protect without fine-tuning.",
@@ -59,42 +60,44 @@ def protect(
     save_model: Annotated[Path | None, typer.Option(
         "--save-model", help="Save the fine-tuned network here (diffusers layout, safetensors).",
         rich_help_panel=_MAP)] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Fine-tuning steps [default: 30].",
+    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Fine-tuning steps (default: 30).",
                                               rich_help_panel=_MAP)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate [default: 4e-6].", rich_help_panel=_MAP)] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam | adamw | sgd [default: adam].",
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 4e-6).", rich_help_panel=_MAP)] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adam | adamw | sgd (default: adam).",
                                                   rich_help_panel=_MAP)] = None,
     t0: Annotated[int | None, typer.Option("--t0", help="Inversion depth in timesteps of 1000; larger = "
-                                                        "bigger edits [default: 300].", rich_help_panel=_MAP)] = None,
-    n_inv: Annotated[int | None, typer.Option("--n-inv", min=1, help="DDIM inversion steps [default: 40].",
+                                                        "bigger edits (default: 300).", rich_help_panel=_MAP)] = None,
+    n_inv: Annotated[int | None, typer.Option("--n-inv", min=1, help="DDIM inversion steps (default: 40).",
                                               rich_help_panel=_MAP)] = None,
-    n_gen: Annotated[int | None, typer.Option("--n-gen", min=1, help="DDIM generation steps [default: 6].",
+    n_gen: Annotated[int | None, typer.Option("--n-gen", min=1, help="DDIM generation steps (default: 6).",
                                               rich_help_panel=_MAP)] = None,
-    w_id: Annotated[float | None, typer.Option("--w-id", help="Weight of the identity loss [default: 1].",
+    w_id: Annotated[float | None, typer.Option("--w-id", help="Weight of the identity loss (default: 1).",
                                                rich_help_panel=_MAP)] = None,
-    w_exp: Annotated[float | None, typer.Option("--w-exp", help="Weight of the expression loss [default: 0.5].",
+    w_exp: Annotated[float | None, typer.Option("--w-exp", help="Weight of the expression loss (default: 0.5).",
                                                 rich_help_panel=_MAP)] = None,
     w_smooth: Annotated[float | None, typer.Option(
-        "--w-smooth", help="Weight of the Laplacian smoothness of the edit [default: 10].", rich_help_panel=_MAP)] = None,
-    w_sm: Annotated[float | None, typer.Option("--w-sm", help="Weight of the score-matching loss [default: 1].",
+        "--w-smooth", help="Weight of the Laplacian smoothness of the edit (default: 10).", rich_help_panel=_MAP)] = None,
+    w_sm: Annotated[float | None, typer.Option("--w-sm", help="Weight of the score-matching loss (default: 1).",
                                                rich_help_panel=_MAP)] = None,
     projection: Annotated[str | None, typer.Option(
         "--projection", help="Gradient projection between identity and expression: global | layerwise | none "
-                             "[default: global].", rich_help_panel=_MAP)] = None,
+                             "(default: global).", rich_help_panel=_MAP)] = None,
     ema: Annotated[float | None, typer.Option(
-        "--ema", help="EMA factor of the gradients before projection, 0 = off [default: 0].", rich_help_panel=_MAP)] = None,
+        "--ema", help="EMA factor of the gradients before projection, 0 = off (default: 0).", rich_help_panel=_MAP)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Faces per fine-tuning step "
-                                                                               "[default: 4].", rich_help_panel=_MAP)] = None,
+                                                                               "(default: 4).", rich_help_panel=_MAP)] = None,
     batch_faces: Annotated[int | None, typer.Option(
         "--batch-faces", min=1, help="Fine-tune once per this many faces (default: once for all photos).",
         rich_help_panel=_MAP)] = None,
     train_layers: Annotated[str | None, typer.Option(
         "--train-layers", help="UNet parameters to fine-tune: all, or comma-separated patterns such as "
-                               "'up_blocks.*,conv_out.*' [default: all].", rich_help_panel=_MAP)] = None,
+                               "'up_blocks.*,conv_out.*' (default: all).", rich_help_panel=_MAP)] = None,
     mixed_precision: Annotated[bool, typer.Option(
         "--mixed-precision/--full-precision", help="bf16 autocast on CUDA.", rich_help_panel=_MAP)] = True,
-    feather: Annotated[float, typer.Option("--feather", help="Soft edge of the pasted faces (fraction).",
-                                           rich_help_panel=_MAP)] = 0.12,
+    feather: Annotated[float | None, typer.Option(
+        "--feather", min=0.0, help="Soft edge (fraction of the face): of the pasted faces for MAP (default: 0.12), "
+                                   "of the perturbed region for the baselines (default: 0.1).",
+        rich_help_panel=_MAP)] = None,
     # ---- baselines
     epsilon: Annotated[str, typer.Option("--epsilon", help="L-inf budget: 8/255, 8 (levels) or 0.03.",
                                          rich_help_panel=_BASE)] = "8/255",
@@ -102,6 +105,52 @@ def protect(
                                               rich_help_panel=_BASE)] = 50,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Per-step change (default: from the "
                                                                         "budget and steps).", rich_help_panel=_BASE)] = None,
+    region: Annotated[str | None, typer.Option(
+        "--region", help="Pixels the noise may change: face (ellipse) | head (larger ellipse) | box (default: face).",
+        rich_help_panel=_BASE)] = None,
+    random_start: Annotated[bool | None, typer.Option(
+        "--random-start/--no-random-start", help="Start from uniform noise in the budget (default: off).",
+        show_default=False, rich_help_panel=_BASE)] = None,
+    momentum: Annotated[float | None, typer.Option(
+        "--momentum", min=0.0, help="Decay of the accumulated gradient, 0 = plain PGD (default: 0 for pgd, "
+                                    "1 for mifgsm/tidim/tipim).", rich_help_panel=_BASE)] = None,
+    diversity_prob: Annotated[float | None, typer.Option(
+        "--diversity-prob", min=0.0, max=1.0, help="Input diversity: probability per step of a random resize and "
+                                                    "affine of the input (default: 0 for pgd/mifgsm, 0.5 for tidim/tipim).",
+        rich_help_panel=_BASE)] = None,
+    diversity_scale: Annotated[float | None, typer.Option(
+        "--diversity-scale", min=0.0, help="Input diversity: largest random rescale (fraction) (default: 0.1).",
+        rich_help_panel=_BASE)] = None,
+    diversity_shift: Annotated[float | None, typer.Option(
+        "--diversity-shift", min=0.0, help="Input diversity: largest random shift (fraction of the face) "
+                                           "(default: 0.04).", rich_help_panel=_BASE)] = None,
+    diversity_rotate: Annotated[float | None, typer.Option(
+        "--diversity-rotate", min=0.0, help="Input diversity: largest random rotation in degrees (default: 6).",
+        rich_help_panel=_BASE)] = None,
+    ti_kernel: Annotated[int | None, typer.Option(
+        "--ti-kernel", min=0, help="Translation-invariant gradient smoothing: Gaussian kernel length in pixels of a "
+                                   "100 px face, 0 = off (default: 9 for tidim, else 0).", rich_help_panel=_BASE)] = None,
+    early_stop: Annotated[bool | None, typer.Option(
+        "--early-stop/--no-early-stop", help="Stop a face once every surrogate is past its verification threshold "
+                                             "(default: off).", show_default=False, rich_help_panel=_BASE)] = None,
+    early_stop_margin: Annotated[float | None, typer.Option(
+        "--early-stop-margin", help="How far past the threshold, in each model's similarity units (default: 0.05).",
+        rich_help_panel=_BASE)] = None,
+    early_stop_far: Annotated[str | None, typer.Option(
+        "--early-stop-far", help="False-accept rate of the thresholds early stopping uses (default: 1e-2).",
+        rich_help_panel=_BASE)] = None,
+    thresholds: Annotated[str | None, typer.Option(
+        "--thresholds", help="Verification thresholds for early stopping, e.g. 'dlib-resnet=-0.6,facenet-casia=0.45' "
+                             "(default: the model's calibration).", rich_help_panel=_BASE)] = None,
+    push_weight: Annotated[float | None, typer.Option(
+        "--push-weight", min=0.0, help="With --target: weight of moving away from the source (default: 1 for tipim, "
+                                       "else 0).", rich_help_panel=_BASE)] = None,
+    naturalness: Annotated[str | None, typer.Option(
+        "--naturalness", help="Naturalness penalty on the noise: hf (high-frequency energy) | mmd (default: hf).",
+        rich_help_panel=_BASE)] = None,
+    naturalness_weight: Annotated[float | None, typer.Option(
+        "--naturalness-weight", min=0.0, help="Weight of the naturalness penalty (default: 0.5 for tipim, else 0).",
+        rich_help_panel=_BASE)] = None,
     # ---- shared
     detector: common.Detector = "mtcnn",
     on_no_face: common.OnNoFace = "copy",
@@ -124,12 +173,22 @@ def protect(
     map_options = {k: v for k, v in given.items() if v is not None}
     if not mixed_precision:
         map_options["mixed_precision"] = False
+    baseline = {"region": region, "random_start": random_start, "momentum": momentum,
+                "diversity_prob": diversity_prob, "diversity_scale": diversity_scale,
+                "diversity_shift": diversity_shift, "diversity_rotate": diversity_rotate, "ti_kernel": ti_kernel,
+                "early_stop": early_stop, "early_stop_margin": early_stop_margin, "far": early_stop_far,
+                "thresholds": _parse_thresholds(thresholds) if thresholds else None,
+                "push_weight": push_weight, "naturalness": naturalness, "naturalness_weight": naturalness_weight}
+    baseline_options = {k: v for k, v in baseline.items() if v is not None}
+    if method.strip().lower() != "map" and feather is not None:
+        baseline_options["feather"] = feather
     cfg = ProtectConfig(
         method=method, surrogates=common.split_list(surrogates), target=str(target) if target else None,
         detector=detector, map=map_options, score_model=score_model, model=str(model) if model else None,
         save_model=str(save_model) if save_model else None, expression_model=expression_model,
-        expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces, feather=feather,
-        epsilon=parse_epsilon(epsilon), attack_steps=attack_steps, step_size=step_size,
+        expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces,
+        feather=0.12 if feather is None else feather, epsilon=parse_epsilon(epsilon), attack_steps=attack_steps,
+        step_size=step_size, baseline_options=baseline_options,
     )
     if method != "map" and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") and not state.quiet:
         common.err_console.print(
@@ -146,6 +205,22 @@ def protect(
     if not state.json and not state.quiet:
         _print_map_details(summary.details)
     raise typer.Exit(summary.exit_code)
+
+
+def _parse_thresholds(text: str) -> dict[str, float]:
+    """``"dlib-resnet=-0.6,facenet-casia=0.45"`` -> {name: value}."""
+    from ..core.errors import ConfigError
+
+    out: dict[str, float] = {}
+    for part in common.split_list(text):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--thresholds {text!r}: use model=value pairs, e.g. dlib-resnet=-0.6") from None
+    return out
 
 
 def _print_map_details(details: dict) -> None:

@@ -45,6 +45,9 @@ class BaselineConfig:
     step_size: float | None = None
     target: Path | None = None
     diversity_prob: float | None = None
+    diversity_scale: float = 0.1
+    diversity_shift: float = 0.04
+    diversity_rotate: float = 6.0
     momentum: float | None = None
     ti_kernel: int | None = None
     random_start: bool = False
@@ -74,6 +77,8 @@ class BaselineConfig:
         return AttackConfig(
             method=self.method, epsilon=float(self.epsilon), step_size=self.step_size, steps=self.steps,
             momentum=self.momentum, ti_kernel=self.ti_kernel, diversity_prob=self.diversity_prob,
+            diversity_scale=self.diversity_scale, diversity_shift=self.diversity_shift,
+            diversity_rotate=self.diversity_rotate,
             random_start=self.random_start, region=self.region, feather=self.feather,
             early_stop=self.early_stop, early_stop_margin=self.early_stop_margin, far=self.far,
             thresholds=self.thresholds, push_weight=self.push_weight, naturalness=self.naturalness,

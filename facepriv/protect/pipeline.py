@@ -34,6 +34,7 @@ from ..core.faces import Face, FaceDetector, FacePolicy
 from ..core.io import IMAGE_SUFFIXES, load_image
 from ..core.pipeline import SaveOptions, process_photo
 from ..core.progress import make_progress
+from .map.loading import score_model_reference
 from .map.tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, paste_protected
 
 DEFAULT_SCORE_MODEL = "ddpm-celebahq-256"
@@ -68,6 +69,8 @@ class ProtectConfig:
     epsilon: float = 8 / 255
     attack_steps: int = 50
     step_size: float | None = None
+    # the other knobs of the L-inf attacks (BaselineConfig fields: diversity_prob, momentum,
+    # ti_kernel, random_start, region, feather, early_stop, ...); pgd/mifgsm/tidim/tipim only
     baseline_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -89,6 +92,12 @@ class ProtectConfig:
             raise ConfigError("MAP needs at least one surrogate face-recognition model")
         if isinstance(self.map, dict):
             MAPConfig.from_dict(self.map)  # validate early
+        if self.baseline_options:
+            if self.method == "map":
+                raise ConfigError(f"baseline attack options ({', '.join(sorted(self.baseline_options))}) apply to "
+                                  f"--method {'|'.join(BASELINE_METHODS)}, not to map")
+        if self.method != "map":
+            _baseline_config(self).attack_config()  # unknown or invalid options: an error before any work
 
     def map_config(self, saved: dict | None = None) -> MAPConfig:
         if isinstance(self.map, MAPConfig):
@@ -110,16 +119,41 @@ class ProtectSummary(BatchSummary):
         return {**super().to_json(), "details": self.details}
 
 
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for n in names:
+        v = os.environ.get(n, "").strip()
+        if v.lstrip("-").isdigit():
+            return int(v)
+    return default
+
+
 def distributed_context(rank: int | None, world_size: int | None, device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): explicit values, else accelerate's when launched by it."""
+    """(rank, world size, device): explicit values, else accelerate's when launched by it.
+
+    Under ``accelerate launch`` (torchrun or MPI environment variables) accelerate's
+    ``PartialState`` gives the process index and, on GPUs, this process's device. On a CPU
+    run ``PartialState`` must be told so (``cpu=True``, gloo), otherwise it sees no
+    distributed setup; if it still disagrees with the launcher's variables those are used.
+    """
     if rank is not None or (world_size or 1) > 1:
         return int(rank or 0), int(world_size or 1), device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    env_world = _env_int(_WORLD_VARS, 1)
+    if env_world > 1:
         from accelerate import PartialState
 
-        st = PartialState()
-        dev = st.device if device.type == st.device.type else device
-        return st.process_index, st.num_processes, dev
+        st = PartialState(cpu=device.type != "cuda")
+        if st.num_processes == env_world:
+            dev = st.device if device.type == st.device.type else device
+            return st.process_index, st.num_processes, dev
+        env_rank = _env_int(_RANK_VARS, -1)
+        if 0 <= env_rank < env_world:
+            return env_rank, env_world, device
+        raise ConfigError(f"launched as one of {env_world} processes but this process's rank is unknown "
+                          f"(none of {', '.join(_RANK_VARS)} is set)")
     return 0, 1, device
 
 
@@ -218,7 +252,7 @@ class _MapRun:
         self.device = device
         self.progress = progress
         self.rank, self.world = rank, world
-        self.score_ref = cfg.score_model or DEFAULT_SCORE_MODEL
+        self.score_ref = score_model_reference(cfg.score_model or DEFAULT_SCORE_MODEL)
         self.score = load_base_score_model(self.score_ref, device=device)
         self.ensemble = SurrogateEnsemble(cfg.surrogates, device=device)
         self.detector = create_model(cfg.detector, device=device)
@@ -340,16 +374,26 @@ def _baseline_config(cfg: ProtectConfig):
     from .baselines import BaselineConfig
 
     values = {"method": cfg.method, "surrogates": list(cfg.surrogates), "epsilon": cfg.epsilon,
-              "steps": cfg.attack_steps, "step_size": cfg.step_size, "target": cfg.target,
-              "detector": cfg.detector}
+              "steps": cfg.attack_steps, "step_size": cfg.step_size, "target": cfg.target}
     seed = cfg.map.get("seed") if isinstance(cfg.map, dict) else cfg.map.seed
     if seed is not None:
         values["seed"] = seed
+    names = {f.name for f in dataclasses.fields(BaselineConfig)}
+    unknown = sorted(set(cfg.baseline_options) - names)
+    if unknown:
+        raise ConfigError(f"unknown baseline option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     values.update(cfg.baseline_options)
-    if dataclasses.is_dataclass(BaselineConfig):
-        names = {f.name for f in dataclasses.fields(BaselineConfig)}
-        values = {k: v for k, v in values.items() if k in names and v is not None}
-    return BaselineConfig(**values)
+    return BaselineConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def _face_report(row: dict) -> dict:
+    """The manifest's short per-face record of a baseline attack."""
+    keep = ("face", "status", "mode", "steps", "early_stopped", "reason", "target_index")
+    out = {k: row[k] for k in keep if k in row}
+    sim = row.get("similarity") or {}
+    if sim:
+        out["passed"] = {m: bool(v.get("passed")) for m, v in sim.items() if isinstance(v, dict)}
+    return out
 
 
 def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | None = None, *,
@@ -379,11 +423,20 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
     if cfg.method != "map":
         from .baselines import build_editor
 
+        bcfg = _baseline_config(cfg)
         detector = create_model(cfg.detector, device=dev)
-        edit = build_editor(_baseline_config(cfg), dev, detector)
+        edit = build_editor(bcfg, dev, detector)
+        attack = bcfg.attack_config().to_json()
+        attack.pop("quantize", None)  # 255 or 65535, per photo
+        details["attack"] = attack  # the resolved attack settings every photo ran with
 
         def process(item, dst):
-            return process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
+            edit.last_result = None
+            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
+            if edit.last_result is not None:
+                res.extra["attack"] = [_face_report(r) for r in edit.last_result.per_face]
+                res.extra["linf"] = round(float(edit.last_result.linf), 6)
+            return res
 
         summary = run_batch(items, process, description=f"protect {cfg.method}", **common)
         return ProtectSummary(**vars(summary), details=details)

@@ -9,6 +9,16 @@ import torch
 from ...core.errors import ConfigError
 
 
+def score_model_reference(ref: str | Path) -> str:
+    """``ref`` as it should be recorded: an existing local folder becomes its absolute path
+    (so a saved model's ``base`` works from any working directory); names and hub ids are kept."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return text
+
+
 def load_base_score_model(ref: str | Path, device: str | torch.device = "cpu"):
     """A :class:`~facepriv.models.diffusion.ScoreModel` from ``ref``.
 

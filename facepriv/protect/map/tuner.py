@@ -36,6 +36,7 @@ from ...core.device import autocast
 from ...core.errors import ConfigError
 from ...core.progress import make_progress
 from .ddim import ddim_generate, ddim_invert, timestep_grid
+from .loading import score_model_reference
 from .losses import embed_crops, expression_loss, identity_loss, laplacian_smoothness, score_matching_loss
 from .projection import PROJECTION_MODES, ConflictStats, EMAGradients, pcgrad_combine
 
@@ -218,7 +219,8 @@ class MAPTuner(_Generator):
         if self.expression_model is not None:
             for p in self.expression_model.parameters():
                 p.requires_grad_(False)
-        self.base_ref = base_ref
+        # a relative folder is recorded absolute, so that a saved model works from any directory
+        self.base_ref = score_model_reference(base_ref) if base_ref else None
         self.progress = progress
         self.names, self.params = self._select_parameters()
         self.optimizer = self._make_optimizer()
