@@ -205,3 +205,126 @@ def test_k_same_select_on_real_photos_excludes_the_same_person(tmp_path, mtcnn):
     lm = landmarks_tensor(mtcnn.detect(src.rgb))
     s = similarity(embed_faces(fr, src.to_tensor(), lm), embed_faces(fr, dst.to_tensor(), lm), "euclidean")
     assert float(s[0]) < -0.6
+
+
+# ----------------------------------------------------------------------------- --region
+def region_pool(n: int, region: str) -> FacePool:
+    pool = FacePool.empty(region=region)
+    for i in range(n):
+        pool.add(smooth_image(100 * i), [FACE], f"img{i}_0")
+    return pool
+
+
+def test_region_head_covers_more_than_face_and_box_covers_the_box_corners():
+    x = smooth_image(999)
+    changed = {}
+    for region in ("face", "head", "box"):
+        m = method(k=3, region=region, feather=0.0)
+        assert m.honours_region and m.describe()["region"] == region
+        m.set_pool(region_pool(6, region))
+        y = m.apply(x, [FACE])
+        changed[region] = (y - x).abs().amax(0) > 1e-6
+        # whatever the region, each output face is still the average of 3 people
+        assert len(set(m.last_info["faces"][0]["identities"])) == 3
+    face, head, box = changed["face"], changed["head"], changed["box"]
+    assert int(head.sum()) > 1.5 * int(face.sum())
+    assert float((face & head).sum()) / float(face.sum()) > 0.98  # the head region contains the face's
+    # the box is the rectangle around the face ellipse: it contains it and adds the corners
+    assert float((face & box).sum()) / float(face.sum()) > 0.98 and int(box.sum()) > 1.15 * int(face.sum())
+    # the head reaches higher (hair) than the face; all three stay around the face
+    rows = lambda t: torch.nonzero(t.any(1)).flatten()  # noqa: E731
+    assert int(rows(head)[0]) < int(rows(face)[0]) - 10
+    for got in changed.values():
+        assert not bool(got[:, :20].any()) and not bool(got[-20:].any())
+
+
+def test_a_pool_aligned_for_another_region_is_refused():
+    m = method(region="head")
+    with pytest.raises(ConfigError, match="template"):
+        m.set_pool(pool_of(6))  # aligned for the face region
+
+
+def test_eyebar_does_not_claim_a_region():
+    from facepriv.deid.pipeline import region_warnings
+
+    bar, blur = create_method("eyebar", region="head"), create_method("blur", region="head")
+    assert bar.describe()["region"] is None and bar.describe()["region_ignored"] == "head"
+    assert blur.describe()["region"] == "head"
+    with pytest.raises(ConfigError, match="eyebar"):
+        region_warnings([bar], "head")
+    (w,) = region_warnings([blur, bar], "head")
+    assert "eyebar" in w and "blur" in w
+    assert region_warnings([create_method("eyebar")], "face") == []
+
+
+# ----------------------------------------------------------------------------- mixed-layout pools
+class _Model:
+    """Stands in for a recognition model in clustering: name and metric (the embeddings are given)."""
+
+    class spec:  # noqa: N801
+        name = "fake"
+
+    metric = "cosine"
+
+
+def test_loose_images_in_a_pool_with_identity_folders_are_grouped_by_the_model():
+    pool = FacePool.empty()
+    people = {  # source -> (folder identity or None, the person really shown)
+        "ann_0": ("ann", "ann"), "ann_1": ("ann", "ann"), "bob_0": ("bob", "bob"), "cy_0": ("cy", "cy"),
+        "root_dee_0": (None, "dee"), "root_dee_1": (None, "dee"),  # two photos of one new person
+        "root_ann": (None, "ann"),  # a loose photo of ann
+        "root_eve": (None, "eve"),
+    }
+    persons = sorted({p for _, p in people.values()})
+    emb = []
+    for i, (src, (folder, person)) in enumerate(people.items()):
+        pool.add(smooth_image(10 * i), [FACE], src, folder)
+        e = torch.zeros(len(persons))
+        e[persons.index(person)] = 1.0
+        emb.append(e + 0.05 * torch.randn(len(persons)))
+    pool.embeddings["fake"] = torch.stack(emb)
+    pool.identity_mode = "folders"
+    m = method(k=3)
+    m.model, m.threshold = _Model(), 0.8  # what setup() loads
+    m.set_pool(pool)
+    ident = dict(zip([s.split("#")[0] for s in pool.sources], pool.identities))
+    assert ident["root_dee_0"] == ident["root_dee_1"] != ident["root_eve"]
+    assert ident["root_ann"] == "ann" and ident["bob_0"] == "bob"
+    assert pool.n_identities == 5 and pool.identity_mode == "folders+clustered"
+    # so an average over k = 5 identities can never hold two photos of dee (or of ann)
+    m5 = method(k=5)
+    m5.set_pool(pool)
+    m5.apply(smooth_image(5000), [FACE])
+    used = m5.last_info["faces"][0]["pool"]
+    people_used = [people[s.split("#")[0]][1] for s in used]
+    assert sorted(people_used) == persons
+    with pytest.raises(FaceprivError):
+        method(k=6, pool=pool).apply(smooth_image(5000), [FACE])
+
+
+def test_a_loose_face_matching_two_folders_merges_them():
+    pool = FacePool.empty()
+    for i, (src, ident) in enumerate((("a", "ann"), ("b", "bob"), ("c", "cy"), ("loose", None))):
+        pool.add(smooth_image(i), [FACE], src, ident)
+    pool.embeddings["fake"] = torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1], [0.95, 0.31, 0]])
+    pool.cluster_identities(_Model(), 0.9)  # loose ~ ann (0.95) and ~ bob (0.95); ann !~ bob (0.8)
+    assert pool.identities == ["ann+bob", "ann+bob", "cy", "ann+bob"]
+
+
+@pytest.mark.realmodels
+def test_real_mixed_layout_pool_counts_one_person_once(tmp_path, mtcnn):
+    """pool/biden/ is a folder identity, obama.jpg and obama2.jpg lie loose in the pool root:
+    dlib-resnet makes the two loose photos one person, so k = 2 can only use biden + obama."""
+    pool_dir = tmp_path / "pool"
+    (pool_dir / "biden").mkdir(parents=True)
+    shutil.copy(fixture_path("biden.jpg"), pool_dir / "biden" / "biden.jpg")
+    for name in ("obama.jpg", "obama2.jpg"):
+        shutil.copy(fixture_path(name), pool_dir / name)
+    m = create_method("k-same-average", k=2).setup("cpu")
+    pool = m.build_pool(pool_dir, mtcnn, progress=False)
+    assert len(pool) == 3 and pool.identity_mode == "folders+clustered"
+    ident = {s.rsplit("/", 1)[-1]: i for s, i in zip(pool.sources, pool.identities)}
+    assert ident["obama.jpg#0"] == ident["obama2.jpg#0"] != ident["biden.jpg#0"] == "biden"
+    assert pool.n_identities == 2
+    with pytest.raises(FaceprivError, match="only 2 pool identities"):
+        create_method("k-same-average", k=3, model=None, pool=pool).apply(smooth_image(1), [FACE])

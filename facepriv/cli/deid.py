@@ -16,11 +16,13 @@ from .common import handle_errors, state
 
 HELP = """De-identify every face in photos and videos.
 
-Methods: blur, pixelate, mask, eyebar, noise (classical); k-same-average, k-same-select,
-k-same-pixelate (each face becomes the average of k other people's faces, from --k-pool or the
-inputs themselves); inpaint (a face diffusion model repaints the inner face, guarded so the
-result no longer matches); adversarial (when installed). --ensemble a,b applies several in
-sequence. Videos (.mp4 .mov .mkv .avi .webm) are processed frame by frame with face tracking.
+Methods: blur, pixelate, mask, eyebar, noise (classical); k-same-average,
+k-same-select, k-same-pixelate (each face becomes the average of k other
+people's faces, from --k-pool or the input photos); inpaint (a face
+diffusion model repaints the inner face, guarded so the result no longer
+matches); adversarial (imperceptible L-inf noise against face-recognition
+models). --ensemble a,b applies several in sequence. Videos (.mp4 .mov .mkv
+.avi .webm .m4v) are processed frame by frame, upright, with face tracking.
 
 Examples:
   facepriv deid photos/ --method pixelate --out anonymised/
@@ -46,7 +48,8 @@ def deid(
     ensemble: Annotated[str | None, typer.Option(
         "--ensemble", help="Methods applied in sequence, e.g. pixelate,noise (same as a comma list in --method).")] = None,
     strength: Annotated[float, typer.Option("--strength", help="Scales each method's main parameter (1.0 = default, defeats recognition).")] = 1.0,
-    region: Annotated[str, typer.Option("--region", help="face (ellipse) | head (larger ellipse) | box.")] = "face",
+    region: Annotated[str, typer.Option("--region", help="face (ellipse) | head (larger ellipse) | box. "
+                                        "Not applied by eyebar (its own shape).")] = "face",
     feather: Annotated[float | None, typer.Option("--feather", help="Soft edge width as a fraction of the region (default per method).")] = None,
     color: Annotated[str, typer.Option("--color", help="Mask / eye-bar colour as R,G,B in 0-255.", rich_help_panel=_CL)] = "0,0,0",
     noise_sigma: Annotated[float, typer.Option("--noise-sigma", help="noise: standard deviation (image in [0, 1]).", rich_help_panel=_CL)] = 0.35,
@@ -55,7 +58,8 @@ def deid(
     eyebar_height: Annotated[float, typer.Option("--eyebar-height", help="eyebar: height in eye distances (x --strength).", rich_help_panel=_CL)] = 2.2,
     k: Annotated[int, typer.Option("--k", min=2, help="k-same: faces (of distinct people) averaged per output face.", rich_help_panel=_KS)] = 5,
     k_pool: Annotated[Path | None, typer.Option("--k-pool", help="k-same: folder of face photos to average (identity sub-folders, or one person per face); default: the inputs.", rich_help_panel=_KS)] = None,
-    k_model: Annotated[str, typer.Option("--k-model", help="k-same: recognition model (identity distance for k-same-select; excludes the person's own faces).", rich_help_panel=_KS)] = "dlib-resnet",
+    k_model: Annotated[str, typer.Option("--k-model", help="k-same: recognition model (identity distance for k-same-select; excludes the person's own faces and groups pool faces into people); 'none': no model (k-same-average/-pixelate only; each pool face without an identity folder counts as its own person).", rich_help_panel=_KS)] = "dlib-resnet",
+    k_threshold: Annotated[float | None, typer.Option("--k-threshold", help="k-same: similarity at which --k-model calls two faces the same person (default: the model's own threshold).", rich_help_panel=_KS)] = None,
     no_color_match: Annotated[bool, typer.Option("--no-color-match", help="k-same: do not shift the average to the face's mean colour.", rich_help_panel=_KS)] = False,
     score_model: Annotated[str, typer.Option("--score-model", help="inpaint: face diffusion model (registry name, diffusers folder or hub id).", rich_help_panel=_GEN)] = "ddpm-celebahq-256",
     inpaint_steps: Annotated[int, typer.Option("--inpaint-steps", min=1, help="inpaint: diffusion steps.", rich_help_panel=_GEN)] = 100,
@@ -89,6 +93,7 @@ def deid(
 ):
     from ..deid import DeidConfig, VideoOptions, run_deid
     from ..deid.base import canonical_name
+    from ..deid.pipeline import config_warnings
 
     if method and ensemble:
         raise ConfigError("give --method or --ensemble, not both (they mean the same)")
@@ -96,7 +101,8 @@ def deid(
     names = {canonical_name(m) for m in methods}
     rgb = tuple(c / 255.0 for c in common.parse_floats(color, 3, "--color"))
     seed = state.seed if state.seed is not None else 0
-    ksame = {"k": k, "model": k_model, "match_color": not no_color_match}
+    ksame = {"k": k, "model": None if k_model.strip().lower() == "none" else k_model, "threshold": k_threshold,
+             "match_color": not no_color_match}
     per_method = {
         "mask": {"color": rgb},
         "eyebar": {"color": rgb, "length": eyebar_length, "height": eyebar_height},
@@ -114,6 +120,8 @@ def deid(
                      options={n: per_method[n] for n in names if per_method.get(n)},
                      k_pool=str(k_pool) if k_pool else None,
                      video=VideoOptions(detect_every=detect_every, track_hold=track_hold, keep_audio=keep_audio, crf=crf))
+    for warning in config_warnings(cfg):  # also recorded on every manifest line
+        common.err_console.print(f"[yellow]warning:[/yellow] {warning}")
     summary = run_deid(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),

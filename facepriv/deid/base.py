@@ -27,12 +27,15 @@ class DeidMethod(ABC):
 
     ``apply`` takes a float RGB image (3, H, W) in [0, 1] and the faces to treat; it returns
     a new tensor and never modifies its input. ``strength`` scales the method's main parameter
-    (1.0 = the default, chosen to defeat recognition); ``region`` is face | head | box;
-    ``feather`` the soft-edge width (fraction of the region).
+    (1.0 = the default, chosen to defeat recognition); ``region`` is face | head | box (methods
+    list the ones they apply in ``regions``); ``feather`` the soft-edge width (fraction of the region).
     """
 
     name: str = "method"
     default_feather: float = 0.1
+    #: the ``region`` values the method applies; a method with its own shape (the eye bar) has
+    #: none, and its manifest entry says ``"region": null`` whatever was asked
+    regions: tuple[str, ...] = REGIONS
 
     def __init__(self, *, strength: float = 1.0, region: str = "face", feather: float | None = None):
         if strength <= 0:
@@ -60,8 +63,17 @@ class DeidMethod(ABC):
         """Several images (each (3, H, W), sizes may differ) with their faces."""
         return [self.apply(im, f) for im, f in zip(images, faces)]
 
+    @property
+    def honours_region(self) -> bool:
+        return self.region in self.regions
+
     def describe(self) -> dict:
-        return {"method": self.name, "strength": self.strength, "region": self.region, "feather": self.feather}
+        """What the method does, for the manifest: the region only if it is really applied."""
+        d = {"method": self.name, "strength": self.strength,
+             "region": self.region if self.honours_region else None, "feather": self.feather}
+        if not self.honours_region:
+            d["region_ignored"] = self.region
+        return d
 
 
 class RegionEffect(DeidMethod):

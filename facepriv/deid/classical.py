@@ -114,11 +114,14 @@ class EyeBar(DeidMethod):
     over the eyes alone does *not* defeat face recognition (a 0.9 x eye-distance bar leaves
     dlib-resnet re-identifying every face of our benchmark); the default is a band from the
     brows down to the nose tip, measured to defeat dlib-resnet and FaceNet (see
-    docs/benchmarks.md). ``region`` does not apply (the bar has its own shape).
+    docs/benchmarks.md). ``region`` does not apply (the bar has its own shape): ``regions`` is
+    empty, the manifest records ``"region": null``, and ``facepriv deid`` refuses ``--region``
+    for an eye bar alone and warns when it is in an ensemble.
     """
 
     name = "eyebar"
     default_feather = 0.0
+    regions = ()
 
     def __init__(self, *, color: tuple[float, float, float] = (0.0, 0.0, 0.0), length: float = 2.6,
                  height: float = 2.2, raise_: float = 0.05, **kw):

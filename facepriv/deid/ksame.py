@@ -19,15 +19,19 @@ ArcFace five-point layout with room for brows and chin):
 k *distinct identities*, none of them the person being replaced:
 
 * identity = the pool sub-folder name when the pool is a folder of identity folders
-  (``pool/alice/*.jpg``, ``pool/bob/*.jpg``); faces in images directly in the pool folder are
-  grouped into identities by the recognition model (faces it matches at its threshold are one
-  person, transitively), or each face is its own identity when no model is used;
+  (``pool/alice/*.jpg``, ``pool/bob/*.jpg``); faces in images directly in the pool folder
+  (also next to identity folders) are grouped into identities by the recognition model (faces
+  it matches at its threshold are one person, transitively; a loose face it matches to an
+  identity folder joins that identity), or each face is its own identity when no model is used;
 * the face itself (when the pool contains the photo being processed, e.g. a batch that is its
   own pool) and every pool identity the recognition model matches to it are excluded;
 * fewer than k eligible identities is an error, never a weaker output.
 
-The average is pasted back into the photo with a feathered ellipse in aligned space (brows to
-chin, cheek to cheek), so hair, ears and background stay the photo's own. ``match_color``
+The average is pasted back into the photo with a feathered mask in aligned space chosen by
+``region``: ``face`` an ellipse from brows to chin, cheek to cheek (hair, ears and background
+stay the photo's own); ``box`` the rectangle around that ellipse; ``head`` a larger ellipse
+with hair and ears (the pool is then aligned on a zoomed-out template, ``ksame-head-128``, so
+the crops hold the whole head; a pool aligned for one template is refused by the other). ``match_color``
 (default on) shifts the average's mean colour inside that ellipse to the replaced face's, so
 the seam does not show; it is a per-channel constant and carries no facial structure.
 """
@@ -51,8 +55,39 @@ from .base import DeidMethod, register_method
 WORK_SIZE = 128
 
 
-def ksame_template(size: int = WORK_SIZE) -> Template:
-    """ArcFace's five points, scaled so that brows-to-chin fits a ``size`` square crop."""
+#: the head region is wider and taller than the face: the head template shows the face smaller
+HEAD_ZOOM = 1.25
+
+
+def _face_geometry(points) -> tuple[float, float, float, float]:
+    """Centre x, y and semi-axes (across, along) of the face ellipse (brows to chin) of five points."""
+    p = np.asarray(points, dtype=np.float64)
+    eye_y, mouth_y = p[:2, 1].mean(), p[3:, 1].mean()
+    em = mouth_y - eye_y
+    eye_d = float(np.hypot(*(p[1] - p[0])))
+    top, bottom = eye_y - 0.75 * em, mouth_y + 0.65 * em
+    return float(p[:2, 0].mean()), float((top + bottom) / 2), eye_d, float((bottom - top) / 2)
+
+
+def _region_geometry(points, region: str) -> tuple[float, float, float, float, str]:
+    """Centre, half-sizes and shape of ``region`` in aligned space (turned with the face): the
+    face ellipse (brows to chin, cheek to cheek); head: an ellipse 1.37 x 1.39 times larger and
+    shifted up, the proportions of the head to the face region in :mod:`facepriv.core.regions`
+    (hair and ears); box: the rectangle around the face ellipse."""
+    cx, cy, a, b = _face_geometry(points)
+    if region == "face":
+        return cx, cy, a, b, "ellipse"
+    if region == "head":
+        return cx, cy - 0.136 * b, a * 0.85 / 0.62, b * 0.92 / 0.66, "ellipse"
+    if region == "box":
+        return cx, cy, a, b, "box"
+    raise ConfigError(f"unknown region {region!r}")
+
+
+def ksame_template(size: int = WORK_SIZE, region: str = "face") -> Template:
+    """ArcFace's five points, scaled so that brows-to-chin fits a ``size`` square crop
+    (``region="head"``: zoomed out by :data:`HEAD_ZOOM` and centred on the head ellipse, so
+    hair and ears are in the crop)."""
     arc = np.asarray(TEMPLATES["arcface-112"].points, dtype=np.float64)
     eye_y, mouth_y = arc[:2, 1].mean(), arc[3:, 1].mean()
     s = 0.3 * 128 / (mouth_y - eye_y)  # eye-to-mouth distance = 0.3 x crop side
@@ -61,29 +96,39 @@ def ksame_template(size: int = WORK_SIZE) -> Template:
     em = (mouth_y - eye_y) * s
     cy = pts[:2, 1].mean() + 0.45 * em
     pts = pts + np.array([64.0, 64.0 - cy])
+    name = f"ksame-{size}"
+    if region == "head":
+        hx, hy = _region_geometry(pts, "head")[:2]
+        pts = (pts - [hx, hy]) / HEAD_ZOOM + 64.0
+        name = f"ksame-head-{size}"
+    elif region not in ("face", "box"):
+        raise ConfigError(f"unknown region {region!r}")
     pts = pts * (size / 128.0)
-    return Template(f"ksame-{size}", (size, size), tuple((float(x), float(y)) for x, y in pts))
+    return Template(name, (size, size), tuple((float(x), float(y)) for x, y in pts))
+
+
+def _smooth(r: torch.Tensor, feather: float) -> torch.Tensor:
+    if feather > 0:
+        m = ((1 + feather - r) / (2 * feather)).clamp(0, 1)
+        return m * m * (3 - 2 * m)
+    return (r <= 1).float()
 
 
 def face_ellipse(template: Template, *, feather: float = 0.15, device=None) -> torch.Tensor:
     """(1, 1, h, w) soft ellipse of the face (brows to chin) in ``template``'s aligned space."""
+    return region_mask_aligned(template, "face", feather=feather, device=device)
+
+
+def region_mask_aligned(template: Template, region: str = "face", *, feather: float = 0.15,
+                        device=None) -> torch.Tensor:
+    """(1, 1, h, w) soft mask of ``region`` (face | head | box) in ``template``'s aligned space."""
     h, w = template.size
-    p = np.asarray(template.points, dtype=np.float64)
-    eye_y, mouth_y = p[:2, 1].mean(), p[3:, 1].mean()
-    em = mouth_y - eye_y
-    eye_d = float(np.hypot(*(p[1] - p[0])))
-    top, bottom = eye_y - 0.75 * em, mouth_y + 0.65 * em
-    cx, cy = p[:2, 0].mean(), (top + bottom) / 2
-    a, b = 1.0 * eye_d, (bottom - top) / 2
+    cx, cy, a, b, shape = _region_geometry(template.points, region)
     ys = torch.arange(h, device=device, dtype=torch.float32)[:, None]
     xs = torch.arange(w, device=device, dtype=torch.float32)[None, :]
-    r = torch.sqrt(((xs - cx) / a) ** 2 + ((ys - cy) / b) ** 2)
-    if feather > 0:
-        m = ((1 + feather - r) / (2 * feather)).clamp(0, 1)
-        m = m * m * (3 - 2 * m)
-    else:
-        m = (r <= 1).float()
-    return m[None, None]
+    u, v = (xs - cx) / a, (ys - cy) / b
+    r = torch.sqrt(u**2 + v**2) if shape == "ellipse" else torch.maximum(u.abs(), v.abs())
+    return _smooth(r, feather)[None, None]
 
 
 def _grey_features(crops: torch.Tensor, mask: torch.Tensor, size: int = 32) -> torch.Tensor:
@@ -115,8 +160,12 @@ class FacePool:
         return len(set(self.identities))
 
     @classmethod
-    def empty(cls, size: int = WORK_SIZE) -> FacePool:
-        return cls(torch.zeros(0, 3, size, size), [], [], ksame_template(size))
+    def empty(cls, size: int = WORK_SIZE, region: str = "face") -> FacePool:
+        return cls(torch.zeros(0, 3, size, size), [], [], ksame_template(size, region))
+
+    def own_faces(self) -> list[bool]:
+        """Faces whose identity is not known yet (not from a folder name, not clustered)."""
+        return [self.identities[i] == self.sources[i] for i in range(len(self))]
 
     def add(self, image: torch.Tensor, faces: Sequence[Face], source: str, identity: str | None = None,
             models: dict | None = None) -> None:
@@ -138,12 +187,23 @@ class FacePool:
             self.embeddings[name] = e if prev is None else torch.cat([prev, e], 0)
 
     def cluster_identities(self, model, threshold: float) -> None:
-        """Merge faces whose identity is still per-face when ``model`` matches them (sim >= thr)."""
+        """Give the faces whose identity is still unknown (each its own: images directly in the
+        pool folder, or a pool built from the inputs) the identity ``model`` finds for them.
+
+        Faces the model matches (similarity >= ``threshold``) are one person, transitively. A
+        face that matches faces of an identity folder joins that folder's identity; when such
+        matches join several folders, those folders become one identity (counting them as
+        distinct could put one person twice into an average). Folder faces are never split
+        and never linked to each other by the model: their names are the user's labels.
+        """
         from ..models.recognition import similarity_matrix
 
+        own = self.own_faces()
+        if not any(own):
+            return
         emb = self.embeddings.get(model.spec.name)
         if emb is None or len(self) == 0:
-            return
+            raise FaceprivError(f"k-same: the pool has no {model.spec.name} embeddings to group its faces by identity")
         sim = similarity_matrix(emb, emb, model.metric)
         parent = list(range(len(self)))
 
@@ -153,21 +213,39 @@ class FacePool:
                 i = parent[i]
             return i
 
-        own = [self.identities[i] == self.sources[i] for i in range(len(self))]
+        def union(i, j):
+            parent[find(i)] = find(j)
+
+        first_of: dict[str, int] = {}
+        for i in range(len(self)):  # a folder's faces are one person
+            if not own[i]:
+                union(i, first_of.setdefault(self.identities[i], i))
         ii, jj = torch.nonzero(sim >= threshold, as_tuple=True)
         for i, j in zip(ii.tolist(), jj.tolist()):
-            if i < j and own[i] and own[j]:
-                parent[find(i)] = find(j)
+            if i < j and (own[i] or own[j]):
+                union(i, j)
+        groups: dict[int, list[int]] = {}
         for i in range(len(self)):
-            if own[i]:
-                self.identities[i] = f"person-{find(i)}:{self.sources[find(i)]}"
+            groups.setdefault(find(i), []).append(i)
+        for members in groups.values():
+            folders = sorted({self.identities[i] for i in members if not own[i]})
+            if folders:
+                name = "+".join(folders)
+            else:
+                root = members[0]
+                name = f"person-{root}:{self.sources[root]}"
+            if len(folders) > 1 or any(own[i] for i in members):
+                for i in members:
+                    self.identities[i] = name
         if self.identity_mode == "faces":
             self.identity_mode = "clustered"
+        elif self.identity_mode == "folders":
+            self.identity_mode = "folders+clustered"
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, detector, *, policy: FacePolicy | None = None,
                     size: int = WORK_SIZE, models: dict | None = None, device="cpu", progress: bool = True,
-                    max_pixels: int | None = None) -> FacePool:
+                    max_pixels: int | None = None, region: str = "face") -> FacePool:
         """Detect and align every face of every image under ``folder`` (see the module doc)."""
         from ..core.batch import collect_inputs
         from ..core.io import load_image
@@ -177,7 +255,7 @@ class FacePool:
         if not folder.is_dir():
             raise ConfigError(f"--k-pool {folder} is not a folder")
         items = collect_inputs([folder])
-        pool = cls.empty(size)
+        pool = cls.empty(size, region)
         layout = any(len(it.rel.parts) > 1 for it in items)
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
         with make_progress(enabled=progress) as bar:
@@ -239,12 +317,14 @@ class KSame(DeidMethod):
             raise ConfigError(f"{self.name}: k must be at least 2 (k=1 would copy a real face)")
         if self.select_by == "identity" and not model:
             raise ConfigError(f"{self.name} needs a face-recognition model (--k-model)")
+        if threshold is not None and not model:
+            raise ConfigError(f"{self.name}: --k-threshold needs a recognition model (--k-model)")
         self.k = int(k)
         self.model_name = model
         self.threshold = threshold
         self.match_color = bool(match_color)
         self.size = int(size)
-        self.template = ksame_template(self.size)
+        self.template = ksame_template(self.size, self.region)
         self.model = None
         self.pool: FacePool | None = None
         self.pool_path: Path | None = None
@@ -278,34 +358,38 @@ class KSame(DeidMethod):
         return {self.model.spec.name: self.model} if self.model is not None else {}
 
     def set_pool(self, pool: FacePool) -> None:
-        if pool.template.size != self.template.size:
-            raise ConfigError(f"{self.name}: the pool was aligned at {pool.template.size}, the method works at "
-                              f"{self.template.size}")
-        if self.model is not None and self.threshold is not None and pool.identity_mode == "faces":
+        if pool.template.name != self.template.name or pool.template.size != self.template.size:
+            raise ConfigError(f"{self.name}: the pool was aligned on the template {pool.template.name}, the method "
+                              f"(--region {self.region}) works on {self.template.name}; build the pool again")
+        if self.model is not None and self.threshold is not None and any(pool.own_faces()):
+            self._pool_embeddings_of(pool)
             pool.cluster_identities(self.model, self.threshold)
         self.pool = pool
 
     def build_pool(self, folder: str | os.PathLike, detector, *, policy: FacePolicy | None = None,
                    progress: bool = True) -> FacePool:
         pool = FacePool.from_folder(folder, detector, policy=policy, size=self.size, models=self.pool_models(),
-                                    device=self.device, progress=progress)
+                                    device=self.device, progress=progress, region=self.region)
         self.set_pool(pool)
         return pool
 
     # ------------------------------------------------------------------ selection
     def _pool_embeddings(self) -> torch.Tensor | None:
+        return self._pool_embeddings_of(self.pool)
+
+    def _pool_embeddings_of(self, pool: FacePool) -> torch.Tensor | None:
         if self.model is None:
             return None
         name = self.model.spec.name
-        emb = self.pool.embeddings.get(name)
-        if emb is None:  # a pool built without this model: embed the aligned crops
+        emb = pool.embeddings.get(name)
+        if emb is None or len(emb) != len(pool):  # a pool built without this model: embed the aligned crops
             from ..attacks.identity import SurrogateEnsemble
 
             ens = SurrogateEnsemble([name], models=[self.model])
-            chunks = [ens.embed_aligned(c.to(self.device), self.template)[name].float().cpu()
-                      for c in self.pool.crops.split(32)]
+            chunks = [ens.embed_aligned(c.to(self.device), pool.template)[name].float().cpu()
+                      for c in pool.crops.split(32)]
             emb = torch.cat(chunks) if chunks else torch.zeros(0, 1)
-            self.pool.embeddings[name] = emb
+            pool.embeddings[name] = emb
         return emb
 
     def select(self, crops: torch.Tensor, query_emb: torch.Tensor | None) -> list[list[int]]:
@@ -394,16 +478,16 @@ class KSame(DeidMethod):
                 q_emb = embed_faces(self.model, image, lm)
         chosen = self.select(aligned.crops, q_emb)
         synth = self.synthesize(aligned.crops, chosen)
-        mask = face_ellipse(self.template, feather=self.feather, device=image.device).expand(len(faces), 1, -1, -1)
-        out = paste_back(image, synth, aligned.matrices, mask=mask)
+        mask = region_mask_aligned(self.template, self.region, feather=self.feather, device=image.device)
+        out = paste_back(image, synth, aligned.matrices, mask=mask.expand(len(faces), 1, -1, -1))
         self.last_info = {"k": self.k, "faces": [
             {"pool": [self.pool.sources[j] for j in idx], "identities": [self.pool.identities[j] for j in idx]}
             for idx in chosen]}
         return out
 
     def describe(self) -> dict:
-        return {**super().describe(), "k": self.k, "model": self.model_name, "match_color": self.match_color,
-                "size": self.size}
+        return {**super().describe(), "k": self.k, "model": self.model_name, "threshold": self.threshold,
+                "match_color": self.match_color, "size": self.size, "template": self.template.name}
 
 
 @register_method(aliases=("ksame", "k-same", "ksame-average"))

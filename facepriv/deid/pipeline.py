@@ -56,6 +56,19 @@ def build_methods(cfg: DeidConfig, device: str | torch.device | None = None) -> 
     return methods
 
 
+def region_warnings(methods: list[DeidMethod], region: str) -> list[str]:
+    """Warnings for a ``region`` some methods do not apply; a ConfigError when none of them
+    does (the eye bar alone with ``--region head``). The default region ``face`` is silent."""
+    ignored = [m.name for m in methods if not m.honours_region]
+    if region == "face" or not ignored:
+        return []
+    if len(ignored) == len(methods):
+        raise ConfigError(f"--region {region} does not apply to {', '.join(ignored)} (it has its own shape); "
+                          "leave --region out")
+    return [f"--region {region} is not applied by {', '.join(ignored)} (its own shape); it applies to "
+            f"{', '.join(m.name for m in methods if m.honours_region)}"]
+
+
 def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]) -> torch.Tensor:
     """Apply ``methods`` in sequence to the faces of one image (3, H, W) in [0, 1]."""
     out = image
@@ -104,6 +117,12 @@ def collect_media(inputs: list[str | Path], *, glob: str | None = None, exclude=
     return out
 
 
+def config_warnings(cfg: DeidConfig) -> list[str]:
+    """The warnings :func:`run_deid` will record for ``cfg`` (ConfigError if it is unusable);
+    creates the methods without loading any model."""
+    return region_warnings(build_methods(cfg), cfg.region)
+
+
 def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: FaceDetector, cfg: DeidConfig,
                    policy: FacePolicy, save: SaveOptions, device, progress: bool) -> dict | None:
     """Build (or load) the k-Same pool; returns what to record about it."""
@@ -114,14 +133,18 @@ def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: 
     if not ks:
         return None
     first = ks[0]
+    photos = [it for it in items if not is_video(it.path)]
+    videos = len(items) - len(photos)
     if first.pool is None:
         if cfg.k_pool and Path(cfg.k_pool).is_dir():
             first.build_pool(cfg.k_pool, detector, policy=policy, progress=progress)
         elif cfg.k_pool:
             raise ConfigError(f"--k-pool {cfg.k_pool}: not a folder or a saved pool file")
+        elif not photos and videos:
+            raise ConfigError("k-same on videos needs --k-pool DIR (a folder of face photos): video frames are never "
+                              "used as the pool, and there are no input photos to use instead")
         else:  # the batch itself is the pool
-            pool = FacePool.empty(first.size)
-            photos = [it for it in items if not is_video(it.path)]
+            pool = FacePool.empty(first.size, first.region)
             with make_progress(enabled=progress) as bar:
                 task = bar.add_task("k-same pool (inputs)", total=len(photos))
                 for it in photos:
@@ -138,15 +161,21 @@ def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: 
         if m.pool is None:
             m.set_pool(first.pool)
     pool = first.pool
-    need = max(m.k for m in ks) + 1
+    k = max(m.k for m in ks)
+    # a pool made of the inputs holds every face's own identity, which is never averaged: k + 1
+    # identities are needed. A separate pool may not hold the inputs' people at all (k are
+    # enough up front; a face whose own identity is in it then fails alone if k others remain short).
+    need = k if cfg.k_pool else k + 1
     if pool.n_identities < need:
         where = cfg.k_pool or "the input photos"
+        why = "" if cfg.k_pool else " (k others than each face's own)"
+        note = (f" Videos ({videos}) are never used as the pool; give --k-pool DIR." if videos and not cfg.k_pool
+                else " Give --k-pool DIR with more people or a smaller --k.")
         raise ConfigError(
             f"k-same: {where} hold{'s' if cfg.k_pool else ''} {pool.n_identities} identit"
-            f"{'y' if pool.n_identities == 1 else 'ies'} ({len(pool)} faces); k={need - 1} needs at least {need} "
-            "(k others than each face's own). Give --k-pool DIR with more people or a smaller --k.")
+            f"{'y' if pool.n_identities == 1 else 'ies'} ({len(pool)} faces); k={k} needs at least {need}{why}.{note}")
     return {"faces": len(pool), "identities": pool.n_identities, "identity_mode": pool.identity_mode,
-            "source": str(cfg.k_pool) if cfg.k_pool else "inputs"}
+            "template": pool.template.name, "source": str(cfg.k_pool) if cfg.k_pool else "inputs"}
 
 
 def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, policy: FacePolicy | None = None,
@@ -164,12 +193,17 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
     out = Path(out)
     device = torch.device(device)
     items = collect_media(inputs, glob=glob, exclude=[out])
-    methods = build_methods(cfg, device=device)
+    methods = build_methods(cfg)
+    warnings = region_warnings(methods, cfg.region)  # before loading any model
+    for method in methods:
+        method.setup(device)
     if detector is None:
         detector = create_model(cfg.detector, device=device)
     if not isinstance(detector, CachedDetector):
         detector = CachedDetector(detector)
     pool_info = _prepare_ksame(methods, items, detector, cfg, policy, save, device, progress)
+
+    applied = [m.describe() for m in methods]  # what each method really applies (region: null if not)
 
     def process(item: InputItem, dst: Path) -> ItemResult:
         for m in methods:
@@ -179,17 +213,22 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
             info = deid_video(item.path, dst, methods, detector, policy=policy, options=cfg.video,
                               progress=progress, device=device)
             status = info.pop("status")
-            return ItemResult(status=status, output=None if status == "skipped" else dst,
-                              faces=info.get("faces", 0), timings=info.pop("timings", {}), extra={"video": info})
-        res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device,
-                            edit=lambda x, faces, _img: deidentify(x, faces, methods))
-        decided = {m.name: m.last_info for m in methods if m.last_info}
-        if decided:
-            res.extra["deid"] = decided
+            res = ItemResult(status=status, output=None if status == "skipped" else dst,
+                             faces=info.get("faces", 0), timings=info.pop("timings", {}), extra={"video": info})
+        else:
+            res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device,
+                                edit=lambda x, faces, _img: deidentify(x, faces, methods))
+            decided = {m.name: m.last_info for m in methods if m.last_info}
+            if decided:
+                res.extra["deid"] = decided
+        res.extra["methods"] = applied
+        if warnings:
+            res.extra["warnings"] = warnings
         return res
 
     config = {"command": "deid", **asdict(cfg), "policy": asdict(policy), "save": asdict(save),
-              "suffix": output_suffix, "methods_resolved": [m.describe() for m in methods], "pool": pool_info}
+              "suffix": output_suffix, "methods_resolved": [m.describe() for m in methods], "pool": pool_info,
+              "warnings": warnings}
     return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
                      description=f"deid {'+'.join(cfg.methods)}", progress=progress, verbose=verbose,
                      command="deid")

@@ -9,15 +9,25 @@ frame goes out unprotected. facepriv runs two passes over the file (PyAV):
    track's velocity, and a centre-distance fallback for fast motion). A track survives ``track_hold`` frames without a detection.
 2. **protect**: every frame gets the faces detected in it *plus*, for each track, a face
    interpolated between its detections before and after (a missed detection inside a track)
-   or held from its last/first detection for up to ``track_hold`` frames after the track ends
-   and before it starts (the box grows by ``grow`` per frame held, as the face may move). The
-   de-identification methods are applied to those faces and the frame is encoded.
+   or *held* for up to ``track_hold`` frames after the track's last detection and before its
+   first. A held face follows the track's motion: its centre is extrapolated at the track's
+   velocity (a least-squares fit over its first/last few detections) and kept inside the
+   frame, and its box grows with the time since the face was last seen (``grow`` of the face
+   size per frame, up to +100 %) plus half the distance travelled since then (a face that
+   slows down or speeds up by half stays covered). The de-identification methods are applied
+   to those faces and the frame is encoded.
 
-The output has the input's frame count, frame size and timestamps (H.264 for mp4/mov/mkv/avi,
-VP9 for webm), is written to a temporary file next to the destination and renamed when
-complete, and carries the input's audio only with ``keep_audio`` (the audio packets are
-copied, not re-encoded; voices are identifying too, so it is opt-in). Container metadata is not
-copied. Rotation metadata of phone videos is not applied (frames are processed as stored).
+**Orientation.** Phone videos are often stored sideways with a display matrix (rotation and
+possibly a mirror) that players apply. facepriv applies it to every decoded frame (the same
+transform as ffmpeg's autorotation), so detection and de-identification work on upright
+faces, and writes the upright frames with no display matrix: the output plays upright
+everywhere and its stored frame size is the displayed one.
+
+The output has the input's frame count, displayed frame size and timestamps (H.264 for
+mp4/mov/mkv/avi, VP9 for webm), is written to a temporary file next to the destination and
+renamed when complete, and carries the input's audio only with ``keep_audio`` (the audio
+packets are copied, not re-encoded; voices are identifying too, so it is opt-in). Container
+metadata is not copied.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ class VideoOptions:
     detect_every: int = 1  # run the detector on every N-th frame (tracking fills the others)
     track_hold: int = 10  # frames a track is kept (and its box held) without a detection
     iou: float = 0.3  # minimum box overlap to continue a track
-    grow: float = 0.03  # held boxes grow by this fraction per frame held (capped at +30 %)
+    grow: float = 0.05  # held boxes grow by this fraction of the face per frame held (capped at +100 %)
     keep_audio: bool = False
     crf: int = 18  # encoder quality (lower = better; H.264 / VP9 constant-quality)
     codec: str | None = None  # None = by container: libx264 (mp4/mov/mkv/avi/m4v), libvpx-vp9 (webm)
@@ -60,6 +70,8 @@ class VideoOptions:
             raise ConfigError("--track-hold must be >= 0")
         if not 0 < self.iou <= 1:
             raise ConfigError("tracking IoU must be in (0, 1]")
+        if self.grow < 0:
+            raise ConfigError("the growth of held boxes must be >= 0")
 
     @property
     def hold(self) -> int:
@@ -146,18 +158,52 @@ def _lerp_face(a: Face, b: Face, w: float, track: int) -> Face:
                 score=min(a.score, b.score), extra={"track": track, "state": "interpolated"})
 
 
-def _held_face(f: Face, distance: int, grow: float, track: int) -> Face:
-    g = 1.0 + min(0.3, grow * distance)
-    c = (f.box[:2] + f.box[2:]) / 2
-    half = (f.box[2:] - f.box[:2]) / 2 * g
-    return Face(box=np.concatenate([c - half, c + half]).astype(np.float32),
-                landmarks=(c + (f.landmarks - c) * g).astype(np.float32), score=f.score,
-                extra={"track": track, "state": "held"})
+#: detections used to estimate a track's velocity at each of its ends
+VELOCITY_WINDOW = 5
+#: held boxes grow by at most this fraction of the face size (``grow`` per frame until then)
+MAX_GROW = 1.0
+#: margin of a held box, as a fraction of the distance the face travelled since it was seen
+SPEED_SLACK = 0.5
 
 
-def faces_per_frame(tracks: list[Track], n_frames: int, *, hold: int, grow: float = 0.03) -> list[list[Face]]:
+def end_velocity(track: Track, end: str = "last", window: int = VELOCITY_WINDOW) -> np.ndarray:
+    """Velocity (px/frame, x and y) of the box centre at the track's ``"first"`` or ``"last"``
+    detection: a least-squares line through the centres of its ``window`` detections at that end."""
+    k = min(window, len(track.frames))
+    if k < 2:
+        return np.zeros(2)
+    sl = slice(-k, None) if end == "last" else slice(0, k)
+    f = np.asarray(track.frames[sl], np.float64)
+    c = np.stack([(face.box[:2] + face.box[2:]) / 2 for face in track.faces[sl]]).astype(np.float64)
+    if np.ptp(f) == 0:
+        return np.zeros(2)
+    ff = f - f.mean()
+    return (ff[:, None] * (c - c.mean(0))).sum(0) / (ff**2).sum()
+
+
+def _held_face(f: Face, distance: int, velocity: np.ndarray, grow: float, track: int,
+               frame_size: tuple[int, int] | None = None) -> Face:
+    """``f`` moved by ``velocity`` x ``distance`` frames (signed: negative = before ``f``) and
+    enlarged for the uncertainty of where the face went (see the module docstring)."""
+    d = abs(distance)
+    c0 = (f.box[:2] + f.box[2:]).astype(np.float64) / 2
+    half0 = (f.box[2:] - f.box[:2]).astype(np.float64) / 2
+    c = c0 + np.asarray(velocity, np.float64) * distance
+    if frame_size is not None:  # a face leaving the picture is held at its edge, never outside
+        c = np.clip(c, 0.0, np.asarray(frame_size, np.float64))
+    g = 1.0 + min(MAX_GROW, grow * d)
+    half = half0 * g + SPEED_SLACK * float(np.hypot(*velocity)) * d
+    scale = float(np.max(half / np.maximum(half0, 1e-6)))
+    lm = c + (f.landmarks.astype(np.float64) - c0) * scale
+    return Face(box=np.concatenate([c - half, c + half]).astype(np.float32), landmarks=lm.astype(np.float32),
+                score=f.score, extra={"track": track, "state": "held", "since": d})
+
+
+def faces_per_frame(tracks: list[Track], n_frames: int, *, hold: int, grow: float = 0.05,
+                    frame_size: tuple[int, int] | None = None) -> list[list[Face]]:
     """The faces to protect in every frame: detections, interpolations inside tracks and
-    holds for ``hold`` frames before a track's first and after its last detection."""
+    holds for ``hold`` frames before a track's first and after its last detection, moving at
+    the track's velocity (``frame_size`` (width, height) keeps held faces inside the frame)."""
     out: list[list[Face]] = [[] for _ in range(n_frames)]
     for t in tracks:
         frames = t.frames
@@ -168,17 +214,64 @@ def faces_per_frame(tracks: list[Track], n_frames: int, *, hold: int, grow: floa
                 nxt, nface = frames[k + 1], t.faces[k + 1]
                 for g in range(f + 1, min(nxt, n_frames)):
                     out[g].append(_lerp_face(face, nface, (g - f) / (nxt - f), t.id))
+        v_first, v_last = end_velocity(t, "first"), end_velocity(t, "last")
         for d in range(1, hold + 1):
-            if frames[0] - d >= 0:
-                out[frames[0] - d].append(_held_face(t.faces[0], d, grow, t.id))
-            if frames[-1] + d < n_frames:
-                out[frames[-1] + d].append(_held_face(t.faces[-1], d, grow, t.id))
+            if 0 <= frames[0] - d < n_frames:
+                out[frames[0] - d].append(_held_face(t.faces[0], -d, v_first, grow, t.id, frame_size))
+            if 0 <= frames[-1] + d < n_frames:
+                out[frames[-1] + d].append(_held_face(t.faces[-1], d, v_last, grow, t.id, frame_size))
     return out
 
 
 # ----------------------------------------------------------------------------- reading
+#: a display matrix's 2x2 part, as signs (a, b, c, d) of FFmpeg's ``AV_PKT_DATA_DISPLAYMATRIX``
+#: layout, -> (k, mirror): the upright picture is ``np.rot90(np.fliplr(x) if mirror else x, k)``.
+#: Checked against ffmpeg's own autorotation for all eight orientations (tests/test_video.py).
+_ORIENTATIONS = {
+    (1, 0, 0, 1): (0, False), (1, 0, 0, -1): (2, True), (-1, 0, 0, 1): (0, True), (-1, 0, 0, -1): (2, False),
+    (0, -1, 1, 0): (1, False), (0, 1, 1, 0): (1, True), (0, -1, -1, 0): (3, True), (0, 1, -1, 0): (3, False),
+}
+
+
+def frame_orientation(frame) -> tuple[int, bool]:
+    """(quarter turns counter-clockwise, mirrored) that make a decoded PyAV frame upright, from
+    its display matrix (rotations that are not a multiple of 90 degrees are rounded)."""
+    matrix = None
+    try:
+        for sd in frame.side_data:
+            if str(getattr(sd, "type", "")).upper().endswith("DISPLAYMATRIX"):
+                matrix = np.frombuffer(bytes(sd), dtype=np.int32)[:9]
+                break
+    except (AttributeError, TypeError, ValueError):
+        matrix = None
+    if matrix is None or matrix.size < 5:
+        rot = int(round(float(getattr(frame, "rotation", 0) or 0) / 90.0)) % 4
+        return rot, False
+    a, b, c, d = (float(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    if max(abs(a), abs(d)) >= max(abs(b), abs(c)):
+        key = (int(np.sign(a)) or 1, 0, 0, int(np.sign(d)) or 1)
+    else:
+        key = (0, int(np.sign(b)) or 1, int(np.sign(c)) or 1, 0)
+    return _ORIENTATIONS[key]
+
+
+def upright(rgb: np.ndarray, orientation: tuple[int, bool]) -> np.ndarray:
+    """Apply :func:`frame_orientation`'s transform to an (H, W, 3) frame."""
+    k, mirror = orientation
+    if mirror:
+        rgb = rgb[:, ::-1]
+    if k % 4:
+        rgb = np.rot90(rgb, k)
+    return np.ascontiguousarray(rgb)
+
+
+def _decoded(frame) -> np.ndarray:
+    return upright(frame.to_ndarray(format="rgb24"), frame_orientation(frame))
+
+
 def probe(path: str | os.PathLike) -> dict:
-    """Frame count (when the container knows it), rate, size and audio of a video file."""
+    """Frame count (when the container knows it), rate, displayed (upright) size, stored size,
+    orientation and audio of a video file (the first frame is decoded for the orientation)."""
     import av
 
     try:
@@ -186,25 +279,35 @@ def probe(path: str | os.PathLike) -> dict:
             if not c.streams.video:
                 raise FaceprivError(f"{path} has no video stream")
             vs = c.streams.video[0]
+            w, h = vs.codec_context.width, vs.codec_context.height
+            orientation = (0, False)
+            for frame in c.decode(vs):
+                orientation = frame_orientation(frame)
+                w, h = frame.width, frame.height
+                break
+            k, mirror = orientation
+            dw, dh = (h, w) if k % 2 else (w, h)
             return {"frames": int(vs.frames or 0), "fps": float(vs.average_rate or vs.guessed_rate or 0),
-                    "width": vs.codec_context.width, "height": vs.codec_context.height,
+                    "width": dw, "height": dh, "stored_size": [w, h],
+                    "rotation": 90 * k, "mirrored": mirror,
                     "codec": vs.codec_context.name, "audio": [a.codec_context.name for a in c.streams.audio]}
     except av.error.FFmpegError as exc:
         raise FaceprivError(f"cannot read video {path}: {exc}") from None
 
 
-def iter_frames(path: str | os.PathLike):
-    """Decoded frames of the first video stream as (index, rgb uint8 (H, W, 3))."""
+def iter_frames(path: str | os.PathLike, *, raw: bool = False):
+    """Decoded frames of the first video stream as (index, rgb uint8 (H, W, 3)), upright (the
+    display matrix applied; ``raw=True``: as stored)."""
     import av
 
     with av.open(str(path)) as c:
         for i, frame in enumerate(c.decode(video=0)):
-            yield i, frame.to_ndarray(format="rgb24")
+            yield i, (frame.to_ndarray(format="rgb24") if raw else _decoded(frame))
 
 
 def detect_video(path: str | os.PathLike, detector, *, policy: FacePolicy | None = None,
                  options: VideoOptions | None = None, progress: bool = True) -> tuple[list[list[Face]], int]:
-    """Pass 1: detections per frame (empty lists for frames not detected) and the frame count."""
+    """Pass 1: detections per (upright) frame (empty lists for frames not detected) and the frame count."""
     options = options or VideoOptions()
     policy = policy or FacePolicy()
     total = probe(path)["frames"] or None
@@ -231,14 +334,17 @@ def detect_video(path: str | os.PathLike, detector, *, policy: FacePolicy | None
     return detections, len(detections)
 
 
-def track(detections: list[list[Face]], options: VideoOptions | None = None) -> tuple[list[Track], list[list[Face]]]:
-    """Tracks over the detections and the faces to protect in every frame."""
+def track(detections: list[list[Face]], options: VideoOptions | None = None,
+          frame_size: tuple[int, int] | None = None) -> tuple[list[Track], list[list[Face]]]:
+    """Tracks over the detections and the faces to protect in every frame (``frame_size``:
+    (width, height), keeps held faces inside the frame)."""
     options = options or VideoOptions()
     tracker = IoUTracker(hold=options.hold, iou=options.iou)
     for i, faces in enumerate(detections):
         if faces:
             tracker.update(i, faces)
-    return tracker.tracks, faces_per_frame(tracker.tracks, len(detections), hold=options.hold, grow=options.grow)
+    return tracker.tracks, faces_per_frame(tracker.tracks, len(detections), hold=options.hold, grow=options.grow,
+                                           frame_size=frame_size)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -262,7 +368,9 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
     """De-identify every face of the video ``src`` into ``dst`` (see the module docstring).
 
     ``methods``: :class:`~facepriv.deid.base.DeidMethod` objects applied in sequence. Returns
-    a summary (frames, faces, tracks, interpolated and held faces, timings).
+    a summary (frames, faces, tracks, interpolated and held faces, orientation, timings).
+    Raises :class:`FaceprivError` (and writes nothing) when the second pass decodes a different
+    number of frames than the first: the faces of a frame that was not detected are never guessed.
     """
     import av
 
@@ -274,10 +382,11 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
     if dst.resolve() == src.resolve():
         raise FileExistsError(f"refusing to overwrite the input file {src}")
     info = probe(src)
+    w, h = info["width"], info["height"]  # displayed (upright) size
     t0 = time.perf_counter()
     detections, n = detect_video(src, detector, policy=policy, options=options, progress=progress)
     t_detect = time.perf_counter() - t0
-    tracks, per_frame = track(detections, options)
+    tracks, per_frame = track(detections, options, frame_size=(w, h))
     if not tracks:
         if policy.on_no_face == "error":
             raise NoFaceError(f"no face found in {src}")
@@ -301,8 +410,7 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
             codec = _codec_for(dst, options.codec)
             rate = vs.average_rate or vs.guessed_rate or 25
             ov = out.add_stream(codec, rate=rate)
-            w, h = vs.codec_context.width, vs.codec_context.height
-            ov.width, ov.height = w, h
+            ov.width, ov.height = w, h  # upright frames, written with no display matrix
             ov.pix_fmt = "yuv420p" if (w % 2 == 0 and h % 2 == 0) or codec == "mpeg4" else "yuv444p"
             if codec in ("libx264", "libvpx-vp9", "libvpx"):
                 ov.options = {"crf": str(int(options.crf))} | ({"b:v": "0"} if codec.startswith("libvpx") else {})
@@ -323,8 +431,15 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
                         out.mux(packet)
                         continue
                     for frame in packet.decode():
-                        rgb = frame.to_ndarray(format="rgb24")
-                        faces = per_frame[written] if written < len(per_frame) else (per_frame[-1] if per_frame else [])
+                        if written >= len(per_frame):
+                            raise FaceprivError(
+                                f"{src}: the protect pass decoded more frames than the detect pass ({len(per_frame)}); "
+                                "the video was not written (its faces would have to be guessed)")
+                        rgb = _decoded(frame)
+                        if rgb.shape[:2] != (h, w):
+                            raise FaceprivError(f"{src}: the frame size changes within the video "
+                                                f"({w}x{h}, then {rgb.shape[1]}x{rgb.shape[0]}); not supported")
+                        faces = per_frame[written]
                         if faces:
                             x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div_(255)
                             y = deidentify(x, faces, methods)
@@ -343,13 +458,18 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
                         bar.advance(task)
                 for p in ov.encode():
                     out.mux(p)
+            if written != len(per_frame):
+                raise FaceprivError(f"{src}: the protect pass decoded {written} frames, the detect pass {len(per_frame)}; "
+                                    "the video was not written")
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {
-        "status": "ok" if tracks else "copied", "frames": written, "frames_in": info["frames"] or n,
-        "fps": round(info["fps"], 3), "size": [info["width"], info["height"]], "codec": codec,
+    summary = {
+        "status": "ok", "frames": written, "frames_in": info["frames"] or n,
+        "fps": round(info["fps"], 3), "size": [w, h], "codec": codec,
+        "orientation": {"rotation": info["rotation"], "mirrored": info["mirrored"],
+                        "stored_size": info["stored_size"]},
         "audio_kept": audio_in is not None,
         "tracks": len(tracks), "faces": max((len(f) for f in per_frame), default=0),
         "face_instances": states, "frames_with_faces": sum(1 for f in per_frame if f),
@@ -357,6 +477,9 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
         "timings": {"detect_s": round(t_detect, 3), "protect_s": round(time.perf_counter() - t1, 3)},
         "fps_processed": round(written / max(1e-9, time.perf_counter() - t0), 2),
     }
+    if not tracks:  # on_no_face="copy": the frames went through unchanged, but re-encoded (lossy)
+        summary["reason"] = "no face found: frames re-encoded unchanged"
+    return summary
 
 
 def frame_count(path: str | os.PathLike) -> int:
