@@ -267,3 +267,26 @@ def test_cli_inpaint_on_a_real_photo_with_both_guards(tmp_path, tiny, mtcnn):
     # an untrained model paints noise: certainly no longer the same person
     assert face["identity_ok"] is True and face["similarity"] < -0.6
     assert (out / "obama.png").is_file()
+
+
+@pytest.mark.realmodels
+def test_cli_guard_fallback_error_fails_the_file(tmp_path, tiny, mtcnn):
+    """--guard-fallback error through the CLI: a face no generation can get past the guard
+    (threshold unreachable) fails its file, nothing is written and the exit code says so."""
+    from typer.testing import CliRunner
+
+    from facepriv.cli import app
+    from facepriv.cli.common import hoist_global_options
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(fixture_path("obama.jpg"), src / "obama.jpg")
+    out = tmp_path / "out"
+    args = ["deid", str(src), "--method", "inpaint", "--score-model", str(tiny), "--inpaint-steps", "2",
+            "--jump-length", "1", "--jump-samples", "1", "--guard-tries", "1", "--guard-threshold", "-100",
+            "--no-expression-guard", "--guard-fallback", "error", "--out", str(out), "--format", "png"]
+    r = CliRunner().invoke(app, hoist_global_options(args))
+    assert r.exit_code == 1, r.output
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "error" and "guard" in row["error"].lower()
+    assert not (out / "obama.png").exists()

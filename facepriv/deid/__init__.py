@@ -6,7 +6,8 @@
 Methods (``METHODS``; one interface, :class:`~facepriv.deid.base.DeidMethod`): classical
 (blur, pixelate, mask, eyebar, noise), k-Same (k-same-average, k-same-select,
 k-same-pixelate), adversarial (imperceptible L-inf noise against FR models) and generative
-(inpaint: RePaint with identity and expression guards).
+(inpaint: RePaint or a diffusers inpainting pipeline, with identity and expression guards
+and a classical fallback for faces that still match).
 Videos: :func:`~facepriv.deid.video.deid_video`.
 """
 

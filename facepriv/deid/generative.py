@@ -311,6 +311,10 @@ class DiffusionInpaint(DeidMethod):
 
     name = "inpaint"
     default_feather = 0.1
+    #: the regenerated area is always the inner-face ellipse of the aligned crop (``strength``
+    #: scales it), so head and box are not applied to the generation (the classical fallback
+    #: of the identity guard does cover the requested region)
+    regions = ("face",)
 
     def __init__(self, *, score_model: str = "ddpm-celebahq-256", weights: str | os.PathLike | None = None,
                  steps: int = 100, jump_length: int = 10, jump_n_sample: int = 3, eta: float = 1.0,
