@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fixture_path
 from facepriv.models import OfflineError, create_model, get_spec
 from facepriv.models.convert.tf_graph import Graph, NodeDef, parse_graph_def, read_graph
 from facepriv.models.facenet import (
@@ -23,7 +24,6 @@ from facepriv.models.facenet import (
 )
 from facepriv.models.recognition import FaceRecognizer
 
-PORTRAITS = Path("/work/shared/data/portraits")
 VGG_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 
 
@@ -320,7 +320,7 @@ def _face_crops(names: list[str]) -> torch.Tensor:
     det = dlib.get_frontal_face_detector()
     crops = []
     for name in names:
-        img = Image.open(PORTRAITS / name).convert("RGB")
+        img = Image.open(fixture_path(name)).convert("RGB")
         s = 640 / max(img.size)
         small = np.asarray(
             img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
@@ -349,7 +349,6 @@ def test_parity_with_opencv_synthetic(casia):
 
 
 @pytest.mark.realmodels
-@pytest.mark.skipif(not PORTRAITS.is_dir(), reason="no portraits in /work/shared/data")
 def test_parity_and_identity_on_real_faces(casia):
     model, pb = casia
     x = _face_crops(["obama.jpg", "obama2.jpg", "biden.jpg"])

@@ -268,3 +268,109 @@ def test_arcface_onnx_import_and_bad_file(tmp_path: Path, home: Path):
     (junk := tmp_path / "junk.onnx").write_bytes(b"\x00not onnx")
     with pytest.raises(FaceprivError):
         create_model("arcface-r100", weights=junk)
+
+
+# --------------------------------------------------------------------------- the published layouts
+# Key names and shapes of the research checkpoints, written out here from the upstream module
+# definitions - face.evoLVe backbone/model_irse.py (``IR_152``) and TreB1eN InsightFace_Pytorch
+# model.py (``Backbone(50, 0.6, 'ir_se')``, ``MobileFaceNet(512)``): ``bottleneck_IR(_SE)``,
+# ``get_blocks``, ``Conv_block`` / ``Linear_block`` / ``Depth_Wise`` / ``Residual`` - not from
+# facepriv's modules, so a drift of facepriv's module tree from the published files shows up.
+def _bn(out: list, key: str, c: int) -> None:
+    out += [(f"{key}.weight", (c,)), (f"{key}.bias", (c,)), (f"{key}.running_mean", (c,)),
+            (f"{key}.running_var", (c,)), (f"{key}.num_batches_tracked", ())]
+
+
+def _published_ir(num_units: tuple[int, int, int, int], se: bool) -> list[tuple[str, tuple]]:
+    out: list[tuple[str, tuple]] = [("input_layer.0.weight", (64, 3, 3, 3))]
+    _bn(out, "input_layer.1", 64)
+    out.append(("input_layer.2.weight", (64,)))  # PReLU(64)
+    _bn(out, "output_layer.0", 512)  # .1 Dropout and .2 Flatten hold nothing
+    out += [("output_layer.3.weight", (512, 512 * 7 * 7)), ("output_layer.3.bias", (512,))]
+    _bn(out, "output_layer.4", 512)
+    idx = 0
+    for in_c, depth, n in zip((64, 64, 128, 256), (64, 128, 256, 512), num_units):
+        for i in range(n):
+            cin, p = (in_c if i == 0 else depth), f"body.{idx}"
+            if cin != depth:  # else MaxPool2d(1, stride): no tensors
+                out.append((f"{p}.shortcut_layer.0.weight", (depth, cin, 1, 1)))
+                _bn(out, f"{p}.shortcut_layer.1", depth)
+            _bn(out, f"{p}.res_layer.0", cin)
+            out += [(f"{p}.res_layer.1.weight", (depth, cin, 3, 3)), (f"{p}.res_layer.2.weight", (depth,)),
+                    (f"{p}.res_layer.3.weight", (depth, depth, 3, 3))]
+            _bn(out, f"{p}.res_layer.4", depth)
+            if se:  # SEModule(depth, 16): two bias-free 1x1 convs
+                out += [(f"{p}.res_layer.5.fc1.weight", (depth // 16, depth, 1, 1)),
+                        (f"{p}.res_layer.5.fc2.weight", (depth, depth // 16, 1, 1))]
+            idx += 1
+    return out
+
+
+def _published_mobileface() -> list[tuple[str, tuple]]:
+    out: list[tuple[str, tuple]] = []
+
+    def conv_block(key, cin, cout, k, groups=1, prelu=True):
+        out.append((f"{key}.conv.weight", (cout, cin // groups, k, k)))
+        _bn(out, f"{key}.bn", cout)
+        if prelu:
+            out.append((f"{key}.prelu.weight", (cout,)))
+
+    def depth_wise(key, cin, cout, groups):
+        conv_block(f"{key}.conv", cin, groups, 1)
+        conv_block(f"{key}.conv_dw", groups, groups, 3, groups=groups)
+        conv_block(f"{key}.project", groups, cout, 1, prelu=False)  # Linear_block
+
+    conv_block("conv1", 3, 64, 3)
+    conv_block("conv2_dw", 64, 64, 3, groups=64)
+    depth_wise("conv_23", 64, 64, 128)
+    for i in range(4):
+        depth_wise(f"conv_3.model.{i}", 64, 64, 128)
+    depth_wise("conv_34", 64, 128, 256)
+    for i in range(6):
+        depth_wise(f"conv_4.model.{i}", 128, 128, 256)
+    depth_wise("conv_45", 128, 128, 512)
+    for i in range(2):
+        depth_wise(f"conv_5.model.{i}", 128, 128, 256)
+    conv_block("conv_6_sep", 128, 512, 1)
+    conv_block("conv_6_dw", 512, 512, 7, groups=512, prelu=False)  # Linear_block
+    out.append(("linear.weight", (512, 512)))  # Linear(512, 512, bias=False)
+    _bn(out, "bn", 512)
+    return out
+
+
+PUBLISHED = {
+    "ir152": lambda: _published_ir((3, 8, 36, 3), se=False),
+    "irse50": lambda: _published_ir((3, 4, 14, 3), se=True),
+    "mobileface": _published_mobileface,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_modules_have_the_published_checkpoint_layout(name: str):
+    want = PUBLISHED[name]()
+    got = [(k, tuple(v.shape)) for k, v in BUILDERS[name]().state_dict().items()]
+    assert got == want  # same names, same shapes, same order
+
+
+@pytest.mark.parametrize("name", ["irse50", "mobileface"])
+def test_a_file_in_the_published_layout_loads(name: str, tmp_path: Path, home: Path):
+    """A checkpoint written from the published layout alone (old-style, without BN counters)
+    loads strictly, every tensor in its place."""
+    g = torch.Generator().manual_seed(11)
+    state = {}
+    for k, shape in PUBLISHED[name]():
+        if shape == ():
+            continue  # no num_batches_tracked, as in checkpoints saved by torch < 0.4.1
+        if len(shape) == 1 and k.endswith(("running_var", "weight")):  # BN scales and variances, PReLU
+            state[k] = torch.rand(shape, generator=g) * 0.4 + 0.8
+        elif len(shape) == 1:
+            state[k] = torch.randn(shape, generator=g) * 0.1
+        else:  # keeps activations bounded through the depth
+            state[k] = torch.randn(shape, generator=g) * (0.7 / (torch.Size(shape)[1:].numel() ** 0.5))
+    torch.save(state, path := tmp_path / f"{name}.pth")
+    fr = create_model(name, weights=path)
+    loaded = fr.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with torch.no_grad():
+        emb = fr(torch.rand(2, 3, 112, 112, generator=g))
+    assert emb.shape == (2, 512) and torch.isfinite(emb).all()

@@ -237,8 +237,10 @@ def test_torch_port_matches_onnxruntime(models, faces):
     diff = (a - b).abs().max().item()
     print(f"\nsface torch vs onnxruntime: min cosine {cos.min().item():.8f}, max |diff| {diff:.2e} "
           f"(embedding max |v| {b.abs().max().item():.2f}, {len(x)} inputs)")
-    assert cos.min() > 0.9999
-    assert diff < 1e-3
+    # measured 3.8e-6 (max |v| 4.2, float32 summation order differs between the runtimes);
+    # 1e-5 leaves room for other CPUs' kernels and still catches any real weight/layout error
+    assert cos.min() > 1 - 1e-6
+    assert diff < 1e-5
     # batch composition does not change a face's embedding
     with torch.no_grad():
         single = models["torch"](x[:1])

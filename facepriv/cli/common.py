@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..core.errors import ConfigError, FaceprivError
+from ..core.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, resolve_max_pixels
 
 out_console = Console()  # stdout
 err_console = Console(stderr=True)
@@ -66,34 +68,59 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+USAGE_EXIT = 2  # a usage error: bad option, bad setting, nothing to do (ConfigError, click's own)
+FAILURE_EXIT = 1  # the run itself failed (a model, a file, a bug)
+
+
 def handle_errors(fn):
-    """Turn expected failures into a one-line message and the documented exit code."""
+    """Turn failures into a one-line message and the documented exit code.
+
+    Only usage errors exit 2: :class:`ConfigError` (bad options or settings, an empty input
+    set, outputs that would collide or replace inputs) and click's own usage errors, which
+    click reports itself. Everything else - a corrupt or missing weights file, a failed
+    download, an unexpected exception - exits 1; ``--verbose`` adds the traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
-        except (ConfigError, ValueError, FileNotFoundError) as exc:
+        except ConfigError as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             if state.verbose:
                 err_console.print_exception()
-            raise typer.Exit(2) from None
-        except FaceprivError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            if state.verbose:
-                err_console.print_exception()
-            raise typer.Exit(1) from None
+            raise typer.Exit(USAGE_EXIT) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted")
             raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - expected failures and bugs alike: message, exit 1
+            text = str(exc) if isinstance(exc, FaceprivError) else f"{type(exc).__name__}: {exc}"
+            err_console.print(f"[red]error:[/red] {text}")
+            if state.verbose:
+                err_console.print_exception()
+            elif not isinstance(exc, FaceprivError | OSError | ValueError):
+                err_console.print("[dim](run with --verbose for the traceback)[/dim]")
+            raise typer.Exit(FAILURE_EXIT) from None
 
     return wrapper
 
 
 def emit_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    """Strict JSON on stdout: non-finite floats become "inf" / "-inf" / "nan" strings (never the
+    non-standard Infinity / NaN tokens)."""
+
+    def finite(obj):
+        if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+            return "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
+        if isinstance(obj, dict):
+            return {k: finite(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [finite(v) for v in obj]
+        return obj
+
+    sys.stdout.write(json.dumps(finite(payload), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -105,12 +132,20 @@ def print_batch_summary(summary, title: str) -> None:
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("status")
     table.add_column("files", justify="right")
+    no_face = getattr(summary, "no_face", {}) or {}
+    labels = {"copied": "copied (no face found: unchanged)", "skipped": "skipped"}
     for status, n in sorted(summary.counts.items()):
         style = {"error": "red", "ok": "green"}.get(status, "yellow")
-        table.add_row(f"[{style}]{status}[/{style}]", str(n))
+        label = labels.get(status, status) if no_face.get(status) == n else status
+        table.add_row(f"[{style}]{label}[/{style}]", str(n))
     if summary.resumed:
         table.add_row("[cyan]already done (resume)[/cyan]", str(summary.resumed))
     out_console.print(table)
+    copied = no_face.get("copied", 0)
+    if copied:
+        out_console.print(
+            f"[yellow]{copied} file(s) had no face the detector could find and were written through "
+            "unchanged (metadata stripped): check them, or use --on-no-face error / skip.[/yellow]")
     if summary.failures:
         out_console.print(f"[red]{len(summary.failures)} file(s) failed:[/red]")
         for path, err in summary.failures:
@@ -144,7 +179,28 @@ Resume = Annotated[bool, typer.Option("--resume", help="Skip inputs already done
 Quality = Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality of outputs.")]
 KeepMetadata = Annotated[bool, typer.Option(
     "--keep-metadata", help="Keep EXIF (never GPS). By default all metadata is stripped.")]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (decompression bombs).")]
+
+
+def _max_pixels_value(value: int | None) -> int:
+    """--max-pixels / FACEPRIV_MAX_PIXELS (click reads the variable) -> the limit in force (0 = none)."""
+    try:
+        return resolve_max_pixels(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def resolve_max_pixels_option(value: int | None) -> int:
+    """For commands that receive ``--max-pixels`` as None: the env value or the default, or a
+    usage error (exit 2) naming a malformed FACEPRIV_MAX_PIXELS."""
+    return _max_pixels_value(value)
+
+
+# envvar: the option's value comes from FACEPRIV_MAX_PIXELS when not given (a malformed value is
+# a usage error naming the variable); the command's default applies only when neither is set.
+MaxPixels = Annotated[int | None, typer.Option(
+    "--max-pixels", envvar=MAX_PIXELS_ENV, callback=_max_pixels_value,
+    help=f"Refuse images with more pixels (decompression bombs); 0 = no limit. [default: {DEFAULT_MAX_PIXELS}]",
+    show_default=False)]
 Format = Annotated[str | None, typer.Option("--format", help="Output format for all files: jpg, png, webp, tiff, bmp.")]
 OnNoFace = Annotated[str, typer.Option("--on-no-face", help="No face found: skip | copy (unchanged) | error.")]
 MaxFaces = Annotated[int | None, typer.Option("--max-faces", min=1, help="Only the N largest faces per image.")]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from . import common
@@ -24,11 +25,59 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
-def _spec_size(spec) -> int | None:
+def _spec_size(spec) -> tuple[int | None, bool]:
+    """(bytes, approximate?) of the model's weights: the spec's or a source's recorded size, else
+    the approximate download size known for a hub repository."""
     if spec.size_bytes:
-        return spec.size_bytes
-    sizes = [getattr(s, "size", None) for s in spec.sources]
-    return next((s for s in sizes if s), None)
+        return spec.size_bytes, False
+    for src in spec.sources:
+        if getattr(src, "size", None):
+            return src.size, False
+    for src in spec.sources:
+        approx = getattr(src, "approx_size", None)
+        if approx:
+            return approx, True
+    return None, False
+
+
+def _short_license(text: str) -> str:
+    """A licence short enough for the table (`models info` shows the full text)."""
+    head = text.split(";")[0].split(" (")[0].strip()
+    if len(head) <= 14:
+        return head
+    low = text.lower()
+    if "research" in low:
+        return "research use"
+    return head[:13] + "…"
+
+
+_STYLES = {"yes": "green", "download": "yellow", "needs file": "magenta"}
+
+
+def models_table(rows: list[dict], width: int) -> Table:
+    """The `models list` table. Under 100 columns the source goes on a second, dimmed line
+    below the name, so that nothing is folded mid-word at 80 columns."""
+    wide = width >= 100
+    table = Table(title="facepriv models", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, padding=(0, 1, 0, 0) if wide else (0, 0))
+    table.add_column("name" if wide else "name / source", no_wrap=True, overflow="ellipsis")
+    table.add_column("task", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    if wide:
+        table.add_column("source", no_wrap=True, overflow="ellipsis")
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("license", overflow="fold")
+    for r in rows:
+        avail = f"[{_STYLES[r['status']]}]{r['status']}[/]"
+        size = _size(r["size_bytes"])
+        if r.get("size_approx") and r["size_bytes"]:
+            size = f"~{r['size_bytes'] / 1024 ** 2:.0f} MB"
+        lic = _short_license(r["license"])
+        if wide:
+            table.add_row(r["name"], r["task"], avail, r["source_short"], size, lic)
+        else:
+            table.add_row(f"{r['name']}\n[dim] {r['source_short']}[/dim]", r["task"], avail, size, lic)
+    return table
 
 
 @app.command("list", help="Every model with its task, whether it is usable offline now, source, size and licence.")
@@ -39,22 +88,16 @@ def list_(task: Annotated[str | None, typer.Option("--task", help="Only this tas
     rows = []
     for spec in list_models(task):
         av = availability(spec)
+        size, approx = _spec_size(spec)
         rows.append({"name": spec.name, "task": spec.task, "available": av.available, "status": av.status,
-                     "source": av.where, "source_short": av.short, "size_bytes": _spec_size(spec),
+                     "source": av.where, "source_short": av.short, "size_bytes": size, "size_approx": approx,
                      "license": spec.license})
     if state.json:
         common.emit_json(rows)
         return
-    table = Table(title="facepriv models", header_style="bold")
-    for col in ("name", "task", "available", "source", "size", "license"):
-        table.add_column(col, no_wrap=col in ("name", "available", "size"), overflow="fold")
-    styles = {"yes": "green", "download": "yellow", "needs file": "magenta"}
-    for r in rows:
-        avail = f"[{styles[r['status']]}]{r['status']}[/]"
-        lic = r["license"].split(";")[0].split(" (")[0]
-        table.add_row(r["name"], r["task"], avail, r["source_short"], _size(r["size_bytes"]), lic)
-    out_console.print(table)
-    out_console.print("[dim]`facepriv models info NAME` shows every source; `facepriv models fetch NAME` downloads.[/dim]")
+    out_console.print(models_table(rows, out_console.width))
+    out_console.print("[dim]~ approximate download size. `facepriv models info NAME` shows every source and the "
+                      "full licence; `facepriv models fetch NAME` downloads.[/dim]")
 
 
 @app.command("info", help="Everything the registry knows about one model.")
@@ -71,7 +114,8 @@ def info(name: str):
         "thresholds": dict(spec.thresholds), "threshold_source": spec.threshold_source, "labels": list(spec.labels),
         "differentiable": spec.differentiable, "runtime": spec.runtime, "reference": spec.reference,
         "available": av.available, "available_from": av.where, "path": str(av.path) if av.path else None,
-        "sources": [s.describe() for s in spec.sources], "size_bytes": _spec_size(spec),
+        "sources": [s.describe() for s in spec.sources], "size_bytes": _spec_size(spec)[0],
+        "size_approx": _spec_size(spec)[1],
     }
     if state.json:
         common.emit_json(data)

@@ -1,12 +1,19 @@
 """The batch runner every command uses on folders of photos.
 
 * Inputs: files, folders (recursive, ``glob``), or text lists (``@list.txt`` / ``*.txt``, one
-  path per line, ``#`` comments). The output tree mirrors the input tree under ``out``.
+  path per line, ``#`` comments). The output tree mirrors the input tree under ``out``. The
+  output folder is left out of the search only when it lies strictly inside an input folder.
+* Before any work, the planned outputs (after ``output_suffix``, e.g. ``--format``) are checked:
+  an empty input set, two inputs mapping to one output, or an output that would replace any
+  input of the run is a :class:`ConfigError` (a usage error, exit 2). During the run every
+  input is protected from every writer (:func:`facepriv.core.io.protect_inputs`).
 * One bad file never stops the batch: its error is recorded and reported at the end.
 * A JSONL manifest (``out/manifest.jsonl``; ``manifest.rankN.jsonl`` per process under
   accelerate) gets one line per input as soon as it is done: input, output, status, faces,
-  timings, error, and a hash of the settings. ``resume=True`` skips inputs whose last record
-  succeeded with the same settings, an unchanged input and an existing output.
+  timings, error, a hash of the settings, and the ``run_id`` / ``run_started`` of the run that
+  wrote it (runs append to the same file; the run id tells them apart). ``resume=True`` skips
+  inputs whose last record succeeded with the same settings, an unchanged input and an
+  existing output.
 * Outputs are written atomically by the commands (see :mod:`facepriv.core.io`); Ctrl-C stops
   after the current file is finished or discarded, never leaving a half-written one.
 """
@@ -19,12 +26,13 @@ import json
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, FaceprivError
-from .io import IMAGE_SUFFIXES
+from .io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, protect_inputs
 from .progress import make_progress, stderr_console
 
 OK_STATUSES = ("ok", "copied", "skipped")
@@ -56,6 +64,8 @@ class BatchSummary:
     elapsed: float
     manifest: Path
     interrupted: bool = False
+    run_id: str = ""
+    no_face: dict[str, int] = field(default_factory=dict)  # status -> files where no face was found
 
     @property
     def failed(self) -> int:
@@ -67,12 +77,18 @@ class BatchSummary:
             return 130
         return 1 if self.failed else 0
 
+    @property
+    def copied_without_face(self) -> int:
+        """Files written through unchanged because no face was found (``--on-no-face copy``)."""
+        return self.no_face.get("copied", 0)
+
     def to_json(self) -> dict:
         return {
             "total": self.total, "counts": self.counts, "resumed": self.resumed,
+            "no_face": dict(self.no_face),
             "failures": [{"input": p, "error": e} for p, e in self.failures],
             "elapsed_s": round(self.elapsed, 3), "manifest": str(self.manifest),
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "run_id": self.run_id,
         }
 
 
@@ -99,8 +115,9 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], *, glob: str | None = No
     """Expand files, folders and list files into input items with output-relative paths.
 
     With one folder the outputs mirror its tree; with several arguments each one's outputs go
-    under a sub-folder named after it, so names never collide. ``exclude``: folders never
-    entered (the output folder, when it sits inside an input folder).
+    under a sub-folder named after it, so names never collide. ``exclude``: folders (the output
+    folder) whose files are skipped, but only where such a folder lies strictly inside an input
+    folder; an exclude that is an input folder itself, or above it, excludes nothing.
     """
     excl = [Path(e).resolve() for e in exclude]
     groups: list[tuple[Path, list[tuple[Path, Path]]]] = []
@@ -115,10 +132,11 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], *, glob: str | None = No
             groups.append((p, [(f, Path(f.name)) for f in files]))
         elif p.is_dir():
             root = p.resolve()
+            inside = [e for e in excl if root in e.parents]  # strictly inside this input folder
             found = []
             walker = root.rglob("*") if recursive else root.glob("*")
             for f in sorted(walker):
-                if any(f == e or e in f.parents for e in excl):
+                if any(f == e or e in f.parents for e in inside):
                     continue
                 if any(part.startswith(".") for part in f.relative_to(root).parts[:-1]):
                     continue
@@ -199,34 +217,80 @@ def done_inputs(out_dir: Path, cfg_hash: str) -> set[str]:
     return done
 
 
+def planned_output(item: InputItem, out_dir: Path, output_suffix: str | None) -> Path:
+    """Where ``item``'s output goes: ``out_dir/rel``, with ``output_suffix`` for images (videos
+    keep their container's suffix)."""
+    dst = out_dir / item.rel
+    if output_suffix and item.path.suffix.lower() not in VIDEO_SUFFIXES:
+        dst = dst.with_suffix(output_suffix)
+    return dst
+
+
+def check_outputs(items: Sequence[InputItem], out_dir: Path, output_suffix: str | None = None) -> dict[Path, Path]:
+    """Plan every output and refuse (:class:`ConfigError`) collisions before any work is done.
+
+    Two inputs must never share an output, and no output may be any input of the run (not just
+    its own). Returns ``{input: output}``.
+    """
+    from .io import _Protected
+
+    if not items:
+        raise ConfigError(
+            "no input files to process: the inputs hold no supported files (an empty folder, a --glob "
+            f"that matches nothing?); supported images: {' '.join(IMAGE_SUFFIXES)}")
+    out_abs = Path(out_dir).absolute()
+    inputs = _Protected(it.path for it in items)
+    planned: dict[Path, Path] = {}
+    owner: dict[str, Path] = {}
+    for it in items:
+        dst = planned_output(it, out_abs, output_suffix)
+        key = os.path.normcase(str(dst))
+        if key in owner and owner[key] != it.path:
+            hint = " (--format gives them the same name)" if output_suffix and owner[key].suffix != it.path.suffix else ""
+            raise ConfigError(f"two inputs map to the same output {dst}: {owner[key]} and {it.path}{hint}; "
+                              "rename one, or process them into different --out folders")
+        owner[key] = it.path
+        hit = inputs.match(dst)
+        if hit is not None:
+            raise ConfigError(f"the output {dst} would overwrite the input {hit}; choose an --out folder "
+                              "that does not hold the inputs (or another --format)")
+        planned[it.path] = dst
+    return planned
+
+
 def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], ItemResult], *,
               out_dir: str | os.PathLike, config: dict, resume: bool = False, description: str = "processing",
               output_suffix: str | None = None, rank: int | None = None, world_size: int = 1,
-              progress: bool = True, verbose: bool = False, command: str = "") -> BatchSummary:
+              progress: bool = True, verbose: bool = False, command: str = "",
+              run_id: str | None = None) -> BatchSummary:
     """Run ``process(item, output_path)`` over ``items``; see the module docstring.
 
     ``rank``/``world_size`` shard the items across processes (each writes its own manifest).
+    ``run_id`` labels this run's manifest rows (default: ``FACEPRIV_RUN_ID`` or a fresh id).
     """
     out_dir = Path(out_dir)
+    check_outputs(items, out_dir, output_suffix)  # before anything is created or run
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = config_hash(config)
+    all_inputs = [it.path for it in items]
     if world_size > 1:
         items = list(items)[(rank or 0)::world_size]
     name = "manifest.jsonl" if world_size <= 1 else f"manifest.rank{rank or 0}.jsonl"
     manifest = Manifest(out_dir / name)
+    run_id = run_id or os.environ.get("FACEPRIV_RUN_ID") or uuid.uuid4().hex[:12]
+    run_started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     already = done_inputs(out_dir, cfg) if resume else set()
     todo = [it for it in items if str(it.path) not in already]
     resumed = len(items) - len(todo)
     counts: dict[str, int] = {}
+    no_face: dict[str, int] = {}
     failures: list[tuple[str, str]] = []
     t0 = time.perf_counter()
     interrupted = False
-    with make_progress(enabled=progress) as bar:
+    with protect_inputs(all_inputs), make_progress(enabled=progress) as bar:
         task = bar.add_task(description, total=len(todo))
         for item in todo:
-            dst = out_dir / item.rel
-            if output_suffix:
-                dst = dst.with_suffix(output_suffix)
+            dst = planned_output(item, out_dir, output_suffix)
             t_item = time.perf_counter()
             try:
                 res = process(item, dst)
@@ -242,6 +306,8 @@ def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], I
                 res = ItemResult(status="error", error=msg)
             res.timings.setdefault("total_s", round(time.perf_counter() - t_item, 4))
             counts[res.status] = counts.get(res.status, 0) + 1
+            if res.status != "error" and res.extra.get("reason") == "no face":
+                no_face[res.status] = no_face.get(res.status, 0) + 1
             if res.status == "error":
                 failures.append((str(item.path), res.error or "unknown error"))
             try:
@@ -253,8 +319,10 @@ def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], I
                 "status": res.status, "faces": res.faces, "error": res.error, "timings": res.timings,
                 "config": cfg, "input_size": size, "input_mtime_ns": mtime, "command": command,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **res.extra,
+                "run_id": run_id, "run_started": run_started,
             })
             bar.advance(task)
     if interrupted:
         stderr_console.print("[yellow]interrupted: finished files are kept, rerun with --resume to continue")
-    return BatchSummary(len(items), counts, failures, resumed, time.perf_counter() - t0, manifest.path, interrupted)
+    return BatchSummary(len(items), counts, failures, resumed, time.perf_counter() - t0, manifest.path, interrupted,
+                        run_id, no_face)

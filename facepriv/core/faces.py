@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import ConfigError
+
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 
@@ -91,9 +93,9 @@ class FacePolicy:
 
     def __post_init__(self):
         if self.on_no_face not in ON_NO_FACE:
-            raise ValueError(f"on_no_face must be one of {ON_NO_FACE}, not {self.on_no_face!r}")
+            raise ConfigError(f"--on-no-face must be one of {', '.join(ON_NO_FACE)}, not {self.on_no_face!r}")
         if self.max_faces is not None and self.max_faces < 1:
-            raise ValueError("max_faces must be at least 1")
+            raise ConfigError("--max-faces must be at least 1")
 
     def select(self, faces: list[Face]) -> list[Face]:
         kept = [f for f in faces if f.size >= self.min_face_size]

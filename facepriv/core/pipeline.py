@@ -14,20 +14,25 @@ from pathlib import Path
 import torch
 
 from .batch import InputItem, ItemResult
-from .errors import NoFaceError
+from .errors import ConfigError, NoFaceError
 from .faces import Face, FaceDetector, FacePolicy
-from .io import DEFAULT_MAX_PIXELS, LoadedImage, load_image, save_image
+from .io import LoadedImage, load_image, resolve_max_pixels, save_image
 
 
 @dataclass
 class SaveOptions:
+    """Output options. ``max_pixels``: the decompression-bomb limit for inputs; None means
+    ``FACEPRIV_MAX_PIXELS`` or the built-in default (resolved here, so a malformed variable is
+    reported before any work and the settings hash records the limit in force), 0 no limit."""
+
     quality: int = 95
     keep_metadata: bool = False
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_pixels: int | None = None
 
     def __post_init__(self):
         if not 1 <= int(self.quality) <= 100:
-            raise ValueError("quality must be between 1 and 100")
+            raise ConfigError(f"quality must be between 1 and 100, not {self.quality}")
+        self.max_pixels = resolve_max_pixels(self.max_pixels)
 
 
 EditFn = Callable[[torch.Tensor, list[Face], LoadedImage], torch.Tensor]

@@ -6,6 +6,8 @@
   a message saying what to fetch and which path to pass instead.
 * Every download is written to a temporary file, checked against its pinned sha256, then
   renamed into place: a partial or tampered file never becomes visible under its final name.
+  Files get the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s ``0o600``, so
+  a shared ``FACEPRIV_HOME`` stays readable by the group the umask allows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ..core.errors import FaceprivError
+from ..core.io import set_default_mode
 
 _TRUE = {"1", "true", "yes", "on"}
 CHUNK = 1 << 20
@@ -90,6 +93,7 @@ def atomic_copy(src: Path, dst: Path, sha256: str | None = None) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        set_default_mode(tmp)
         if sha256 is not None:
             got = sha256_file(tmp)
             if not got.startswith(sha256):
@@ -123,6 +127,7 @@ def download(url: str, dst: Path, *, sha256: str | None, what: str, progress: bo
         total = int(resp.headers.get("content-length") or 0) or None
         from ..core.progress import make_progress
 
+        set_default_mode(fd)
         with os.fdopen(fd, "wb") as f, make_progress(enabled=progress, transient=True, bytes_=True) as bar:
             task = bar.add_task(f"download {dst.name}", total=total)
             for chunk in resp.iter_content(CHUNK):

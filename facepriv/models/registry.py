@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ..core.errors import ConfigError
+from ..core.io import atomic_write_bytes, current_umask, finalize_output
 from . import hub
 from .sources import NotAvailableError, Source, UserFile
 
@@ -66,9 +68,17 @@ class LoadContext:
             return load_file(str(out))
         state = {k: v.detach().contiguous().cpu() for k, v in convert(self.path).items()}
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
-        save_file(state, str(tmp), metadata={"model": self.spec.name, "source": self.source.describe() if self.source else str(self.path)})
-        os.replace(tmp, out)
+        # A private temporary name per writer (several processes may convert at once, e.g.
+        # accelerate ranks sharing FACEPRIV_HOME); the last rename wins with identical content.
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"model": self.spec.name,
+                                            "source": self.source.describe() if self.source else str(self.path)})
+            finalize_output(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return state
 
 
@@ -171,19 +181,31 @@ def import_model(name: str, path: str | os.PathLike, *, copy: bool = True) -> Pa
     dst = src
     if copy:
         dst = hub.home() / "imported" / spec.name / src.name
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        if src.is_dir():
-            shutil.copytree(src, dst)
-        else:
-            hub.atomic_copy(src, dst)
+        if dst.resolve() != src:  # re-importing the imported copy itself keeps it as it is
+            if src.is_dir():
+                staging = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=_mkdir(dst.parent)))
+                os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would make it private
+                try:
+                    shutil.copytree(src, staging, dirs_exist_ok=True)
+                    if dst.exists():
+                        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                    os.replace(staging, dst)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+            else:
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                hub.atomic_copy(src, dst)  # replaces an older copy only once the new one is complete
     table = _read_imports()
     table[spec.name] = str(dst)
-    _imports_file().parent.mkdir(parents=True, exist_ok=True)
-    tmp = _imports_file().with_suffix(".part")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, _imports_file())
+    # a private temporary name per writer, then an atomic rename (concurrent imports never mix)
+    atomic_write_bytes(_imports_file(), json.dumps(table, indent=1).encode())
     return dst
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 def imported_path(name: str) -> Path | None:
@@ -202,7 +224,7 @@ class Availability:
     @property
     def short(self) -> str:
         if self.source is None:
-            return self.where if len(self.where) < 40 else "imported"
+            return "imported" if self.where.startswith("imported") else self.where[:32]
         return self.source.short()
 
     @property
@@ -241,6 +263,7 @@ def resolve_weights(spec: ModelSpec, *, path: str | os.PathLike | None = None, d
     if avail.available:
         return avail.path, avail.source
     errors = []
+    offline = False
     for src in spec.sources:
         if isinstance(src, UserFile) and len(spec.sources) > 1:
             continue
@@ -248,13 +271,16 @@ def resolve_weights(spec: ModelSpec, *, path: str | os.PathLike | None = None, d
             return src.resolve(what=spec.name, download=download, progress=progress), src
         except hub.OfflineError as exc:
             errors.append(str(exc))
+            offline = True
             if hub.is_offline():
                 break
         except NotAvailableError as exc:
             errors.append(str(exc))
     if not errors:
         errors = [str(NotAvailableError(f"{spec.name}: not on this machine"))]
-    raise (hub.OfflineError if hub.is_offline() else NotAvailableError)(" | ".join(errors))
+    # OfflineError only when the network was what failed; a model with no download at all
+    # (a user-supplied checkpoint) is "not available" whatever the offline switch says
+    raise (hub.OfflineError if offline and hub.is_offline() else NotAvailableError)(" | ".join(errors))
 
 
 def fetch(name: str, *, progress: bool = True) -> Path | None:
