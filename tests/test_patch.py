@@ -501,10 +501,12 @@ def test_apply_with_target_differs_and_batches_match_single(tmp_path, mtcnn):
 
 # ============================================================================ CLI
 @pytest.mark.realmodels
-def test_cli_train_then_apply(tmp_path, photo_dirs):
+def test_cli_train_then_apply(tmp_path, photo_dirs, mtcnn):
+    """Train and apply through the CLI; every pixel outside the pasted patches is unchanged."""
     from typer.testing import CliRunner
 
     from facepriv.cli import app
+    from facepriv.core.faces import FacePolicy
 
     runner = CliRunner()
     gen = tmp_path / "gen"
@@ -516,9 +518,19 @@ def test_cli_train_then_apply(tmp_path, photo_dirs):
     assert rep["epochs"] == 1 and rep["faces"] == 2 and rep["targets"] == 0
     r = runner.invoke(app, ["--quiet", "patch", "apply", str(photo_dirs / "data"), "--generator", str(gen),
                             "--target", str(photo_dirs / "targets" / "biden.jpg"), "--out", str(tmp_path / "out"),
-                            "--format", "png"])
+                            "--format", "png", "--photo-batch", "2"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["obama.png", "obama2.png"]
+    g = PatchGenerator.from_pretrained(gen)
+    P = g.config.patch_size
+    for name in ("obama", "obama2"):
+        before = load_rgb(f"{name}.jpg")
+        after = np.asarray(Image.open(tmp_path / "out" / f"{name}.png").convert("RGB"))
+        faces = FacePolicy(min_face_size=20).select(mtcnn.detect(before))
+        alpha = patch_coverage(before.shape[:2], g.region, P, patch_to_photo(g.region, P, landmarks_tensor(faces)))
+        covered = (alpha > 0).any(0).numpy()
+        diff = (after != before).any(-1)
+        assert diff.any() and not diff[~covered].any(), name  # patched, and bit-for-bit the same elsewhere
     r = runner.invoke(app, ["patch", "apply", str(photo_dirs / "data"), "--generator", str(tmp_path / "nope"),
                             "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2

@@ -26,12 +26,16 @@ TRAIN_HELP = """Train a patch generator on the faces in --data photos.
 
 With --targets the generator learns impersonation (pull towards a target, push away from the
 source) and, for a share of samples, evasion; without it, evasion only. A checkpoint
-(safetensors) is written after every epoch; --resume continues an interrupted run.
+(safetensors) is written after every epoch (and every --checkpoint-every steps); --resume
+continues an interrupted run, mid-epoch included.
 
 Example: facepriv patch train --data faces/ --targets celebs/ --surrogates dlib-resnet,facenet-casia --epochs 20 --out gen/
 """
 
 APPLY_HELP = """Paste a generated patch on every face in photos (one forward pass per batch of faces).
+
+Photos are read --photo-batch at a time and the faces of all of them go through the generator
+together (--batch-size faces per forward pass); each photo is still written, and fails, on its own.
 
 Without --target the patch is for evasion (not being recognised as yourself); with --target
 IMG it makes the faces look like the person in IMG to face recognition.
@@ -62,9 +66,11 @@ def train(
     evasion_prob: Annotated[float, typer.Option("--evasion-share", help="With --targets: share of samples trained for evasion.")] = 0.25,
     natural: Annotated[bool, typer.Option("--natural", help="Decode patches through a pretrained latent autoencoder.")] = False,
     autoencoder: Annotated[str, typer.Option("--autoencoder", help="Natural mode: registry name, hub id or diffusers folder.")] = "taesd",
-    prior_unet: Annotated[str | None, typer.Option("--prior-unet", help="Natural mode: diffusers UNet2DModel folder/hub id trained on the autoencoder's latents (score-distillation prior).")] = None,
+    prior_unet: Annotated[str | None, typer.Option("--prior-unet", help="Natural mode: diffusers UNet2DModel or UNet2DConditionModel (run with a null conditioning) folder/hub id trained on the autoencoder's latents (score-distillation prior).")] = None,
     prior: Annotated[float, typer.Option("--prior", help="Weight of the latent prior.")] = 0.0,
     eot: Annotated[bool, typer.Option("--eot/--no-eot", help="Random placement / colour jitter while training.")] = True,
+    max_steps_per_epoch: Annotated[int | None, typer.Option("--max-steps-per-epoch", min=1, help="Cap the steps of each epoch (default: one pass over the faces).")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Also checkpoint every N steps inside an epoch (0 = after each epoch only).")] = 0,
     detector: common.Detector = "mtcnn",
     min_face_size: common.MinFaceSize = 40.0,
     glob: common.Glob = None,
@@ -81,6 +87,7 @@ def train(
         generator=GeneratorConfig(patch_size=patch_size, base_channels=base_channels, fusion=fusion, region=region,
                                   natural=natural, autoencoder=autoencoder if natural else None),
         detector=detector, min_face_size=min_face_size, glob=glob, seed=state.seed if state.seed is not None else 0,
+        max_steps_per_epoch=max_steps_per_epoch, checkpoint_every=checkpoint_every,
     )
     device = resolve_device(state.device)
     res = train_patch_generator(cfg, device=device, resume=resume, progress=not (state.quiet or state.json))
@@ -103,6 +110,7 @@ def apply(
     out: common.OutDir = Path("patch-out"),
     target: Annotated[Path | None, typer.Option("--target", help="Photo of the identity to impersonate; omit for evasion.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per generator forward pass.")] = 32,
+    photo_batch: Annotated[int, typer.Option("--photo-batch", min=1, help="Photos read ahead and patched together (memory: one decoded photo each).")] = 8,
     detector: common.Detector = "mtcnn",
     on_no_face: common.OnNoFace = "copy",
     max_faces: common.MaxFaces = None,
@@ -117,7 +125,7 @@ def apply(
     from ..patch import PatchApplyConfig, run_patch_apply
 
     cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=detector,
-                           batch_size=batch_size)
+                           batch_size=batch_size, photo_batch=photo_batch)
     if target is None and not (state.quiet or state.json):
         err_console.print("[cyan]no --target: evasion patches")
     summary = run_patch_apply(

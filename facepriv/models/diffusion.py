@@ -4,6 +4,8 @@
   :class:`ScoreModel` (the UNet plus a ``DDIMScheduler`` built from the checkpoint's own
   scheduler config). Default ``ddpm-celebahq-256`` = ``google/ddpm-celebahq-256``.
 * task ``autoencoder``: ``AutoencoderKL`` / ``AutoencoderTiny`` (class read from the config).
+* :func:`load_latent_score_model`: a latent-space UNet for ``facepriv patch``'s prior -
+  ``UNet2DModel``, or ``UNet2DConditionModel`` run with a fixed null conditioning.
 
 A hub id, a local diffusers folder (``save_pretrained`` layout, the UNet at the root or in
 ``unet/``) or an imported folder all go through the same code path; weights are loaded from
@@ -82,6 +84,87 @@ def load_score_model(path: str | Path, device="cpu") -> ScoreModel:
     meta = root / "facepriv.json"
     template = json.loads(meta.read_text()).get("template", "celebahq-256") if meta.is_file() else "celebahq-256"
     return ScoreModel(unet, scheduler, template).to(device)
+
+
+class ConditionalScoreModel(ScoreModel):
+    """A text-conditional latent UNet (diffusers ``UNet2DConditionModel``, e.g. Stable
+    Diffusion's) used as an *unconditional* score model: every call gets the same fixed null
+    conditioning ``null_embedding`` (L, cross_attention_dim) as ``encoder_hidden_states``.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler, null_embedding: torch.Tensor, template: str = "latent"):
+        super().__init__(unet, scheduler, template)
+        self.register_buffer("null_embedding", null_embedding.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], device=x.device)
+        cond = self.null_embedding.to(x.device, x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.unet(x, t.to(x.device).expand(x.shape[0]), encoder_hidden_states=cond).sample
+
+
+NULL_EMBEDDING_FILE = "null_embedding.safetensors"
+
+
+def load_latent_score_model(path: str | Path, device="cpu") -> ScoreModel:
+    """A latent diffusion UNet as a score model: ``UNet2DModel`` (unconditional, as
+    :func:`load_score_model`) or ``UNet2DConditionModel`` with a fixed null conditioning.
+
+    The null conditioning is the tensor ``embedding`` (shape (L, D) or (1, L, D)) of
+    ``null_embedding.safetensors`` in the folder when present (e.g. the text encoder's output
+    for the empty prompt, precomputed elsewhere), otherwise zeros of shape
+    (1, ``cross_attention_dim``). UNets that need more conditioning than text (class labels,
+    SDXL's ``addition_embed_type``, an ``encoder_hid_dim`` projection) are refused.
+    """
+    root = Path(path)
+    unet_dir = _subfolder(root, "unet")
+    cfg_file = unet_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{root} is not a diffusers UNet folder (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    name = cfg.get("_class_name", "UNet2DModel")
+    if name == "UNet2DModel":
+        model = load_score_model(root, device=device)
+        model.template = "latent"
+        return model
+    if name != "UNet2DConditionModel":
+        raise ConfigError(f"{root}: expected a UNet2DModel or UNet2DConditionModel, found {name}")
+    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "encoder_hid_dim"):
+        if cfg.get(key) is not None:
+            raise ConfigError(f"{root}: a UNet2DConditionModel with {key}={cfg[key]!r} needs conditioning beyond a "
+                              "text embedding; only text-conditional UNets can be used with a null conditioning")
+    if cfg.get("num_class_embeds"):
+        raise ConfigError(f"{root}: a class-conditional UNet (num_class_embeds) is not supported")
+    dim = cfg.get("cross_attention_dim", 1280)
+    if isinstance(dim, (list, tuple)):
+        if len(set(dim)) != 1:
+            raise ConfigError(f"{root}: per-block cross_attention_dim {dim} is not supported")
+        dim = dim[0]
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    safetensors = any(unet_dir.glob("*.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), use_safetensors=safetensors)
+    null_file = root / NULL_EMBEDDING_FILE
+    if null_file.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(null_file))
+        if "embedding" not in tensors:
+            raise ConfigError(f"{null_file}: expected a tensor named 'embedding'")
+        null = tensors["embedding"]
+        if null.dim() == 3 and null.shape[0] == 1:
+            null = null[0]
+        if null.dim() != 2 or null.shape[-1] != int(dim):
+            raise ConfigError(f"{null_file}: expected an embedding of shape (L, {dim}), got {tuple(null.shape)}")
+    else:
+        null = torch.zeros(1, int(dim))
+    sched_dir = _subfolder(root, "scheduler")
+    if (sched_dir / "scheduler_config.json").is_file():
+        scheduler = DDIMScheduler.from_pretrained(str(sched_dir))
+    else:  # Stable Diffusion's training schedule
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear")
+    return ConditionalScoreModel(unet, scheduler, null).to(device)
 
 
 def load_autoencoder(path: str | Path):

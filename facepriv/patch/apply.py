@@ -7,13 +7,18 @@ resampling straight from patch pixels to photo pixels; everything outside the pa
 left bit-for-bit unchanged).
 
 :func:`run_patch_apply` drives folders of photos through :func:`facepriv.core.batch.run_batch`
-and :func:`facepriv.core.pipeline.process_photo` (per-file errors, manifest, ``--resume``,
-safe atomic outputs, ``RANK``/``WORLD_SIZE`` sharding under ``accelerate launch`` / torchrun).
+(per-file errors, manifest, ``--resume``, ``RANK``/``WORLD_SIZE`` sharding under
+``accelerate launch`` / torchrun). It reads ``photo_batch`` photos ahead (load + detect, each
+photo on its own, so a bad file only fails itself), patches the faces of all of them with one
+:meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size`` faces), and writes
+each photo through the same steps as :func:`facepriv.core.pipeline.process_photo` (face policy,
+atomic outputs that never replace an input).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +26,11 @@ import numpy as np
 import torch
 
 from ..core.align import align_faces, landmarks_tensor
-from ..core.batch import BatchSummary, collect_inputs, run_batch
+from ..core.batch import BatchSummary, InputItem, ItemResult, collect_inputs, config_hash, done_inputs, run_batch
 from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
-from ..core.io import load_image
-from ..core.pipeline import SaveOptions, process_photo
+from ..core.io import LoadedImage, load_image, save_image
+from ..core.pipeline import SaveOptions
 from .generator import PatchGenerator
 from .placement import patch_to_photo, paste_patch
 
@@ -36,6 +41,11 @@ class PatchApplyConfig:
     target: str | None = None  # image of the identity to impersonate; None = evasion
     detector: str = "mtcnn"
     batch_size: int = 32  # faces per generator forward pass
+    photo_batch: int = 8  # photos read ahead and patched with one apply_many call
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.photo_batch < 1:
+            raise ConfigError("batch_size and photo_batch must be at least 1")
 
 
 class PatchApplier:
@@ -149,11 +159,115 @@ def _dist_rank() -> tuple[int | None, int]:
     return (rank if world > 1 else None), world
 
 
+class _Prepared:
+    """One photo read ahead: loaded and detected (or the error that stopped it), then patched."""
+
+    __slots__ = ("error", "faces", "img", "result", "timings")
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self.img: LoadedImage | None = None
+        self.faces: list = []
+        self.result: LoadedImage | None = None
+        self.timings: dict[str, float] = {}
+
+
+class _BatchedPatcher:
+    """The per-item ``process`` of :func:`run_patch_apply`, batching the generator across photos.
+
+    When ``run_batch`` asks for an item that is not ready, the next ``photo_batch`` items of
+    ``order`` (the items ``run_batch`` will ask for, in its order) are loaded and detected one
+    by one - an unreadable file keeps its error and is reported when its turn comes - and all
+    their faces are patched with one :meth:`PatchApplier.apply_many` call. Saving stays per
+    item, so the manifest, ``--resume`` and Ctrl-C behave as for every other command.
+    """
+
+    def __init__(self, applier: PatchApplier, detector, *, policy: FacePolicy, save: SaveOptions,
+                 device: torch.device, order: list[InputItem], photo_batch: int):
+        self.applier, self.detector, self.policy, self.save = applier, detector, policy, save
+        self.device = device
+        self.order = order
+        self.pos = {str(it.path): k for k, it in enumerate(order)}
+        self.photo_batch = max(1, int(photo_batch))
+        self.ready: dict[str, _Prepared] = {}
+
+    def _prepare(self, item: InputItem) -> _Prepared:
+        prep = _Prepared()
+        try:
+            t = time.perf_counter()
+            prep.img = load_image(item.path, max_pixels=self.save.max_pixels)
+            prep.timings["load_s"] = round(time.perf_counter() - t, 4)
+            t = time.perf_counter()
+            prep.faces = self.policy.select(self.detector.detect(prep.img.rgb))
+            prep.timings["detect_s"] = round(time.perf_counter() - t, 4)
+        except Exception as exc:  # noqa: BLE001 - re-raised for this item alone when run_batch asks for it
+            prep.error, prep.img = exc, None
+        return prep
+
+    def _fill(self, item: InputItem) -> None:
+        k = self.pos.get(str(item.path))
+        window = [item] if k is None else [it for it in self.order[k: k + self.photo_batch]
+                                           if str(it.path) not in self.ready]
+        preps = {str(it.path): self._prepare(it) for it in window}
+        todo = [(key, p) for key, p in preps.items() if p.error is None and p.faces]
+        if todo:
+            t = time.perf_counter()
+            try:
+                xs = [p.img.to_tensor(self.device) for _, p in todo]
+                lms = [landmarks_tensor(p.faces, self.device) for _, p in todo]
+                outs = self.applier.apply_many(xs, lms)
+                for (_, p), y in zip(todo, outs):
+                    p.result = p.img.with_pixels(y)
+                del xs, outs
+                n_faces = sum(len(p.faces) for _, p in todo)
+                dt = time.perf_counter() - t
+                for _, p in todo:  # the batch's time, shared by faces
+                    p.timings["edit_s"] = round(dt * len(p.faces) / n_faces, 4)
+            except Exception:  # noqa: BLE001 - the batch failed (e.g. out of memory): photo by photo
+                for _, p in todo:
+                    t = time.perf_counter()
+                    try:
+                        y = self.applier.apply(p.img.to_tensor(self.device), landmarks_tensor(p.faces, self.device))
+                        p.result = p.img.with_pixels(y)
+                    except Exception as exc:  # noqa: BLE001
+                        p.error = exc
+                    p.timings["edit_s"] = round(time.perf_counter() - t, 4)
+        self.ready.update(preps)
+
+    def __call__(self, item: InputItem, dst: Path) -> ItemResult:
+        key = str(item.path)
+        if key not in self.ready:
+            self._fill(item)
+        prep = self.ready.pop(key)
+        if prep.error is not None:
+            raise prep.error
+        timings = dict(prep.timings)
+        extra = {"mode": self.applier.mode}
+        if not prep.faces:
+            if self.policy.on_no_face == "error":
+                raise NoFaceError(f"no face found in {item.path}")
+            if self.policy.on_no_face == "skip":
+                return ItemResult(status="skipped", faces=0, timings=timings, extra={**extra, "reason": "no face"})
+            t = time.perf_counter()
+            save_image(prep.img, dst, quality=self.save.quality, keep_metadata=self.save.keep_metadata)
+            timings["save_s"] = round(time.perf_counter() - t, 4)
+            return ItemResult(status="copied", output=dst, faces=0, timings=timings, extra={**extra, "reason": "no face"})
+        t = time.perf_counter()
+        save_image(prep.result, dst, quality=self.save.quality, keep_metadata=self.save.keep_metadata)
+        timings["save_s"] = round(time.perf_counter() - t, 4)
+        return ItemResult(status="ok", output=dst, faces=len(prep.faces), timings=timings,
+                          extra={**extra, "boxes": [f.to_json()["box"] for f in prep.faces]})
+
+
 def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyConfig, *,
                     policy: FacePolicy | None = None, save: SaveOptions | None = None,
                     device: str | torch.device = "cpu", glob: str | None = None, resume: bool = False,
-                    output_suffix: str | None = None, progress: bool = True, verbose: bool = False) -> BatchSummary:
-    """Patch every face of every input photo, mirroring the inputs under ``out``."""
+                    output_suffix: str | None = None, progress: bool = True, verbose: bool = False,
+                    detector=None) -> BatchSummary:
+    """Patch every face of every input photo, mirroring the inputs under ``out``.
+
+    ``detector``: a face detector object to use instead of ``create_model(cfg.detector)``.
+    """
     from ..models import create_model
 
     policy = policy or FacePolicy()
@@ -169,17 +283,22 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
     device = torch.device(device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))  # one GPU per process
-    detector = create_model(cfg.detector, device=device)
+    if detector is None:
+        detector = create_model(cfg.detector, device=device)
     applier = PatchApplier(gen_dir, target=cfg.target, detector=detector, device=device, batch_size=cfg.batch_size)
 
-    def process(item, dst):
-        res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device, edit=applier.edit)
-        res.extra["mode"] = applier.mode
-        return res
-
-    config = {"command": "patch apply", **asdict(cfg), "generator_files": _stamp(gen_dir / "generator.safetensors"),
+    # batch_size / photo_batch change how faces are grouped, not the outputs: a resumed run may change them
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "photo_batch")}
+    config = {"command": "patch apply", **settings, "generator_files": _stamp(gen_dir / "generator.safetensors"),
               "target_file": _stamp(cfg.target), "policy": asdict(policy), "save": asdict(save),
               "suffix": output_suffix}
+    # the items run_batch will ask for, in its order (its sharding and resume rules), for reading ahead
+    order = list(items)[(rank or 0)::world] if world > 1 else list(items)
+    if resume:
+        done = done_inputs(out, config_hash(config))
+        order = [it for it in order if str(it.path) not in done]
+    process = _BatchedPatcher(applier, detector, policy=policy, save=save, device=device, order=order,
+                              photo_batch=cfg.photo_batch)
     return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
                      description=f"patch ({applier.mode})", progress=progress, verbose=verbose,
                      command="patch apply", rank=rank, world_size=world)

@@ -2,13 +2,15 @@
 
 * identity: :func:`facepriv.attacks.identity.identity_loss` over the surrogate ensemble -
   ``pull * (1 - cos(x, target)) + push * cos(x, source)``; rows without a target (evasion)
-  use the push term only;
+  use the push term only (``push * cos(x, source)``);
 * :func:`total_variation` - smoothness of the patch (printable, less noisy);
 * :func:`non_printability` - distance of every patch pixel to the nearest colour of a small
   printable palette (the min-distance form of Sharif et al.'s NPS used by Thys et al. 2019);
 * :class:`LatentScorePrior` (natural mode, optional) - score distillation (Poole et al.
-  2022) with an unconditional diffusers ``UNet2DModel`` trained on the autoencoder's latent
-  space: pushes the patch latent towards what the latent diffusion model finds likely.
+  2022) with a diffusers UNet trained on the autoencoder's latent space - an unconditional
+  ``UNet2DModel``, or a text-conditional ``UNet2DConditionModel`` (Stable Diffusion's) run
+  with a fixed null conditioning: pushes the patch latent towards what the latent diffusion
+  model finds likely.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def non_printability(patch: torch.Tensor, palette: torch.Tensor, mask: torch.Ten
 
 
 class LatentScorePrior(nn.Module):
-    """Score-distillation prior from a latent diffusion UNet (diffusers ``UNet2DModel``).
+    """Score-distillation prior from a latent diffusion UNet.
 
-    ``score``: a :class:`facepriv.models.diffusion.ScoreModel` whose UNet takes the
-    autoencoder's (normalised) latents. ``forward(z)`` returns a per-sample loss whose gradient
+    ``score``: a :class:`facepriv.models.diffusion.ScoreModel` (``UNet2DModel``) or
+    :class:`~facepriv.models.diffusion.ConditionalScoreModel` (``UNet2DConditionModel`` with a
+    fixed null conditioning) whose UNet takes the autoencoder's (normalised) latents. ``forward(z)`` returns a per-sample loss whose gradient
     w.r.t. ``z`` is ``w(t) * (eps_hat(z_t, t) - eps)`` (the UNet itself gets no gradient).
     """
 
@@ -124,8 +127,13 @@ class LatentScorePrior(nn.Module):
 
 
 def load_latent_prior(spec: str, device="cpu", t_range: tuple[float, float] = (0.02, 0.5)) -> LatentScorePrior:
-    """A latent UNet prior from a diffusers folder (``unet/`` + ``scheduler/``) or a hub id."""
-    from ..models.diffusion import load_score_model
+    """A latent UNet prior from a diffusers folder (``unet/`` + ``scheduler/``) or a hub id.
+
+    ``UNet2DModel`` or ``UNet2DConditionModel``; the latter gets the null conditioning of
+    :func:`facepriv.models.diffusion.load_latent_score_model` (``null_embedding.safetensors``
+    in the folder, else zeros of the UNet's ``cross_attention_dim``).
+    """
+    from ..models.diffusion import load_latent_score_model
 
     p = Path(spec).expanduser()
     if not p.exists():
@@ -134,7 +142,7 @@ def load_latent_prior(spec: str, device="cpu", t_range: tuple[float, float] = (0
         from ..models.sources import HubRepo
 
         p = HubRepo(spec).resolve(what=spec)
-    return LatentScorePrior(load_score_model(p, device=device), t_range=t_range)
+    return LatentScorePrior(load_latent_score_model(p, device=device), t_range=t_range)
 
 
 @dataclass
@@ -154,10 +162,10 @@ def patch_objective(emb: dict[str, torch.Tensor], source_ref: dict[str, torch.Te
     """All terms per sample (N,) plus ``total`` (scalar mean). Lower = better protection.
 
     Rows with a target: ``pull * (1 - cos(x, target)) + push * cos(x, source)``; rows without
-    (evasion): ``cos(x, source)``.
+    (evasion): ``push * cos(x, source)``.
     """
     n = patch.shape[0]
-    dodge = identity_loss(emb, IdentityReference(source=source_ref), pull=0.0, push=1.0)
+    dodge = identity_loss(emb, IdentityReference(source=source_ref), pull=0.0, push=weights.push)
     ident = dodge
     if target_ref is not None and weights.pull > 0:
         imp = identity_loss(emb, IdentityReference(source=source_ref, target=target_ref),

@@ -386,7 +386,8 @@ class EOTConfig:
 def random_placement_jitter(n: int, region: PatchRegion, cfg: EOTConfig, *, device=None) -> torch.Tensor:
     """(n, 2, 3) random affine maps of the reference frame around the region's centre.
 
-    Draws from torch's global RNG (seeded by ``--seed``; saved in training checkpoints).
+    Draws from torch's global RNG; training re-seeds it for every step from ``(--seed, process
+    index, step)`` (:func:`facepriv.patch.train.step_seed`).
     """
     if not cfg.enabled:
         return torch.eye(2, 3, device=device).expand(n, 2, 3).clone()

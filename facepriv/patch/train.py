@@ -14,15 +14,20 @@ Step
     onto the canvas -> surrogate embeddings -> :func:`~facepriv.patch.losses.patch_objective`
     (pull to the target / push from the source, TV, printability, optional latent prior).
     Each sample gets a random target; with probability ``evasion_prob`` (and always without
-    ``targets``) it gets none and the push-only evasion objective.
+    ``targets``) it gets none and the push-only evasion objective. The random draws of a step
+    (targets, EOT, prior noise) come from torch's RNG re-seeded from ``(seed, process index,
+    step)`` (:func:`step_seed`): every rank under ``accelerate launch`` draws its own jitter,
+    and a resumed run draws exactly what the straight run drew.
 
 Bookkeeping
     :class:`accelerate.Accelerator` places the generator, optimiser and data loader (one or
-    many GPUs under ``accelerate launch``; CPU otherwise). After every epoch the main process
-    writes the generator (``config.json`` + ``generator.safetensors``, loadable with
+    many GPUs under ``accelerate launch``; CPU otherwise). After every epoch - and every
+    ``checkpoint_every`` steps inside an epoch - the main process writes the generator
+    (``config.json`` + ``generator.safetensors``, loadable with
     :meth:`PatchGenerator.from_pretrained`) and the training state
-    (``train_state.safetensors``: optimiser tensors + RNG; ``train_state.json``: epoch, step,
-    history, settings) atomically; ``resume=True`` continues from there.
+    (``train_state.safetensors``: optimiser tensors + RNG; ``train_state.json``: completed
+    epochs, batches done in the current epoch, step, history and the current epoch's running
+    sums, settings) atomically; ``resume=True`` continues from there, mid-epoch included.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class PatchTrainConfig:
     weights: PatchLossWeights = field(default_factory=PatchLossWeights)
     evasion_prob: float = 0.25  # share of samples trained without a target when targets exist
     palette: str | None = None
-    prior_unet: str | None = None  # natural mode: diffusers UNet2DModel on the autoencoder's latents
+    prior_unet: str | None = None  # natural mode: diffusers UNet2D(Condition)Model on the autoencoder's latents
     eot: EOTConfig = field(default_factory=EOTConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     detector: str = "mtcnn"
@@ -74,10 +79,15 @@ class PatchTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every must be 0 (per epoch only) or a number of steps")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError("max_steps_per_epoch must be at least 1")
         if not 0 <= self.evasion_prob <= 1:
             raise ConfigError("evasion_prob must be in [0, 1]")
         if not self.data:
@@ -234,6 +244,12 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one training step of one process: differs across ranks and steps."""
+    h = hashlib.sha256(f"facepriv-patch|{int(seed)}|{int(rank)}|{int(step)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
 # ----------------------------------------------------------------------------- state
 def _atomic_json(path: Path, payload) -> None:
     tmp = path.with_name(path.name + ".part")
@@ -242,7 +258,9 @@ def _atomic_json(path: Path, payload) -> None:
 
 
 def save_train_state(out: Path, optimizer, *, epoch: int, step: int, history: list, fingerprint: str,
-                     config: dict) -> None:
+                     config: dict, batch: int = 0, partial: dict | None = None) -> None:
+    """``epoch``: completed epochs; ``batch``: batches done in the next (incomplete) epoch, whose
+    running loss sums are ``partial``."""
     from safetensors.torch import save_file
 
     sd = optimizer.state_dict()
@@ -262,7 +280,8 @@ def save_train_state(out: Path, optimizer, *, epoch: int, step: int, history: li
     save_file(tensors, str(tmp))
     os.replace(tmp, out / "train_state.safetensors")
     _atomic_json(out / "train_state.json", {
-        "epoch": epoch, "step": step, "history": history, "fingerprint": fingerprint,
+        "epoch": epoch, "batch": batch, "partial": partial or {}, "step": step, "history": history,
+        "fingerprint": fingerprint,
         "param_groups": sd["param_groups"], "scalars": scalars, "config": config,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
@@ -299,11 +318,13 @@ class TrainResult:
     targets: int
     history: list[dict]
     elapsed: float
-    resumed_from: int = 0
+    resumed_from: int = 0  # completed epochs when the run was resumed
+    resumed_from_step: int = 0
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "epochs": self.epochs, "steps": self.steps, "faces": self.faces,
                 "targets": self.targets, "resumed_from_epoch": self.resumed_from,
+                "resumed_from_step": self.resumed_from_step,
                 "elapsed_s": round(self.elapsed, 2), "history": self.history}
 
 
@@ -361,7 +382,8 @@ class PatchTrainer:
         self.loader = DataLoader(list(range(len(self.faces))), batch_size=cfg.batch_size, sampler=self.sampler,
                                  drop_last=len(self.faces) > cfg.batch_size)
         self.start_epoch, self.step, self.history = 0, 0, []
-        self.resumed_from = 0
+        self.start_batch, self.partial = 0, {}  # mid-epoch resume: batches already done, running sums
+        self.resumed_from = self.resumed_from_step = 0
         self._model = None
 
     # -- one step, exposed for tests and for PGD-style use
@@ -420,8 +442,33 @@ class PatchTrainer:
             raise ConfigError(f"{self.out}/generator.safetensors does not match this generator")
         meta = load_train_state(self.out, self.optimizer)
         self.start_epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
-        self.resumed_from = self.start_epoch
+        self.start_batch, self.partial = int(meta.get("batch", 0)), meta.get("partial") or {}
+        self.resumed_from, self.resumed_from_step = self.start_epoch, self.step
         return True
+
+    def _checkpoint(self, gen, opt, *, epoch: int, batch: int = 0, partial: dict | None = None) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            acc.unwrap_model(gen).save_pretrained(self.out)
+            save_train_state(self.out, opt.optimizer if hasattr(opt, "optimizer") else opt, epoch=epoch,
+                             step=self.step, history=self.history, fingerprint=self.cfg.fingerprint(),
+                             config=_jsonable(self.cfg), batch=batch, partial=partial)
+
+    def _seeded(self):
+        """A context in which torch's RNG is seeded for the current step of this process."""
+        from contextlib import contextmanager
+
+        dev = self.device
+
+        @contextmanager
+        def ctx():
+            devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(step_seed(self.cfg.seed, self.accelerator.process_index, self.step))
+                yield
+
+        return ctx()
 
     def fit(self, *, resume: bool = False) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
@@ -433,9 +480,10 @@ class PatchTrainer:
         self._model = gen
         per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         todo = max(0, cfg.epochs - self.start_epoch)
+        skip = min(self.start_batch, per_epoch) if todo else 0
         show = self.progress and acc.is_main_process
         with make_progress(enabled=show) as bar:
-            task = bar.add_task("training patch generator", total=todo * per_epoch)
+            task = bar.add_task("training patch generator", total=todo * per_epoch - skip)
             for epoch in range(self.start_epoch, cfg.epochs):
                 self.sampler.set_epoch(epoch)
                 if hasattr(loader, "set_epoch"):
@@ -443,10 +491,16 @@ class PatchTrainer:
                 gen.train()
                 sums: dict[str, float] = {}
                 counts: dict[str, int] = {}
+                if epoch == self.start_epoch and skip:
+                    sums = {k: float(v) for k, v in self.partial.get("sums", {}).items()}
+                    counts = {k: int(v) for k, v in self.partial.get("counts", {}).items()}
                 for i, idx in enumerate(loader):
                     if i >= per_epoch:
                         break
-                    terms = self.batch_loss(idx)
+                    if epoch == self.start_epoch and i < skip:
+                        continue  # done before the interruption (same permutation: seeded by epoch)
+                    with self._seeded():
+                        terms = self.batch_loss(idx)
                     opt.zero_grad(set_to_none=True)
                     acc.backward(terms["total"])
                     if cfg.grad_clip:
@@ -467,18 +521,16 @@ class PatchTrainer:
                     bar.update(task, advance=1, description=(
                         f"epoch {epoch + 1}/{cfg.epochs} loss {float(terms['total'].detach()):.3f} "
                         f"cos(src) {float(terms['cos_source'].mean()):.2f}"))
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and i + 1 < per_epoch:
+                        self._checkpoint(gen, opt, epoch=epoch, batch=i + 1,
+                                         partial={"sums": dict(sums), "counts": dict(counts)})
                 rec = {"epoch": epoch + 1, "step": self.step, **{k: round(sums[k] / counts[k], 5) for k in sums}}
                 self.history.append(rec)
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    acc.unwrap_model(gen).save_pretrained(self.out)
-                    save_train_state(self.out, opt.optimizer if hasattr(opt, "optimizer") else opt,
-                                     epoch=epoch + 1, step=self.step, history=self.history,
-                                     fingerprint=cfg.fingerprint(), config=_jsonable(cfg))
+                self._checkpoint(gen, opt, epoch=epoch + 1)
         if acc.is_main_process and todo == 0 and not (self.out / "generator.safetensors").is_file():
             acc.unwrap_model(gen).save_pretrained(self.out)
         return TrainResult(self.out, cfg.epochs, self.step, len(self.faces), len(self.targets) if self.targets else 0,
-                           self.history, time.perf_counter() - t0, self.resumed_from)
+                           self.history, time.perf_counter() - t0, self.resumed_from, self.resumed_from_step)
 
 
 def _jsonable(cfg: PatchTrainConfig) -> dict:
@@ -494,4 +546,4 @@ def train_patch_generator(cfg: PatchTrainConfig, *, device: str | torch.device |
 
 
 __all__ = ["FaceSet", "PatchTrainConfig", "PatchTrainer", "TrainResult", "build_face_set", "context_template",
-           "train_patch_generator"]
+           "step_seed", "train_patch_generator"]
