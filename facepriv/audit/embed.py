@@ -36,7 +36,7 @@ from torch import nn
 from ..core.align import align_faces, get_template, invert_affine, similarity_transform, transform_points
 from ..core.errors import FaceprivError
 from ..core.faces import Face
-from ..core.io import DEFAULT_MAX_PIXELS, load_image
+from ..core.io import load_image
 from ..core.progress import make_progress
 
 AMP_MIN_COSINE = 0.9999
@@ -130,7 +130,7 @@ class FaceEmbeddingCache:
     def __init__(self, models: Mapping[str, nn.Module], *, detector=None, device: str | torch.device = "cpu",
                  batch_size: int = 32, aligned: bool = False, aligned_template: str = "arcface-112",
                  amp: bool | None = None, workers: int = 2, min_face_size: float = 20.0,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, amp_dtype: torch.dtype | None = None):
+                 max_pixels: int | None = None, amp_dtype: torch.dtype | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not aligned and detector is None:

@@ -37,7 +37,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import ConfigError
-from ..core.io import DEFAULT_MAX_PIXELS, load_image
+from ..core.io import load_image
 from ..core.progress import make_progress
 from . import inputs as inp
 from .embed import FaceEmbeddingCache, ImageFaces, model_metric
@@ -90,7 +90,7 @@ class AuditConfig:
     api_retries: int = 4
     glob: str | None = None
     max_images: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int | None = None  # None: FACEPRIV_MAX_PIXELS or the default; 0: no limit
     html_max_images: int = 60
     progress: bool = True
 

@@ -86,7 +86,7 @@ def audit(
     api_cache: Annotated[Path | None, typer.Option("--api-cache", help="Response cache folder (default FACEPRIV_HOME/api-cache).")] = None,
     glob: common.Glob = None,
     max_images: Annotated[int | None, typer.Option("--max-images", min=1, help="Audit only the first N images.")] = None,
-    max_pixels: common.MaxPixels = 178_956_970,
+    max_pixels: common.MaxPixels = None,
     html_max_images: Annotated[int, typer.Option("--html-max-images", min=0, help="Images shown in report.html.")] = 60,
 ):
     if ctx.invoked_subcommand is not None:

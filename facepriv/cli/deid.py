@@ -92,7 +92,7 @@ def deid(
     fmt: common.Format = None,
     quality: common.Quality = 95,
     keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = 178_956_970,
+    max_pixels: common.MaxPixels = None,
 ):
     from ..deid import DeidConfig, VideoOptions, run_deid
     from ..deid.base import canonical_name

@@ -120,7 +120,7 @@ def apply(
     fmt: common.Format = None,
     quality: common.Quality = 95,
     keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = 178_956_970,
+    max_pixels: common.MaxPixels = None,
 ):
     from ..patch import PatchApplyConfig, run_patch_apply
 

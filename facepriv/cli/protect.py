@@ -161,7 +161,7 @@ def protect(
     fmt: common.Format = None,
     quality: common.Quality = 95,
     keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = 178_956_970,
+    max_pixels: common.MaxPixels = None,
 ):
     from ..attacks.config import parse_epsilon
     from ..protect import ProtectConfig, run_protect

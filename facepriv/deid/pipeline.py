@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.batch import BatchSummary, InputItem, ItemResult, collect_inputs, run_batch
+from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, run_batch
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import Face, FaceDetector, FacePolicy
 from ..core.io import IMAGE_SUFFIXES
@@ -193,6 +193,7 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
     out = Path(out)
     device = torch.device(device)
     items = collect_media(inputs, glob=glob, exclude=[out])
+    check_outputs(items, out, output_suffix)  # collisions and outputs over inputs: before any model loads
     methods = build_methods(cfg)
     warnings = region_warnings(methods, cfg.region)  # before loading any model
     for method in methods:

@@ -43,6 +43,7 @@ import torch
 
 from ..core.errors import ConfigError, FaceprivError, NoFaceError
 from ..core.faces import Face, FacePolicy
+from ..core.io import finalize_output
 from ..core.progress import make_progress
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -461,7 +462,7 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
             if written != len(per_frame):
                 raise FaceprivError(f"{src}: the protect pass decoded {written} frames, the detect pass {len(per_frame)}; "
                                     "the video was not written")
-        os.replace(tmp, dst)
+        finalize_output(tmp, dst, protected=(src,))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

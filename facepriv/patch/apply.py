@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..core.align import align_faces, landmarks_tensor
-from ..core.batch import BatchSummary, InputItem, ItemResult, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, config_hash, done_inputs, run_batch
 from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
 from ..core.io import LoadedImage, load_image, save_image
@@ -279,6 +279,7 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
     if cfg.target is not None and not Path(cfg.target).is_file():
         raise ConfigError(f"--target {cfg.target}: no such image")
     items = collect_inputs(inputs, glob=glob, exclude=[out])
+    check_outputs(items, out, output_suffix)  # before any model loads
     rank, world = _dist_rank()
     device = torch.device(device)
     if world > 1 and device.type == "cuda" and device.index is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..core.align import landmarks_tensor
-from ..core.batch import BatchSummary, InputItem, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.batch import BatchSummary, check_outputs, InputItem, collect_inputs, config_hash, done_inputs, run_batch
 from ..core.errors import ConfigError
 from ..core.faces import Face, FaceDetector, FacePolicy
 from ..core.io import IMAGE_SUFFIXES, load_image
@@ -411,6 +411,7 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
     out = Path(out)
     rank, world, dev = distributed_context(rank, world_size, resolve_device(device))
     items = collect_inputs(inputs, glob=glob, exclude=[out])
+    check_outputs(items, out, output_suffix)  # before any model loads
     config = {"command": "protect", **cfg.to_json(), "policy": asdict(policy), "save": asdict(save),
               "suffix": output_suffix}
     if cfg.model:
