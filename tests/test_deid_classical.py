@@ -191,7 +191,7 @@ def real_faces():
         rgb = load_rgb(photo)
         faces = det.detect(rgb)
         assert len(faces) == 1
-        photos.append((photo, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255, faces))
+        photos.append((photo, torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255, faces))
     return photos, {n: create_model(n) for n in ("dlib-resnet", "sface")}
 
 
