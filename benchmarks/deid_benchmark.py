@@ -143,6 +143,10 @@ def method_config(name: str, work: Path, photos_dir: Path, args) -> tuple[object
     elif name == "adversarial":
         opts = {"steps": args.adv_steps}
         note = f"default attack and surrogates, {args.adv_steps} steps"
+    extra = json.loads(args.options).get(name) if args.options else None
+    if extra:  # --options: per-method overrides, e.g. a thinner eye bar
+        opts = {**opts, **extra}
+        note = (note + "; " if note else "") + "options " + json.dumps(extra)
     return DeidConfig(methods=[name], options={name: opts} if opts else {}, k_pool=k_pool), note
 
 
@@ -236,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--adv-steps", type=int, default=20)
+    ap.add_argument("--options", default="", help='per-method options as JSON, e.g. \'{"eyebar": {"height": 0.9}}\'')
     ap.add_argument("--deface", default="/tmp/deface-venv/bin/deface")
     ap.add_argument("--vs-detectors", default="mtcnn,yunet,centerface", help="facepriv detectors timed beside deface")
     ap.add_argument("--rounds", type=int, default=2)
