@@ -54,7 +54,6 @@ Exit 0 with a message when ../shared is absent.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -64,39 +63,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deepface_ids import identities  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "deepface-pairs"
 FARS = ("1e-1", "1e-2", "1e-3")
-
-
-def identities(folder: Path) -> dict[str, str]:
-    """file name -> identity id, from the labelled pairs (union-find over 'Yes' pairs)."""
-    parent: dict[str, str] = {}
-
-    def find(x):
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for name, dec in (("master.csv", "Decision"), ("face-recognition-pivot.csv", "decision")):
-        p = folder / name
-        if not p.is_file():
-            continue
-        with open(p, newline="") as fh:
-            for r in csv.DictReader(fh):
-                a, b = os.path.basename(r["file_x"]), os.path.basename(r["file_y"])
-                find(a), find(b)
-                if r[dec] == "Yes":
-                    parent[find(a)] = find(b)
-    files = {f.name for f in folder.glob("img*.jpg")}
-    # img11_reflection.jpg is a mirrored img11.jpg (same person)
-    for f in files:
-        if f not in parent and "_" in f and f.split("_")[0] + ".jpg" in parent:
-            parent[f] = find(f.split("_")[0] + ".jpg")
-    roots = {}
-    return {f: roots.setdefault(find(f), f"id{len(roots):02d}") for f in sorted(files) if f in parent}
 
 
 def _num(name: str) -> int:

@@ -41,55 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deepface_ids import identities, write_all_pairs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODELS_AUDIT = ["sface", "dlib-resnet", "facenet-casia"]
 MIN_IMPOSTORS = 1000  # FAR 1e-3 needs at least this many impostor pairs to be resolved
-
-
-def identities(folder: Path) -> dict[str, str]:
-    """file name -> identity id: union-find over the "Yes" pairs of master.csv and
-    face-recognition-pivot.csv (the same rule as benchmarks/patch_benchmark.py)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for name, dec in (("master.csv", "Decision"), ("face-recognition-pivot.csv", "decision")):
-        p = folder / name
-        if not p.is_file():
-            continue
-        for r in csv.DictReader(p.open(newline="")):
-            a, b = os.path.basename(r["file_x"]), os.path.basename(r["file_y"])
-            find(a), find(b)
-            if r[dec].strip().lower() == "yes":
-                parent[find(a)] = find(b)
-    files = {f.name for f in folder.glob("img*.jpg")}
-    for f in files:  # img11_reflection.jpg is a mirrored img11.jpg (same person)
-        if f not in parent and "_" in f and f.split("_")[0] + ".jpg" in parent:
-            parent[f] = find(f.split("_")[0] + ".jpg")
-    roots: dict[str, str] = {}
-    return {f: roots.setdefault(find(f), f"id{len(roots):02d}") for f in sorted(files) if f in parent}
-
-
-def write_all_pairs(ids: dict[str, str], path: Path) -> tuple[int, int]:
-    """Every unordered pair of the photos, labelled Yes (same identity) / No; (genuine, impostor)."""
-    names = sorted(ids)
-    genuine = impostor = 0
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_x", "file_y", "decision"])
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                same = ids[a] == ids[b]
-                genuine += same
-                impostor += not same
-                w.writerow([a, b, "Yes" if same else "No"])
-    return genuine, impostor
 
 
 def pick_photos(data: Path, n: int) -> list[Path]:
