@@ -33,7 +33,7 @@ class DeidConfig:
     strength: float = 1.0
     region: str = "face"
     feather: float | None = None
-    detector: str = "yunet"  # the best recall (and 13x MTCNN's speed) on our benchmark, see docs/benchmarks.md
+    detector: str = "yunet"  # the best recall (100 %) and 5x MTCNN's speed on our benchmark, see docs/benchmarks.md
     options: dict = field(default_factory=dict)  # per-method extra keyword arguments
     k_pool: str | None = None  # k-Same face pool: a folder, a saved pool file, or None = the inputs
     video: VideoOptions = field(default_factory=VideoOptions)
