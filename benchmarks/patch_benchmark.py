@@ -1,16 +1,15 @@
 """Patch generator vs per-image PGD patches: protection (audited by facepriv audit) and apply speed.
 
-    python benchmarks/patch_benchmark.py [--epochs 10] [--region eyeglass] [--pgd-steps 20]
+    python benchmarks/patch_benchmark.py [--epochs 150] [--region eyeglass] [--pgd-steps 20]
         [--surrogates dlib-resnet,facenet-casia] [--eval sface] [--work /tmp/facepriv-patch-bench]
 
 Default size, CPU-feasible: a 0.81 M-parameter generator (--channels 16, 64x64 eyeglass
-patch) trained 10 epochs x 6 steps of 8 faces (60 steps, 49 training faces) against
+patch) trained 150 epochs x 6 steps of 8 faces (900 steps, 49 training faces) against
 dlib-resnet + facenet-casia; the PGD baseline gets 20 steps per photo (step 8/255 decaying to
 1/255, so the patch can travel the whole [0, 1] range); MTCNN with --min-face-size 60 (every
-face in this set is larger than 130 px). Measured phases on 2 cores shared with other jobs
-(load 5-9): detection about 1.2 s per photo (62 + the protected outputs), a training step
-6-11 s, a PGD step 0.5-1 s plus 0.6 s per photo, an audit run about 15 s plus detection -
-about 20-25 minutes in all. On a GPU (--device cuda), raise --epochs and --pgd-steps.
+face in this set is larger than 130 px). Measured on 2 quiet cores: training 314 s (0.35 s a
+step), protection about 50 s, audits about 145 s - about 9 minutes in all (several times more
+when the cores are busy). On a GPU (--device cuda), raise --epochs and --pgd-steps.
 
 Data: ../shared/data/deepface-pairs (62 photos, 13 identities; identities from the labelled
 pairs in master.csv and face-recognition-pivot.csv). Split by photo: every third photo of each
@@ -108,7 +107,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
