@@ -145,7 +145,6 @@ class FaceEmbeddingCache:
         self.min_face_size = float(min_face_size)
         self.max_pixels = max_pixels
         self.results: dict[tuple, ImageFaces] = {}
-        self._dims: dict[str, int] = {}
         # Models sharing a template and input size share crops.
         self.groups = {name: (model_template(m), model_input_size(m)) for name, m in self.models.items()}
         want_amp = (self.device.type == "cuda") if amp is None else bool(amp)
@@ -266,9 +265,12 @@ class FaceEmbeddingCache:
                     else:
                         buf[0] = (key, start + k, crops[k:])
                 emb = self._forward(name, torch.cat([c for _, _, c in rows]))
+                emb = emb.reshape(len(emb), -1)
                 i = 0
                 for key, start, crops in rows:
                     slot = pending[key]["emb"][name]
+                    if slot is None:  # allocated at the first batch that holds this image's faces
+                        slot = pending[key]["emb"][name] = torch.zeros(pending[key]["n"], emb.shape[1])
                     slot[start: start + len(crops)] = emb[i: i + len(crops)]
                     pending[key]["left"] -= 1 if start + len(crops) == pending[key]["n"] else 0
                     i += len(crops)
@@ -284,11 +286,15 @@ class FaceEmbeddingCache:
                     res.extra[name] = full[n_faces:]
                 self.results[key] = res
 
+        # Images read ahead of the forward passes: at least a batch's worth, so the readers keep
+        # decoding and aligning the next batch while a forward runs (a shallower queue leaves
+        # them idle for most of every forward). Only the aligned crops are kept per image.
+        ahead = self.workers * 2 + min(self.batch_size, 64)
         with make_progress(enabled=progress) as bar, ThreadPoolExecutor(self.workers) as pool:
             task = bar.add_task(description, total=len(todo))
             queue: deque = deque()
             it = iter(todo)
-            for _ in range(self.workers * 2):
+            for _ in range(ahead):
                 nxt = next(it, None)
                 if nxt is not None:
                     queue.append(pool.submit(self._prepare, nxt[0], nxt[1], nxt[2], need))
@@ -309,26 +315,18 @@ class FaceEmbeddingCache:
                         res.extra[name] = torch.zeros(0, 0)
                     self.results[prep.key] = res
                 else:
+                    # embedding slots are allocated by the first forward that fills them (no
+                    # probe forward pass just to learn a model's embedding size)
                     pending[prep.key] = {"res": res, "n": n, "left": len(self.models),
-                                         "emb": {name: torch.zeros(0) for name in self.models}}
+                                         "emb": {name: None for name in self.models}}
                     for name, group in self.groups.items():
-                        crops = prep.crops[group]
-                        dim = self._dim(name, crops)
-                        pending[prep.key]["emb"][name] = torch.zeros(n, dim)
-                        buffers[name].append((prep.key, 0, crops))
+                        buffers[name].append((prep.key, 0, prep.crops[group]))
                         flush(name)
                 bar.advance(task)
             for name in self.models:
                 flush(name, force=True)
         finish_ready()
         return {key[0]: self.results[key] for key, _, _ in wanted}
-
-    def _dim(self, name: str, crops: torch.Tensor) -> int:
-        """Embedding size of a model (one probe forward the first time, then remembered)."""
-        if name not in self._dims:
-            with torch.no_grad():
-                self._dims[name] = int(self.models[name](crops[:1].to(self.device)).reshape(1, -1).shape[1])
-        return self._dims[name]
 
     def get(self, path: str | Path, extra: np.ndarray | None = None) -> ImageFaces:
         p = Path(path).resolve()
