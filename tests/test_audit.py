@@ -277,27 +277,87 @@ def test_pipeline_matches_embed_faces_and_aligned_crops(tmp_path, mtcnn):
     assert float(cos) > 0.999
 
 
+class _AutocastDrift(nn.Module):
+    """A model whose autocast output differs from its float32 output by a known angle.
+
+    Float32: ``out = proj(pooled colours)``. Under autocast it returns ``out + t*|out|*v`` with ``v``
+    a unit vector orthogonal to ``out``, so the cosine between the two is exactly 1/sqrt(1+t^2);
+    ``t = nan`` returns non-finite values. The arithmetic itself runs with autocast disabled, so
+    bf16 rounding never blurs the constructed difference.
+    """
+
+    def __init__(self, t: float):
+        super().__init__()
+        self.spec = _Tiny().spec
+        self.proj = nn.Linear(48, 12)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(5))
+        torch.nn.init.zeros_(self.proj.bias)
+        self.requires_grad_(False)
+        self.t = t
+
+    def clean(self, x):
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1))
+
+    def forward(self, x):
+        autocast = torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False):
+            out = self.clean(x)
+            if not autocast:
+                return out
+            if math.isnan(self.t):
+                return torch.full_like(out, float("nan"))
+            u = torch.zeros_like(out)
+            u[:, 0] = 1.0
+            v = u - (u * out).sum(-1, keepdim=True) * out / (out * out).sum(-1, keepdim=True)
+            v = v / v.norm(dim=-1, keepdim=True)
+            return out + self.t * out.norm(dim=-1, keepdim=True) * v
+
+
 def test_amp_is_kept_only_where_it_does_not_change_embeddings(tmp_path):
-    crops = []
-    for i in range(3):
-        crops.append(_touch_image(tmp_path / f"c{i}.png", seed=i))
-    cache = FaceEmbeddingCache({"stable": _Tiny(), "unstable": _Tiny(unstable=True)}, aligned=True, amp=True,
-                               amp_dtype=torch.bfloat16, batch_size=2)
+    """The first batch decides: autocast is kept when its embeddings stay within AMP_MIN_COSINE of
+    float32 (and finite), refused otherwise; later batches follow the decision."""
+    from facepriv.audit.embed import AMP_MIN_COSINE
+    from facepriv.core.align import align_faces
+
+    crops = [_touch_image(tmp_path / f"c{i}.png", seed=i) for i in range(5)]
+    # cosines 1/sqrt(1+t^2): t_small just above the limit, t_big just below it
+    t_small = math.sqrt(1 / AMP_MIN_COSINE**2 - 1) * 0.5
+    t_big = math.sqrt(1 / AMP_MIN_COSINE**2 - 1) * 2.0
+    models = {"exact": _AutocastDrift(0.0), "small": _AutocastDrift(t_small), "big": _AutocastDrift(t_big),
+              "nan": _AutocastDrift(float("nan")), "noisy": _Tiny(unstable=True)}
+    cache = FaceEmbeddingCache(models, aligned=True, amp=True, amp_dtype=torch.bfloat16, batch_size=2)
     res = cache.process(crops, progress=False)
     notes = cache.amp_report()
-    assert notes["unstable"].startswith("off") and "min cosine" in notes["unstable"]
-    assert notes["stable"].startswith("on") or "min cosine" in notes["stable"]
-    # whatever autocast decided, the unstable model's embeddings are the float32 ones
-    ref = _Tiny(unstable=True)
+    for kept in ("exact", "small"):
+        assert notes[kept].startswith("on (torch.bfloat16"), notes[kept]
+    for refused in ("big", "nan", "noisy"):
+        assert notes[refused].startswith("off (autocast changed embeddings"), notes[refused]
+    assert cache.amp_state == {"exact": True, "small": True, "big": False, "nan": False, "noisy": False}
+    # the reported minimum cosine is the constructed one
+    cos_of = lambda n: float(re.search(r"min cosine(?: to float32)? (\S+?)\)", notes[n]).group(1))  # noqa: E731
+    assert cos_of("exact") == pytest.approx(1.0, abs=1e-6)
+    assert cos_of("small") == pytest.approx(1 / math.sqrt(1 + t_small**2), abs=2e-6)
+    assert cos_of("big") == pytest.approx(1 / math.sqrt(1 + t_big**2), abs=2e-6)
+    assert cos_of("big") < AMP_MIN_COSINE <= cos_of("small")
+    # embeddings: a kept model gives its autocast output in every batch, a refused one float32
     for c in crops:
+        r = res[c.resolve()]
+        x = torch.from_numpy(np.array(Image.open(c).convert("RGB"))).permute(2, 0, 1).float() / 255
+        a = align_faces(x, torch.from_numpy(r.faces[0].landmarks[None]), "arcface-112").crops
         with torch.no_grad():
-            from facepriv.core.align import align_faces
-
-            r = res[c.resolve()]
-            x = torch.from_numpy(np.array(Image.open(c).convert("RGB"))).permute(2, 0, 1).float() / 255
-            e = ref(align_faces(x, torch.from_numpy(r.faces[0].landmarks[None]), "arcface-112").crops)
-        torch.testing.assert_close(r.embeddings["unstable"], e, atol=1e-5, rtol=1e-5)
-    assert FaceEmbeddingCache({"x": _Tiny()}, aligned=True).amp_report()["x"] == "off"
+            for n in ("small", "big"):
+                m = models[n]
+                f32 = m(a)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    amp = m(a)
+                want = amp if n == "small" else f32
+                torch.testing.assert_close(r.embeddings[n], want, atol=1e-5, rtol=1e-5)
+                assert not torch.allclose(amp, f32, atol=1e-6)  # the two really differ
+            torch.testing.assert_close(r.embeddings["noisy"], _Tiny(unstable=True)(a), atol=1e-5, rtol=1e-5)
+            assert torch.isfinite(r.embeddings["nan"]).all()
+    # autocast is off by default on CPU and never checked
+    off = FaceEmbeddingCache({"x": _Tiny()}, aligned=True)
+    assert off.amp_report()["x"] == "off" and off.amp_state == {"x": False}
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -7,6 +7,9 @@
 * identities from a pairs file drive the other-photos protocol end to end;
 * impersonation is measured against a different photo of the target (or the reuse is noted),
   with PSR values checked against a case whose similarities are known;
+* identification ranks against a 7-identity gallery (rank-1 and rank-5 differ), and the utility
+  section's expression kept / changed, both checked against values computed in the test;
+* Azure accepts the quickstart variable names and never retries a 403 (quota / Limited Access);
 * ``--json`` output is strict JSON; calibrations reused under another detector / alignment
   mode are flagged; the HTML says "no threshold" when a model has none.
 """
@@ -294,6 +297,195 @@ def test_impersonation_psr_against_another_target_photo(tmp_path):
     assert imp2["psr"]["1e-3"] == pytest.approx(sum(s >= 0.99 for s in sims2) / 4) == 0.25
     assert any("--allow-target-reuse" in n for n in rep2["protocol_notes"])
     assert rep2["config"]["allow_target_reuse"] is True
+
+
+# ------------------------------------------------------------------------------ identification
+def _expected_rank(probe, gallery: dict[str, list], true_id: str) -> int:
+    """Rank of ``true_id`` by best cosine per identity, ties counted against it (computed here)."""
+    best = {i: max(_cos(probe, c) for c in cols) for i, cols in gallery.items() if cols}
+    return 1 + sum(1 for i, s in best.items() if i != true_id and s >= best[true_id])
+
+
+def test_identification_rank1_and_rank5_differ_on_a_seven_identity_gallery(tmp_path):
+    """Seven gallery identities; four probes whose protected colours push the true identity to
+    rank 1, 3, 6 and 5: rank-1 after = 1/4, rank-5 after = 3/4, both 1 before."""
+    orig, prot, gal = tmp_path / "orig", tmp_path / "prot", tmp_path / "gallery"
+    refs = {"A": (230, 20, 20), "B": (20, 230, 20), "C": (20, 20, 230), "D": (200, 200, 20), "E": (20, 200, 200),
+            "F": (200, 20, 200), "G": (150, 150, 150)}
+    originals = {"A": (220, 30, 25), "B": (30, 220, 25), "C": (25, 30, 220), "D": (210, 190, 30)}
+    protected = {"A": (220, 30, 25), "B": (60, 200, 150), "C": (200, 100, 120), "D": (150, 100, 200)}
+    for ident, c in refs.items():
+        _solid(gal / ident / "ref.png", c)
+    for ident, c in originals.items():
+        _solid(orig / f"{ident}.png", c)
+        _solid(prot / f"{ident}.png", protected[ident])
+        # the gallery holds a copy of each original: it gives the identity and is left out of the ranking
+        shutil.copy(orig / f"{ident}.png", gal / ident / "same-as-original.png")
+    rep = run_audit(_cfg(prot, orig, aligned=True, gallery=gal), recognizers={"mean-colour": MeanColour()})
+
+    def gallery_for(probe: str) -> dict[str, list]:
+        # every gallery photo except the copy of this probe's own original (identical to A's protected too)
+        return {i: [c] + ([originals[i]] if i in originals and i != probe else []) for i, c in refs.items()}
+
+    expected_after = {i: _expected_rank(protected[i], gallery_for(i), i) for i in originals}
+    assert expected_after == {"A": 1, "B": 3, "C": 6, "D": 5}  # the constructed case holds
+    rows = {r["protected"][0]: r for r in rep["images"]}
+    for ident in originals:
+        assert rows[ident]["identity"] == ident and rows[ident]["identity_source"] == "gallery"
+        f0 = rows[ident]["models"]["mean-colour"]["faces"][0]
+        assert f0["rank_before"] == _expected_rank(originals[ident], gallery_for(ident), ident) == 1
+        assert f0["rank_after"] == expected_after[ident]
+    ident_summary = rep["models"]["mean-colour"]["identification"]
+    assert ident_summary["n"] == 4 and ident_summary["gallery_identities"] == 7
+    assert ident_summary["gallery_images"] == 7 + 4
+    assert ident_summary["rank1_before"] == 1.0 and ident_summary["rank5_before"] == 1.0
+    assert ident_summary["rank1_after"] == sum(r == 1 for r in expected_after.values()) / 4 == 0.25
+    assert ident_summary["rank5_after"] == sum(r <= 5 for r in expected_after.values()) / 4 == 0.75
+
+
+# ------------------------------------------------------------------------------ utility
+class ColourExpression(nn.Module):
+    """A fake expression classifier: logits = 20 x the centre's mean colour, labels red/green/blue,
+    so the top "expression" of a solid crop is its dominant channel and the probabilities are known."""
+
+    labels = ("red", "green", "blue")
+
+    def __init__(self):
+        super().__init__()
+        self.spec = MeanColour(name="colour-expression").spec
+
+    def forward(self, x):
+        return 20.0 * x[:, :, 28:84, 28:84].mean((2, 3))
+
+
+def _colour_probs(rgb) -> torch.Tensor:
+    return (20.0 * torch.tensor(rgb, dtype=torch.float64) / 255.0).softmax(-1)
+
+
+def test_utility_reports_expression_kept_and_changed(tmp_path):
+    orig, prot = tmp_path / "orig", tmp_path / "prot"
+    cases = {"kept": ((220, 40, 40), (200, 60, 50)),       # still red-dominant
+             "changed": ((220, 40, 40), (40, 220, 40)),    # red -> green
+             "same": ((30, 40, 210), (30, 40, 210))}       # untouched
+    for n, (o, p) in cases.items():
+        _solid(orig / f"{n}.png", o)
+        _solid(prot / f"{n}.png", p)
+    rep = run_audit(_cfg(prot, orig, aligned=True, utility=True), recognizers={"mean-colour": MeanColour()},
+                    expression_model=ColourExpression())
+    rows = {r["protected"][:-4]: r for r in rep["images"]}
+    tvs = {}
+    for n, (o, p) in cases.items():
+        u = rows[n]["utility"]
+        assert u["faces"] == 1 and u["faces_detected_after"] == 1 and len(u["expression"]) == 1
+        e = u["expression"][0]
+        po, pp = _colour_probs(o), _colour_probs(p)
+        assert e["expression_before"] == ColourExpression.labels[int(po.argmax())]
+        assert e["expression_after"] == ColourExpression.labels[int(pp.argmax())]
+        assert e["expression_kept"] is (n != "changed")
+        tvs[n] = float(0.5 * (po - pp).abs().sum())
+        assert e["expression_tv"] == pytest.approx(tvs[n], abs=1e-4)
+    assert rows["changed"]["utility"]["expression"][0]["expression_after"] == "green"
+    assert tvs["same"] == 0.0 and tvs["changed"] > 0.9 and 0 < tvs["kept"] < tvs["changed"]
+    u = rep["utility"]
+    assert u["n_faces"] == 3 and u["face_detected_rate"] == 1.0
+    assert u["expression_kept_rate"] == pytest.approx(2 / 3)
+    assert u["expression_tv_mean"] == pytest.approx(sum(tvs.values()) / 3, abs=1e-4)
+
+
+@pytest.mark.realmodels
+def test_utility_with_the_real_expression_model_keeps_every_face_of_an_unchanged_photo(tmp_path, mtcnn):
+    """expr-fer7 on group.jpg (6 faces) against an identical copy: every expression kept, TV 0;
+    against a copy whose faces are blacked out: no face left, no expression compared."""
+    orig, prot = tmp_path / "orig", tmp_path / "prot"
+    orig.mkdir()
+    prot.mkdir()
+    shutil.copy(fixture_path("group.jpg"), orig / "group.jpg")
+    Image.open(fixture_path("group.jpg")).save(prot / "group.png")
+    rep = run_audit(_cfg(prot, orig, utility=True), recognizers={"mean-colour": MeanColour()}, detector=mtcnn)
+    u = rep["utility"]
+    assert u["model"] == "expr-fer7" and u["n_faces"] == 6 and u["face_detected_rate"] == 1.0
+    assert u["expression_kept_rate"] == 1.0 and u["expression_tv_mean"] == pytest.approx(0.0, abs=1e-6)
+    ex = rep["images"][0]["utility"]["expression"]
+    assert len(ex) == 6 and all(e["expression_before"] == e["expression_after"] for e in ex)
+    # a protected photo without faces: nothing detected, nothing to compare
+    Image.new("RGB", Image.open(orig / "group.jpg").size, (128, 128, 128)).save(prot / "group.png")
+    rep = run_audit(_cfg(prot, orig, utility=True), recognizers={"mean-colour": MeanColour()}, detector=mtcnn)
+    u = rep["utility"]
+    assert u["face_detected_rate"] == 0.0 and u["n_faces"] == 0 and u["expression_kept_rate"] is None
+    assert rep["images"][0]["utility"] == {"faces_detected_after": 0, "faces": 6, "expression": []}
+
+
+# ------------------------------------------------------------------------------ online APIs (Azure)
+def test_azure_accepts_the_quickstart_variable_names(tmp_path, monkeypatch):
+    """AZURE_FACE_KEY / AZURE_FACE_ENDPOINT, or FACE_APIKEY / FACE_ENDPOINT as Azure's Face
+    quickstarts name them; ours win when both are set; the key is a registered secret."""
+    from facepriv.audit.apis import create_api
+    from facepriv.audit.secrets import redact_text
+
+    empty = tmp_path / "apis.json"
+    empty.write_text("{}")
+    for v in ("AZURE_FACE_KEY", "AZURE_FACE_ENDPOINT", "FACE_APIKEY", "FACE_ENDPOINT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(ConfigError, match="FACE_APIKEY"):
+        create_api("azure", config=empty, cache=False)
+    monkeypatch.setenv("FACE_APIKEY", "quickstart-key-7f3a")
+    monkeypatch.setenv("FACE_ENDPOINT", "https://quickstart.example/")
+    az = create_api("azure", config=empty, cache=False)
+    assert az.endpoint == "https://quickstart.example" and az._key == "quickstart-key-7f3a"
+    assert "quickstart-key-7f3a" not in redact_text("key quickstart-key-7f3a in a message")
+    monkeypatch.setenv("AZURE_FACE_KEY", "ours-key-1b2c")
+    monkeypatch.setenv("AZURE_FACE_ENDPOINT", "https://ours.example")
+    az = create_api("azure", config=empty, cache=False)
+    assert az.endpoint == "https://ours.example" and az._key == "ours-key-1b2c"
+    # an explicit --api-endpoint still beats both environment names
+    assert create_api("azure", config=empty, endpoint="http://127.0.0.1:9", cache=False).endpoint == "http://127.0.0.1:9"
+
+
+def test_azure_403_is_not_retried_and_stops_the_adapter(monkeypatch):
+    """Azure answers 403 for an exhausted quota or a missing Limited Access approval: retrying
+    cannot help, so the first 403 stops the adapter; a 429 is retried."""
+    from facepriv.audit.apis.azure import AzureFace
+
+    class Resp:
+        def __init__(self, status, body):
+            self.status_code, self.ok, self.reason, self.headers, self._body = status, status < 400, "x", {}, body
+
+        def json(self):
+            return self._body
+
+    class Session:
+        """Answers the queued errors first, then like Azure: a face for /detect, a verdict for /verify."""
+
+        def __init__(self, errors):
+            self.errors, self.sent = list(errors), 0
+
+        def post(self, url, *a, **kw):
+            self.sent += 1
+            if self.errors:
+                status = self.errors.pop(0)
+                return Resp(status, {"error": {"code": str(status), "message": "refused"}})
+            if url.endswith("/detect"):
+                return Resp(200, [{"faceId": f"id{self.sent}", "faceRectangle": {"width": 9, "height": 9}}])
+            return Resp(200, {"isIdentical": True, "confidence": 0.93})
+
+    img = fixture_path("obama.jpg").read_bytes()
+
+    def adapter(errors):
+        az = AzureFace("http://127.0.0.1:9", "azure-test-key-9d8e", cache=False, rate=None, retries=4,
+                       sleep=lambda s: None)
+        az._local.session = Session(errors)
+        return az, az._local.session
+
+    az, sess = adapter([403])
+    r = az.compare(img, img)
+    assert not r.ok and "HTTP 403" in r.error and "quota" in r.error
+    assert sess.sent == 1 and az.stats["retries"] == 0
+    again = az.compare(img, img)  # the adapter has stopped: nothing more is sent
+    assert again.code == "ADAPTER_STOPPED" and sess.sent == 1
+    # contrast: 429 and 503 are retried, then the comparison goes through (detect, detect, verify)
+    az, sess = adapter([429, 503])
+    r = az.compare(img, img)
+    assert r.ok and r.score == 0.93 and az.stats["retries"] == 2 and sess.sent == 2 + 3
 
 
 # ------------------------------------------------------------------------------ reports

@@ -8,8 +8,9 @@ of faces with ``faceId`` (``[]`` = no face); ``POST {endpoint}/face/v1.0/verify`
 ``{"error": {"code", "message"}}``: 401/403 (bad key, quota, Limited Access not granted) stop
 the adapter, 429 and 5xx are retried with backoff (``Retry-After`` honoured).
 
-Keys: ``AZURE_FACE_ENDPOINT`` and ``AZURE_FACE_KEY`` or the ``[azure]`` section of the API
-config file (``endpoint``, ``key``; ``threshold`` or ``--api-threshold azure=VALUE`` replaces the
+Keys: ``AZURE_FACE_ENDPOINT`` and ``AZURE_FACE_KEY`` (or ``FACE_ENDPOINT`` / ``FACE_APIKEY``, the
+names Azure's Face quickstart samples use; the ``AZURE_`` names win when both are set) or the
+``[azure]`` section of the API config file (``endpoint``, ``key``; ``threshold`` or ``--api-threshold azure=VALUE`` replaces the
 0.5 decision threshold). Face identification / verification is a Limited Access
 feature of Azure: the resource must have been approved for it.
 """
@@ -24,6 +25,9 @@ from .base import APIError, CompareResult, FaceAPI, ImageLimits
 
 API_PATH = "/face/v1.0"
 DEFAULT_THRESHOLD = 0.5
+# environment variables, first match wins: ours, then those of Azure's Face quickstart samples
+KEY_ENV = ("AZURE_FACE_KEY", "FACE_APIKEY")
+ENDPOINT_ENV = ("AZURE_FACE_ENDPOINT", "FACE_ENDPOINT")
 
 
 class AzureFace(FaceAPI):
@@ -35,7 +39,8 @@ class AzureFace(FaceAPI):
                  detection_model: str = "detection_03", threshold: float = DEFAULT_THRESHOLD, **kw):
         if not endpoint or not key:
             raise ConfigError("Azure Face needs an endpoint and a key: set AZURE_FACE_ENDPOINT and AZURE_FACE_KEY "
-                              "or put endpoint / key in the [azure] section of the API config file")
+                              "(or FACE_ENDPOINT and FACE_APIKEY) or put endpoint / key in the [azure] section of "
+                              "the API config file")
         register_secret(key)
         super().__init__(endpoint=endpoint.rstrip("/"), **kw)
         self._key = key
@@ -116,8 +121,10 @@ def from_config(section: dict, *, endpoint: str | None = None, threshold: float 
 
     from .base import credential
 
-    key = credential(section, "AZURE_FACE_KEY", "key", "api_key", "subscription_key")
-    endpoint = endpoint or os.environ.get("AZURE_FACE_ENDPOINT") or section.get("endpoint")
+    key_env = next((v for v in KEY_ENV if os.environ.get(v)), KEY_ENV[0])
+    key = credential(section, key_env, "key", "api_key", "subscription_key")
+    endpoint = (endpoint or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
+                or section.get("endpoint"))
     if threshold is None:
         threshold = float(section.get("threshold", DEFAULT_THRESHOLD))
     return AzureFace(endpoint or "", key or "", threshold=float(threshold), **kw)
