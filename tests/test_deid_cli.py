@@ -178,6 +178,27 @@ def test_region_the_eyebar_cannot_apply_is_refused_or_recorded(tmp_path):
     assert "eyebar" in r.stderr  # and said on the terminal
 
 
+def test_strength_a_method_cannot_apply_is_refused_or_recorded(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(fixture_path("biden.jpg"), src / "biden.jpg")
+    r = invoke("deid", src, "--method", "mask", "--strength", "2", "--out", tmp_path / "o1")
+    assert r.exit_code == 2 and "--strength" in r.output and "mask" in r.output and not (tmp_path / "o1").exists()
+    r = invoke("--json", "deid", src, "--method", "blur,mask", "--strength", "2", "--out", tmp_path / "o2")
+    assert r.exit_code == 0, r.output
+    (row,) = Manifest.read_all(tmp_path / "o2")
+    assert [(m["method"], m["strength"]) for m in row["methods"]] == [("blur", 2.0), ("mask", None)]
+    assert row["methods"][1]["strength_ignored"] == 2.0
+    assert len(row["warnings"]) == 1 and "mask" in row["warnings"][0] and "blur" in row["warnings"][0]
+    assert "--strength 2" in r.stderr
+    # the default strength is silent, and the manifest does not invent an ignored value
+    r = invoke("--json", "deid", src, "--method", "mask", "--out", tmp_path / "o3")
+    assert r.exit_code == 0, r.output
+    (row,) = Manifest.read_all(tmp_path / "o3")
+    assert row["methods"][0]["strength"] is None and "strength_ignored" not in row["methods"][0]
+    assert not row.get("warnings")
+
+
 def test_k_same_on_a_video_without_a_pool_says_what_to_do(tmp_path):
     import av
 

@@ -257,6 +257,20 @@ def test_eyebar_does_not_claim_a_region():
     assert region_warnings([create_method("eyebar")], "face") == []
 
 
+def test_k_same_average_and_select_have_no_strength_but_pixelate_does():
+    from facepriv.deid.pipeline import strength_warnings
+
+    avg, pix = (create_method(n, strength=2.0, model=None) for n in ("k-same-average", "k-same-pixelate"))
+    sel = create_method("k-same-select", strength=2.0)  # the model loads at setup, not here
+    assert avg.describe()["strength"] is None and sel.describe()["strength"] is None
+    assert pix.describe()["strength"] == 2.0 and pix.block() != create_method("k-same-pixelate", model=None).block()
+    with pytest.raises(ConfigError, match="--k"):
+        strength_warnings([avg, sel], 2.0)
+    (w,) = strength_warnings([avg, pix], 2.0)
+    assert "k-same-average" in w and "k-same-pixelate" in w
+    assert strength_warnings([avg], 1.0) == []
+
+
 # ----------------------------------------------------------------------------- mixed-layout pools
 class _Model:
     """Stands in for a recognition model in clustering: name and metric (the embeddings are given)."""

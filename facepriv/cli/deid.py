@@ -47,7 +47,7 @@ def deid(
         show_default=False)] = None,
     ensemble: Annotated[str | None, typer.Option(
         "--ensemble", help="Methods applied in sequence, e.g. pixelate,noise (same as a comma list in --method).")] = None,
-    strength: Annotated[float, typer.Option("--strength", help="Scales each method's main parameter (1.0 = default, defeats recognition).")] = 1.0,
+    strength: Annotated[float, typer.Option("--strength", help="Scales each method's main parameter (1.0 = default, defeats recognition); mask, k-same-average and k-same-select have none.")] = 1.0,
     region: Annotated[str, typer.Option("--region", help="face (ellipse) | head (larger ellipse) | box. "
                                         "Not applied by eyebar (its own shape).")] = "face",
     feather: Annotated[float | None, typer.Option("--feather", help="Soft edge width as a fraction of the region (default per method).")] = None,

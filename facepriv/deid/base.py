@@ -36,6 +36,9 @@ class DeidMethod(ABC):
     #: the ``region`` values the method applies; a method with its own shape (the eye bar) has
     #: none, and its manifest entry says ``"region": null`` whatever was asked
     regions: tuple[str, ...] = REGIONS
+    #: whether ``strength`` changes anything (a solid mask and a k-same average have no
+    #: parameter it could scale); a method that ignores it says ``"strength": null``
+    uses_strength: bool = True
 
     def __init__(self, *, strength: float = 1.0, region: str = "face", feather: float | None = None):
         if strength <= 0:
@@ -69,8 +72,10 @@ class DeidMethod(ABC):
 
     def describe(self) -> dict:
         """What the method does, for the manifest: the region only if it is really applied."""
-        d = {"method": self.name, "strength": self.strength,
+        d = {"method": self.name, "strength": self.strength if self.uses_strength else None,
              "region": self.region if self.honours_region else None, "feather": self.feather}
+        if not self.uses_strength and self.strength != 1.0:
+            d["strength_ignored"] = self.strength
         if not self.honours_region:
             d["region_ignored"] = self.region
         return d

@@ -67,6 +67,7 @@ class Mask(RegionEffect):
 
     name = "mask"
     default_feather = 0.0
+    uses_strength = False  # a solid fill: nothing to scale (the region's size is --region)
 
     def __init__(self, *, color: tuple[float, float, float] = (0.0, 0.0, 0.0), **kw):
         super().__init__(**kw)

@@ -495,6 +495,7 @@ class KSameAverage(KSame):
     """k-Same-Pixel: the average of the k faces closest in (aligned, masked) pixels."""
 
     name = "k-same-average"
+    uses_strength = False  # k is the privacy parameter; an exact average has nothing to scale
     select_by = "pixels"
 
 
@@ -503,6 +504,7 @@ class KSameSelect(KSame):
     """The average of the k faces closest in identity (face-recognition embedding distance)."""
 
     name = "k-same-select"
+    uses_strength = False  # k is the privacy parameter; an exact average has nothing to scale
     select_by = "identity"
 
 

@@ -69,6 +69,20 @@ def region_warnings(methods: list[DeidMethod], region: str) -> list[str]:
             f"{', '.join(m.name for m in methods if m.honours_region)}"]
 
 
+def strength_warnings(methods: list[DeidMethod], strength: float) -> list[str]:
+    """Warnings for a ``strength`` some methods have no parameter for (mask, k-same-average,
+    k-same-select); a ConfigError when none of them has one. The default 1.0 is silent."""
+    ignored = [m.name for m in methods if not m.uses_strength]
+    if strength == 1.0 or not ignored:
+        return []
+    if len(ignored) == len(methods):
+        raise ConfigError(f"--strength does not apply to {', '.join(ignored)} (nothing to scale"
+                          + ("; k-same's privacy parameter is --k" if any(n.startswith("k-same") for n in ignored) else "")
+                          + "); leave --strength out")
+    return [f"--strength {strength:g} is not applied by {', '.join(ignored)} (nothing to scale); it applies to "
+            f"{', '.join(m.name for m in methods if m.uses_strength)}"]
+
+
 def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]) -> torch.Tensor:
     """Apply ``methods`` in sequence to the faces of one image (3, H, W) in [0, 1]."""
     out = image
@@ -120,7 +134,8 @@ def collect_media(inputs: list[str | Path], *, glob: str | None = None, exclude=
 def config_warnings(cfg: DeidConfig) -> list[str]:
     """The warnings :func:`run_deid` will record for ``cfg`` (ConfigError if it is unusable);
     creates the methods without loading any model."""
-    return region_warnings(build_methods(cfg), cfg.region)
+    methods = build_methods(cfg)
+    return region_warnings(methods, cfg.region) + strength_warnings(methods, cfg.strength)
 
 
 def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: FaceDetector, cfg: DeidConfig,
@@ -195,7 +210,7 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
     items = collect_media(inputs, glob=glob, exclude=[out])
     check_outputs(items, out, output_suffix)  # collisions and outputs over inputs: before any model loads
     methods = build_methods(cfg)
-    warnings = region_warnings(methods, cfg.region)  # before loading any model
+    warnings = region_warnings(methods, cfg.region) + strength_warnings(methods, cfg.strength)  # before any model loads
     for method in methods:
         method.setup(device)
     if detector is None:
