@@ -419,6 +419,8 @@ class MockAzure:
             return 200, {}, [{"faceId": fid, "faceRectangle": {"top": 1, "left": 1, "width": 50, "height": 50}}]
         if path.path.endswith("/verify"):
             req = json.loads(body)
+            if req["faceId1"] not in self.faces or req["faceId2"] not in self.faces:  # expired (24 h) or unknown
+                return 400, {}, {"error": {"code": "BadArgument", "message": "Face ID is invalid."}}
             same = self.faces[req["faceId1"]] == self.faces[req["faceId2"]]
             return 200, {}, {"isIdentical": same, "confidence": 0.87 if same else 0.11}
         return 404, {}, {"error": {"code": "NotFound", "message": "no such API"}}
@@ -449,6 +451,38 @@ def test_azure_adapter_against_mock(images, tmp_path):
         r = bad.compare(images["alice1"], images["alice2"])
         assert not r.ok and "AZURE_FACE_KEY" in r.error and len(server.calls) == n + 1
         assert "wrong-azure-key-123" not in json.dumps(r.to_json()) and MockAzure.key not in json.dumps(same.to_json())
+    finally:
+        server.close()
+
+
+def test_azure_detects_each_image_once_and_recovers_from_expired_face_ids(images, tmp_path):
+    server = MockAzure()
+    try:
+        for name, p in images.items():
+            server.identity[_digest(p.read_bytes())] = "alice" if name.startswith("alice") else name
+        api = AzureFace(server.url, MockAzure.key, cache=False, rate=None, sleep=lambda s: None)
+        now = [1000.0]
+        api.clock = lambda: now[0]
+        detects = lambda: sum(c.endswith("/detect") for c in server.calls)  # noqa: E731
+        # one original against several protected images: the original is detected once
+        assert api.compare(images["alice1"], images["alice2"]).score == 0.87
+        assert api.compare(images["alice1"], images["bob"]).score == 0.11
+        assert api.compare(images["alice2"], images["bob"]).score == 0.11
+        assert detects() == 3 and api.stats["face_id_reuses"] == 3
+        # a faceId Azure has dropped (the service forgot it): verify is refused, redone with fresh ids
+        server.faces.clear()
+        res = api.compare(images["alice1"], images["alice2"])
+        assert res.ok and res.score == 0.87 and detects() == 5
+        # past 23 h a remembered faceId is not used at all
+        now[0] += 23 * 3600 + 1
+        assert api.compare(images["alice1"], images["bob"]).ok and detects() == 7
+        # "no face" is remembered too, and still reported as no face
+        empty_d = _digest(images["empty"].read_bytes())
+        server.no_face.add(empty_d)
+        for _ in range(2):
+            nf = api.compare(images["bob"], images["empty"])
+            assert nf.no_face and nf.no_face_in == 2
+        assert detects() == 8
     finally:
         server.close()
 
