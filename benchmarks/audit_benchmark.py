@@ -18,7 +18,10 @@ and the embedding pipeline's throughput next to the raw forward pass of the same
    pipeline with MTCNN detection. Overhead = 1 - pipeline faces/s / raw faces/s
    (target <= 20 %), from the best of ``--repeat`` alternating runs each, and the median of
    the per-round ratios; and the same in CPU seconds per face (all threads, ``process_time``),
-   which other processes' load on a shared machine does not distort.
+   which other processes' load on a shared machine does not distort. With several models, one
+   more row ("all together") times them in a single pass, as ``audit --models a,b,c`` runs:
+   every photo is read, decoded and aligned once for all models, against their forward passes
+   back to back.
 
 Prints everything and writes benchmarks/audit_benchmark.json. Skips (exit 0) without ../shared.
 """
@@ -102,6 +105,7 @@ def throughput(models: dict, paths: list[Path], detector, batch_size: int, devic
     n_faces = sum(len([f for f in fs if f.size >= 20]) for fs in faces.values())
     out = {"images": len(paths), "faces": n_faces, "batch_size": batch_size, "device": device,
            "torch_threads": torch.get_num_threads(), "mtcnn_images_per_s": round(len(paths) / detect_s, 2), "models": {}}
+    all_crops = {}
     for name, model in models.items():
         # raw forward on pre-aligned crops at the same batch size
         crops = []
@@ -110,7 +114,7 @@ def throughput(models: dict, paths: list[Path], detector, batch_size: int, devic
             if fs:
                 crops.append(align_faces(load_image(p).to_tensor(), landmarks_tensor(fs), model_template(model),
                                          size=model_input_size(model)).crops)
-        crops = torch.cat(crops).to(device)
+        crops = all_crops[name] = torch.cat(crops).to(device)
         with torch.no_grad():
             model(crops[:batch_size])  # warm-up
         # raw and pipeline runs alternate, so both see the same machine load (shared CPUs are noisy)
@@ -155,7 +159,48 @@ def throughput(models: dict, paths: list[Path], detector, batch_size: int, devic
             "cpu_overhead": round(1 - float(np.median(raw_cpu)) / len(crops) / (float(np.median(pipe_cpu)) / n_faces), 3),
             "raw_runs_s": [round(v, 3) for v in raw], "pipeline_runs_s": [round(v, 3) for v in pipe],
         }
+    if len(models) > 1:
+        out["together"] = _together(models, all_crops, paths, cached, n_faces, batch_size, device, repeat)
     return out
+
+
+def _together(models: dict, crops: dict, paths: list, cached, n_faces: int, batch_size: int, device: str,
+              repeat: int) -> dict:
+    """The audit as it runs: every model in one pass (``--models a,b,c``), each photo read,
+    decoded and aligned once for all of them. Raw = the models' forward passes back to back on
+    their pre-aligned crops; overhead = 1 - raw time / pipeline time."""
+    import numpy as np
+    import torch
+
+    from facepriv.audit.embed import FaceEmbeddingCache
+
+    raw, pipe, raw_cpu, pipe_cpu = [], [], [], []
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            for name, model in models.items():
+                x = crops[name]
+                for i in range(0, len(x), batch_size):
+                    model(x[i: i + batch_size])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        raw.append(time.perf_counter() - t)
+        raw_cpu.append(time.process_time() - c)
+        cache = FaceEmbeddingCache(models, detector=cached, device=device, batch_size=batch_size)
+        t, c = time.perf_counter(), time.process_time()
+        cache.process(paths, progress=False)
+        pipe.append(time.perf_counter() - t)
+        pipe_cpu.append(time.process_time() - c)
+    return {
+        "models": list(models),
+        "raw_faces_per_s": round(n_faces / min(raw), 2),  # faces embedded by every model, per second
+        "pipeline_faces_per_s": round(n_faces / min(pipe), 2),
+        "pipeline_images_per_s": round(len(paths) / min(pipe), 2),
+        "overhead": round(1 - min(raw) / min(pipe), 3),
+        "overhead_median_of_rounds": round(float(np.median([1 - r / p for r, p in zip(raw, pipe)])), 3),
+        "cpu_overhead": round(1 - float(np.median(raw_cpu)) / float(np.median(pipe_cpu)), 3),
+        "raw_runs_s": [round(v, 3) for v in raw], "pipeline_runs_s": [round(v, 3) for v in pipe],
+    }
 
 
 def main(argv=None) -> int:
@@ -220,6 +265,12 @@ def main(argv=None) -> int:
                   f"{r['pipeline_images_per_s']:15.1f} {100 * r['overhead']:8.1f}% {100 * r['overhead_median_of_rounds']:8.1f}% "
                   f"{r['raw_cpu_ms_per_face']:16.1f} {r['pipeline_cpu_ms_per_face']:9.1f} {100 * r['cpu_overhead']:12.1f}% "
                   f"{r['with_detection_images_per_s']:17.2f} {r['read_decode_ms_per_image']:19.1f} {r['align_ms_per_image']:13.1f}")
+        tg = tp.get("together")
+        if tg:
+            print(f"{'all together':14} {tg['raw_faces_per_s']:12.1f} {tg['pipeline_faces_per_s']:17.1f} "
+                  f"{tg['pipeline_images_per_s']:15.1f} {100 * tg['overhead']:8.1f}% "
+                  f"{100 * tg['overhead_median_of_rounds']:8.1f}% {'':16} {'':9} {100 * tg['cpu_overhead']:12.1f}%"
+                  f"   ({' + '.join(tg['models'])} in one pass, as `audit --models` runs them)")
     args.json.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nwritten: {args.json}; reports under {work}")
     if args.work is None:
