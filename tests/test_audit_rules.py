@@ -482,10 +482,12 @@ def test_azure_403_is_not_retried_and_stops_the_adapter(monkeypatch):
     assert sess.sent == 1 and az.stats["retries"] == 0
     again = az.compare(img, img)  # the adapter has stopped: nothing more is sent
     assert again.code == "ADAPTER_STOPPED" and sess.sent == 1
-    # contrast: 429 and 503 are retried, then the comparison goes through (detect, detect, verify)
+    # contrast: 429 and 503 are retried, then the comparison goes through (detect, then verify:
+    # the second image is the same bytes, so its faceId is the one just detected)
     az, sess = adapter([429, 503])
     r = az.compare(img, img)
-    assert r.ok and r.score == 0.93 and az.stats["retries"] == 2 and sess.sent == 2 + 3
+    assert r.ok and r.score == 0.93 and az.stats["retries"] == 2 and sess.sent == 2 + 2
+    assert az.stats["face_id_reuses"] == 1
 
 
 # ------------------------------------------------------------------------------ reports
