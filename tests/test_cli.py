@@ -337,3 +337,9 @@ def test_max_faces_keeps_the_largest_faces(tmp_path):
         cx, cy, w = (x1 + x2) // 2, (y1 + y2) // 2, max(2, (x2 - x1) // 6)
         diff = np.abs(dst[cy - w: cy + w, cx - w: cx + w] - rgb[cy - w: cy + w, cx - w: cx + w].astype(int)).mean()
         assert (diff > 2) == edited, (f.box, diff)
+
+
+def test_error_text_with_brackets_is_printed_as_written():
+    """Rich markup must not eat user text: 'tpu[aws]' (and 'facepriv[aws]', '[facepp]') print whole."""
+    r = runner.invoke(app, ["--device", "tpu[aws]", "models", "list"])
+    assert r.exit_code == 2 and "unknown device 'tpu[aws]'" in r.output

@@ -12,7 +12,7 @@ from ..core.device import resolve_device, seed_everything
 from ..core.errors import ConfigError
 from ..core.progress import set_quiet
 from . import common
-from .common import err_console, state
+from .common import print_error, state
 
 app = typer.Typer(
     name="facepriv",
@@ -49,7 +49,7 @@ def _global(
     try:
         resolve_device(device)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
     seed_everything(seed)
 

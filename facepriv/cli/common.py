@@ -16,7 +16,9 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..core.errors import ConfigError, FaceprivError
 from ..core.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, resolve_max_pixels
@@ -68,6 +70,23 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+def labelled(label: str, style: str, text: object) -> Text:
+    """``label`` in ``style``, then ``text`` exactly as it is: no Rich markup, emoji codes or
+    highlighting is applied to it, so "pip install 'facepriv[aws]'" or "the [facepp] section"
+    print as written (an f-string with markup on would swallow the brackets)."""
+    return Text.assemble((label, style), " ", str(text))
+
+
+def print_error(text: object, console: Console | None = None) -> None:
+    """``error: TEXT`` on stderr (or ``console``), the text verbatim and not hard-wrapped."""
+    (console or err_console).print(labelled("error:", "red", text), soft_wrap=True)
+
+
+def print_warning(text: object, label: str = "warning:", console: Console | None = None) -> None:
+    """``warning: TEXT`` (or another yellow label) on stderr (or ``console``), the text verbatim."""
+    (console or err_console).print(labelled(label, "yellow", text), soft_wrap=True)
+
+
 USAGE_EXIT = 2  # a usage error: bad option, bad setting, nothing to do (ConfigError, click's own)
 FAILURE_EXIT = 1  # the run itself failed (a model, a file, a bug)
 
@@ -88,7 +107,7 @@ def handle_errors(fn):
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except ConfigError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
+            print_error(exc)
             if state.verbose:
                 err_console.print_exception()
             raise typer.Exit(USAGE_EXIT) from None
@@ -97,7 +116,7 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - expected failures and bugs alike: message, exit 1
             text = str(exc) if isinstance(exc, FaceprivError) else f"{type(exc).__name__}: {exc}"
-            err_console.print(f"[red]error:[/red] {text}")
+            print_error(text)
             if state.verbose:
                 err_console.print_exception()
             elif not isinstance(exc, FaceprivError | OSError | ValueError):
@@ -149,10 +168,12 @@ def print_batch_summary(summary, title: str) -> None:
     if summary.failures:
         out_console.print(f"[red]{len(summary.failures)} file(s) failed:[/red]")
         for path, err in summary.failures:
-            out_console.print(f"  [bold]{path}[/bold]: {err.splitlines()[0]}")
+            first = err.splitlines()[0] if err else ""
+            out_console.print(Text.assemble("  ", (str(path), "bold"), ": ", first), soft_wrap=True)
     n = sum(summary.counts.values())
     rate = n / summary.elapsed if summary.elapsed > 0 else 0.0
-    out_console.print(f"{n} processed in {summary.elapsed:.1f} s ({rate:.2f} img/s); manifest: {summary.manifest}")
+    out_console.print(f"{n} processed in {summary.elapsed:.1f} s ({rate:.2f} img/s); manifest: "
+                      f"{escape(str(summary.manifest))}")
 
 
 def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:

@@ -126,7 +126,7 @@ def deid(
                      k_pool=str(k_pool) if k_pool else None,
                      video=VideoOptions(detect_every=detect_every, track_hold=track_hold, keep_audio=keep_audio, crf=crf))
     for warning in config_warnings(cfg):  # also recorded on every manifest line
-        common.err_console.print(f"[yellow]warning:[/yellow] {warning}")
+        common.print_warning(warning)
     summary = run_deid(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),

@@ -154,12 +154,12 @@ def fetch(
             path = fetch_model(name, progress=not (state.quiet or state.json))
             results.append({"name": name, "ok": True, "path": str(path) if path else None})
             if not state.json:
-                out_console.print(f"[green]ok[/green] {name}: {path}")
+                out_console.print(common.labelled("ok", "green", f"{name}: {path}"), soft_wrap=True)
         except Exception as exc:  # noqa: BLE001 - report each model, keep going
             failed.append(name)
             results.append({"name": name, "ok": False, "error": str(exc)})
             if not state.json:
-                out_console.print(f"[red]failed[/red] {name}: {exc}")
+                out_console.print(common.labelled("failed", "red", f"{name}: {exc}"), soft_wrap=True)
     if state.json:
         common.emit_json(results)
     raise typer.Exit(1 if failed else 0)
@@ -175,4 +175,4 @@ def import_(name: str, path: Path,
     if state.json:
         common.emit_json({"name": name, "path": str(dst)})
     else:
-        out_console.print(f"[green]imported[/green] {name} -> {dst}")
+        out_console.print(common.labelled("imported", "green", f"{name} -> {dst}"), soft_wrap=True)

@@ -99,7 +99,7 @@ def train(
                       f"{f' with {res.targets} targets' if res.targets else ' (evasion only)'} in {res.elapsed:.1f} s")
     if last:
         out_console.print("last epoch: " + ", ".join(f"{k} {v}" for k, v in last.items() if k not in ("epoch", "step")))
-    out_console.print(f"generator: {res.out}  (facepriv patch apply PHOTOS --generator {res.out} --out DIR)")
+    out_console.print(f"generator: {res.out}  (facepriv patch apply PHOTOS --generator {res.out} --out DIR)", markup=False)
 
 
 @app.command("apply", help=APPLY_HELP, no_args_is_help=True)

@@ -233,6 +233,6 @@ def _print_map_details(details: dict) -> None:
             f"MAP group {g['chunk']}: {g['faces']} face(s), {g['steps']} steps in {g['tune_s']:.1f} s; "
             f"L_id {first.get('L_id', float('nan')):.3f} -> {last.get('L_id', float('nan')):.3f}{exp}; "
             f"gradients conflicted in {conf.get('conflict_steps', 0)}/{conf.get('steps', 0)} steps"
-            + (f"; saved to {g['saved']}" if g.get("saved") else ""))
+            + (f"; saved to {g['saved']}" if g.get("saved") else ""), markup=False)
     if details.get("log"):
-        common.out_console.print(f"fine-tuning log: {details['log']}")
+        common.out_console.print(f"fine-tuning log: {details['log']}", markup=False)
