@@ -489,18 +489,28 @@ def test_azure_detects_each_image_once_and_recovers_from_expired_face_ids(images
 
 # ------------------------------------------------------------------------------ Rekognition
 class _ClientError(Exception):
-    def __init__(self, code, status=400):
+    def __init__(self, code, status=400, message=None):
         super().__init__(code)
-        self.response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        self.response = {"Error": {"Code": code, "Message": message or code},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
 class FakeRekognition:
-    """Stands in for boto3.client('rekognition'): compare_faces with the documented response shape."""
+    """Stands in for boto3.client('rekognition'): compare_faces and detect_faces with the documented
+    response shapes. A source image without a face gets InvalidParameterException with AWS's generic
+    message (the one users report for CompareFaces), which does not say that no face was found."""
 
     def __init__(self, images):
         self.calls = 0
+        self.detects = 0
         self.errors: list[Exception] = []
         self.digests = {_digest(p.read_bytes()): n for n, p in images.items()}
+
+    def detect_faces(self, Image):  # noqa: N803 - boto3's names
+        self.calls += 1
+        self.detects += 1
+        name = self.digests.get(_digest(Image["Bytes"]))
+        return {"FaceDetails": [] if name == "empty" else [{"Confidence": 99.9, "BoundingBox": {}}]}
 
     def compare_faces(self, SourceImage, TargetImage, SimilarityThreshold):  # noqa: N803 - boto3's names
         self.calls += 1
@@ -509,7 +519,7 @@ class FakeRekognition:
         a = self.digests.get(_digest(SourceImage["Bytes"]))
         b = self.digests.get(_digest(TargetImage["Bytes"]))
         if a == "empty":
-            raise _ClientError("InvalidParameterException")
+            raise _ClientError("InvalidParameterException", message="Request has invalid parameters")
         if b == "empty":
             return {"FaceMatches": [], "UnmatchedFaces": [], "SourceImageFace": {"Confidence": 99.9}}
         same = a[:5] == b[:5]

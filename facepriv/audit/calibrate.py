@@ -1,7 +1,9 @@
 """``facepriv audit calibrate``: FAR thresholds, ROC, AUC and EER from labelled clean pairs.
 
 Each image of the pairs file is read once; its largest face is embedded by every model.
-Pairs where either image has no detected face are left out (and counted). The thresholds are
+Pairs where either image has no detected face are left out (and counted); when that leaves no
+genuine or no impostor pair, calibration stops with a :class:`ConfigError` saying what to add
+(exit 2 on the command line). The thresholds are
 stored per model under ``FACEPRIV_HOME/thresholds/<model>.json`` (and/or one JSON file given
 with ``out``), and later audits use them automatically for models without published protocol
 thresholds. Each record keeps the detector and alignment mode it was computed with; an audit
@@ -17,7 +19,7 @@ from ..core.device import resolve_device
 from ..core.errors import ConfigError
 from .embed import FaceEmbeddingCache, model_metric
 from .inputs import read_pairs
-from .thresholds import calibrate_scores, calibration_record, store_calibration
+from .thresholds import calibrate_scores, calibration_record, missing_pairs_message, store_calibration
 
 
 @dataclass
@@ -61,6 +63,16 @@ def pair_scores(cfg: CalibrationConfig, models: dict, cache: FaceEmbeddingCache)
         for m, model in models.items():
             s = float(similarity(ra.embeddings[m][:1], rb.embeddings[m][:1], model_metric(model))[0])
             scores[m]["genuine" if lp.same else "impostor"].append(s)
+    n_gen = sum(1 for lp in pairs if lp.same)
+    n_imp = len(pairs) - n_gen
+    usable = next(iter(scores.values()), {"genuine": [], "impostor": []})
+    if models and (not usable["genuine"] or not usable["impostor"]):
+        left_out = skipped["no_face"] + skipped["error"]
+        why = (f" ({skipped['no_face']} pair(s) left out without a detected face, {skipped['error']} unreadable)"
+               if left_out else "")
+        raise ConfigError(missing_pairs_message(
+            len(usable["genuine"]), len(usable["impostor"]),
+            where=f"the pairs file {Path(cfg.pairs).name} ({n_gen} same / {n_imp} different pairs{why})"))
     return scores, skipped
 
 

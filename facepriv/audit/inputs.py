@@ -62,29 +62,36 @@ class FilePair:
     original_rel: str
 
 
-def _images(root: Path, glob: str | None) -> list[tuple[str, Path]]:
+def _images(root: Path, glob: str | None, what: str | None = None) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the images under ``root`` (or ``root`` itself when a file).
+
+    ``what`` names the option in the error when ``root`` does not exist (``"--protected"`` ->
+    "--protected folder X does not exist")."""
+    root = Path(root)
     if not root.exists():
-        raise ConfigError(f"{root} does not exist")
+        raise ConfigError(f"{what + ' folder ' if what else ''}{root} does not exist")
     if root.is_file():
         return [(root.name, root.resolve())]
     return [(it.rel.as_posix(), it.path) for it in collect_inputs([root], glob=glob)]
 
 
-def match_files(protected: str | Path, original: str | Path, *, glob: str | None = None
-                ) -> tuple[list[FilePair], list[dict]]:
+def match_files(protected: str | Path, original: str | Path, *, glob: str | None = None,
+                labels: tuple[str, str] = ("--protected", "--original")) -> tuple[list[FilePair], list[dict]]:
     """Pair protected files with originals by relative path; unmatched files become errors.
 
     A protected file matches the original with the same relative path, else the unique
     original with the same path minus its image suffix (``x.png`` <-> ``x.jpg``). Two single
-    files are paired directly.
+    files are paired directly. ``labels`` name the two inputs in error messages (the CLI's
+    option names by default).
     """
     protected, original = Path(protected), Path(original)
-    prot = _images(protected, glob)
-    orig = _images(original, glob)
+    prot = _images(protected, glob, labels[0])
+    orig = _images(original, glob, labels[1])
     if protected.is_file() and original.is_file():
         return [FilePair(prot[0][0], prot[0][1], orig[0][1], orig[0][0])], []
     if not prot:
-        raise ConfigError(f"no images found under {protected}")
+        raise ConfigError(f"no images found under the {labels[0]} folder {protected}"
+                          + (f" matching {glob!r}" if glob else ""))
     by_rel = {rel: p for rel, p in orig}
     by_stem: dict[str, list[tuple[str, Path]]] = {}
     for rel, p in orig:

@@ -6,7 +6,9 @@ distance), and a pair *verifies* when ``similarity >= threshold``.
 Sources, in the order :func:`resolve_thresholds` uses them:
 
 1. an explicit thresholds file (``--thresholds FILE``: ``{model: {"1e-3": t, ...}}`` or one
-   calibration JSON written by :func:`calibrate`);
+   calibration JSON written by :func:`calibrate`); a calibration's ``note`` (e.g. too few
+   impostor pairs to resolve a FAR) comes with it, and a model the file has no entry for
+   falls through to the next sources with a note saying so;
 2. the published protocol thresholds in the model's registry spec (FAR 1e-1/1e-2/1e-3 of the
    TIP-IM / AMT-GAN / DiffAM protocol models);
 3. thresholds calibrated earlier on your labelled clean pairs
@@ -113,22 +115,52 @@ def _read_threshold_file(path: Path) -> dict[str, dict]:
     return out
 
 
+def _file_entry(model: str, entry: dict, file: str | Path | None) -> ThresholdSet:
+    """The thresholds of ``model`` from its entry in a thresholds file (and the entry's note)."""
+    label = Path(file).name if file else "?"
+    raw = entry.get("thresholds")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"thresholds file {label}: {model}: expected an object of FAR -> threshold")
+    try:
+        vals = {k: float(v) for k, v in raw.items() if k in FARS or k == "default"}
+    except (TypeError, ValueError):
+        raise ConfigError(f"thresholds file {label}: {model}: every threshold must be a number") from None
+    if "default" in vals and not any(k in vals for k in FARS):
+        vals = dict.fromkeys(FARS, vals["default"])
+    missing = [f for f in FARS if f not in vals]
+    if missing:
+        raise ConfigError(f"thresholds file {file}: {model} has no threshold for FAR {', '.join(missing)}")
+    note = entry.get("note") if isinstance(entry.get("note"), str) and entry.get("note") else None
+    return ThresholdSet(model, {f: vals[f] for f in FARS},
+                        f"file {label}" + (f" ({entry['source']})" if entry.get("source") else ""), "file",
+                        note=note, calibration=entry if "roc" in entry else None)
+
+
 def resolve_thresholds(model: str, *, spec=None, file: str | Path | None = None,
                        file_data: dict | None = None) -> ThresholdSet:
-    """The thresholds to use for ``model`` (see the module docstring for the order)."""
+    """The thresholds to use for ``model`` (see the module docstring for the order).
+
+    An entry of the thresholds file keeps its calibration's ``note`` (e.g. too few impostor
+    pairs to resolve a FAR). A thresholds file without an entry for ``model`` is not an error:
+    the next source is used, with a note saying so.
+    """
     if file is not None and file_data is None:
         file_data = _read_threshold_file(Path(file))
     if file_data and model in file_data:
-        entry = file_data[model]
-        vals = {k: float(v) for k, v in entry["thresholds"].items() if k in FARS or k == "default"}
-        if "default" in vals and not any(k in vals for k in FARS):
-            vals = dict.fromkeys(FARS, vals["default"])
-        missing = [f for f in FARS if f not in vals]
-        if missing:
-            raise ConfigError(f"thresholds file {file}: {model} has no threshold for FAR {', '.join(missing)}")
-        return ThresholdSet(model, vals, f"file {Path(file).name if file else '?'}"
-                            + (f" ({entry['source']})" if entry.get("source") else ""), "file",
-                            calibration=entry if "roc" in entry else None)
+        return _file_entry(model, file_data[model], file)
+    ts = _builtin_thresholds(model, spec)
+    if file is not None or file_data is not None:
+        label = f"the thresholds file {Path(file).name}" if file is not None else "the thresholds file"
+        names = sorted(file_data or ())
+        listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") or "none"
+        used = "no thresholds are" if ts.kind == "none" else f"the {ts.kind} thresholds are"
+        missing = f"{label} has no entry for {model} (it has: {listed}), so {used} used instead ({ts.source})"
+        ts.note = missing + (f"; {ts.note}" if ts.note else "")
+    return ts
+
+
+def _builtin_thresholds(model: str, spec=None) -> ThresholdSet:
+    """Sources 2-4 of the module docstring (protocol, stored calibration, default), or none."""
     if spec is None:
         from ..models import get_spec
 
@@ -260,11 +292,19 @@ def accuracy_at(genuine: np.ndarray, impostor: np.ndarray, t: float) -> float:
 
 
 def best_accuracy(genuine: Sequence[float], impostor: Sequence[float]) -> tuple[float, float]:
-    """Best verification accuracy over all thresholds, and that threshold (midpoint between scores)."""
-    g, i = np.asarray(genuine, dtype=np.float64), np.asarray(impostor, dtype=np.float64)
+    """Best verification accuracy over all thresholds, and that threshold (midpoint between scores).
+
+    The candidates are the midpoints between consecutive distinct scores plus one threshold below
+    and one above them all; the first best candidate (lowest threshold) wins. Counting with
+    binary search on the sorted scores makes this O(n log n).
+    """
+    g = np.sort(np.asarray(genuine, dtype=np.float64))
+    i = np.sort(np.asarray(impostor, dtype=np.float64))
     cand = np.unique(np.concatenate([g, i]))
     mids = np.r_[cand[0] - 1e-6, (cand[:-1] + cand[1:]) / 2, cand[-1] + 1e-6]
-    accs = np.array([accuracy_at(g, i, t) for t in mids])
+    accepted = len(g) - np.searchsorted(g, mids, side="left")  # genuine >= t
+    rejected = np.searchsorted(i, mids, side="left")  # impostor < t
+    accs = (accepted + rejected) / (len(g) + len(i))
     j = int(np.argmax(accs))
     return float(accs[j]), float(mids[j])
 
@@ -276,13 +316,21 @@ def _downsample_roc(fpr, tpr, thr, max_points: int = 400) -> dict:
             "threshold": [None if not np.isfinite(t) else round(float(t), 6) for t in thr[idx]]}
 
 
+def missing_pairs_message(n_genuine: int, n_impostor: int, where: str = "the pairs") -> str:
+    """Why a calibration cannot be computed: it needs both genuine and impostor scores."""
+    lacking = [what for what, n in (("two photos of the same person (label same)", n_genuine),
+                                    ("photos of two different people (label different)", n_impostor)) if n == 0]
+    return (f"calibration needs both genuine and impostor pairs, but {where} gave {n_genuine} genuine and "
+            f"{n_impostor} impostor pair(s) with a face in both photos: add pairs of {' and pairs of '.join(lacking)}")
+
+
 def calibrate_scores(genuine: Sequence[float], impostor: Sequence[float], *,
                      default_threshold: float | None = None, fars: Sequence[str] = FARS) -> dict:
     """FAR thresholds, ROC, AUC, EER and accuracy from clean genuine / impostor similarity scores."""
     g = np.asarray(genuine, dtype=np.float64)
     i = np.asarray(impostor, dtype=np.float64)
     if len(g) == 0 or len(i) == 0:
-        raise ValueError(f"calibration needs genuine and impostor pairs (got {len(g)} genuine, {len(i)} impostor)")
+        raise ConfigError(missing_pairs_message(len(g), len(i)))
     fpr, tpr, thr = roc_curve(g, i)
     thresholds, notes, tar = {}, [], {}
     for far in fars:

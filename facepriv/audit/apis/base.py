@@ -16,6 +16,9 @@ Shared behaviour:
 * per-request timeouts;
 * a response cache keyed by the provider, endpoint and the sha256 of both images, so a re-run
   costs nothing (successes and "no face" answers are cached, transient errors are not);
+* images outside the provider's limits (:class:`ImageLimits`) are downscaled / re-encoded, and
+  images whose shorter side is below its minimum (tiny aligned crops) are upscaled (Lanczos,
+  sent as PNG) rather than refused by the service; ``CompareResult.note`` says so;
 * per-pair errors recorded in the result, never raised out of ``compare_many``;
 * secrets registered with :mod:`facepriv.audit.secrets` and redacted from every message.
 """
@@ -63,6 +66,7 @@ class CompareResult:
     code: str | None = None
     no_face: bool = False
     no_face_in: int | None = None  # 1 or 2: which image had no face (None: unknown)
+    note: str | None = None  # what was done to the images before sending (upscaled, re-encoded)
     cached: bool = False
     attempts: int = 0
     seconds: float = 0.0
@@ -135,14 +139,52 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ImageLimits:
+    """What a provider accepts: file size, longest side, shortest side (pixels)."""
+
     max_bytes: int = 2 * 1024 * 1024
     max_side: int = 4096
     min_side: int = 48
 
 
+PIXEL_NOTE = "this can weaken pixel-level protections"
+
+
+def _encode(img, limits: ImageLimits, *, lossless: bool) -> tuple[bytes, str]:
+    """PNG when ``lossless`` and it fits ``max_bytes``; else JPEG q95, downscaled (Lanczos, never
+    below ``min_side``) until it fits. Returns (bytes, "PNG" or "JPEG q95")."""
+    from PIL import Image
+
+    if lossless:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        if buf.tell() <= limits.max_bytes:
+            return buf.getvalue(), "PNG"
+    floor = min(1.0, limits.min_side / max(1, min(img.width, img.height)))
+    scale = 1.0
+    while True:
+        s = max(scale, floor)
+        img2 = img if s >= 1.0 else img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                                               Image.LANCZOS)
+        buf = io.BytesIO()
+        img2.save(buf, format="JPEG", quality=95)
+        if buf.tell() <= limits.max_bytes or s <= floor or s < 0.1:
+            return buf.getvalue(), "JPEG q95"
+        scale *= 0.8
+
+
 def prepare_image(path_or_bytes: str | Path | bytes, limits: ImageLimits) -> tuple[bytes, str | None]:
-    """Image bytes within the provider's limits: the file as is when it fits, else a downscaled
-    JPEG (quality 95). Returns (bytes, note about re-encoding or None)."""
+    """Image bytes within the provider's limits. Returns (bytes, note about what was changed or None).
+
+    * A JPEG/PNG within every limit is sent as it is.
+    * Too large (bytes or longest side) or another format: re-encoded as JPEG q95, downscaled
+      (Lanczos) as needed.
+    * Shorter side below ``limits.min_side`` (e.g. a tiny aligned crop, which the service would
+      refuse: Face++ INVALID_IMAGE_SIZE): upscaled (Lanczos) so the shorter side is exactly
+      ``min_side`` and sent as PNG (no further loss). An image that cannot reach ``min_side``
+      without its longest side passing ``max_side`` raises :class:`APIError` (code BAD_IMAGE).
+
+    The note says what was done; resampling and re-encoding can weaken pixel-level protections.
+    """
     from PIL import Image
 
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
@@ -151,9 +193,13 @@ def prepare_image(path_or_bytes: str | Path | bytes, limits: ImageLimits) -> tup
             w, h = im.size
             fmt = im.format
     except Exception as exc:  # noqa: BLE001
-        raise APIError(f"cannot read the image: {exc}") from None
-    if len(data) <= limits.max_bytes and max(w, h) <= limits.max_side and fmt in ("JPEG", "PNG"):
+        raise APIError(f"cannot read the image: {exc}", code="BAD_IMAGE") from None
+    too_small = min(w, h) < limits.min_side
+    if not too_small and len(data) <= limits.max_bytes and max(w, h) <= limits.max_side and fmt in ("JPEG", "PNG"):
         return data, None
+    if too_small and max(w, h) * limits.min_side / min(w, h) > limits.max_side:
+        raise APIError(f"the image is {w}x{h} px: its shorter side cannot reach the provider's minimum of "
+                       f"{limits.min_side} px without its longer side passing {limits.max_side} px", code="BAD_IMAGE")
     from ...core.io import load_image
 
     if isinstance(path_or_bytes, bytes):
@@ -166,21 +212,21 @@ def prepare_image(path_or_bytes: str | Path | bytes, limits: ImageLimits) -> tup
     else:
         rgb = load_image(path_or_bytes).rgb
     img = Image.fromarray(rgb)
-    scale = min(1.0, limits.max_side / max(w, h))
-    quality = 95
-    while True:
-        if scale < 1.0:
-            img2 = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
-        else:
-            img2 = img
-        buf = io.BytesIO()
-        img2.save(buf, format="JPEG", quality=quality)
-        if buf.tell() <= limits.max_bytes or scale < 0.1:
-            break
-        scale *= 0.8
-    return buf.getvalue(), (f"re-encoded as JPEG q{quality} at {img2.width}x{img2.height} to fit the provider's "
-                            f"limits ({limits.max_bytes // 1024} KB, {limits.max_side} px); this can weaken "
-                            "pixel-level protections")
+    if too_small:
+        scale = limits.min_side / min(img.width, img.height)
+        size = (max(limits.min_side, round(img.width * scale)), max(limits.min_side, round(img.height * scale)))
+        img = img.resize(size, Image.LANCZOS)
+        out, how = _encode(img, limits, lossless=True)
+        return out, (f"upscaled from {w}x{h} to {img.width}x{img.height} px (Lanczos, sent as {how}) to reach the "
+                     f"provider's minimum side of {limits.min_side} px; {PIXEL_NOTE}")
+    if max(img.width, img.height) > limits.max_side:
+        scale = limits.max_side / max(img.width, img.height)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    out, how = _encode(img, limits, lossless=False)
+    with Image.open(io.BytesIO(out)) as im:
+        ow, oh = im.size
+    return out, (f"re-encoded as {how} at {ow}x{oh} to fit the provider's limits ({limits.max_bytes // 1024} KB, "
+                 f"{limits.max_side} px); {PIXEL_NOTE}")
 
 
 class FaceAPI(ABC):
@@ -249,6 +295,12 @@ class FaceAPI(ABC):
                 self._sleep(delay)
 
     # -------------------------------------------------------------- public
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the adapter stopped sending (a fatal error, e.g. rejected credentials; already
+        redacted), or None while it works."""
+        return self._fatal
+
     def compare(self, img_a: str | Path | bytes, img_b: str | Path | bytes) -> CompareResult:
         """Compare two images (paths or bytes); errors are returned in the result, not raised."""
         t0 = time.perf_counter()
@@ -256,13 +308,16 @@ class FaceAPI(ABC):
             with self._lock:
                 self.stats["errors"] += 1
             return CompareResult(error=f"not sent: {self._fatal}", code="ADAPTER_STOPPED")
-        try:
-            a, note_a = prepare_image(img_a, self.limits)
-            b, note_b = prepare_image(img_b, self.limits)
-        except (OSError, APIError) as exc:
-            with self._lock:
-                self.stats["errors"] += 1
-            return CompareResult(error=redact_text(str(exc)), code="BAD_IMAGE")
+        prepared = []
+        for n, img in ((1, img_a), (2, img_b)):
+            try:
+                prepared.append(prepare_image(img, self.limits))
+            except (OSError, APIError) as exc:
+                with self._lock:
+                    self.stats["errors"] += 1
+                return CompareResult(error=redact_text(f"image {n} not sent: {exc}"), code="BAD_IMAGE",
+                                     seconds=time.perf_counter() - t0)
+        (a, note_a), (b, note_b) = prepared
         key = None
         if self.cache is not None:
             key = ResponseCache.key(self.cache_identity(), hashlib.sha256(a).hexdigest(), hashlib.sha256(b).hexdigest())
@@ -286,9 +341,11 @@ class FaceAPI(ABC):
                 self.stats["errors"] += 1
             res = CompareResult(error=redact_text(f"{type(exc).__name__}: {exc}"), code="UNEXPECTED")
         res.attempts = self.calls - calls_before
-        notes = [n for n in (note_a, note_b) if n]
-        if notes and res.raw is not None:
-            res.raw = {**res.raw, "facepriv_note": notes[0]}
+        notes = [f"image {n} {text}" for n, text in ((1, note_a), (2, note_b)) if text]
+        if notes:
+            res.note = "; ".join(notes)
+            if res.raw is not None:
+                res.raw = {**res.raw, "facepriv_note": res.note}
         res.seconds = time.perf_counter() - t0
         if key is not None and (res.ok or res.no_face):
             self.cache.put(key, {**asdict(res), "cached": False})

@@ -6,9 +6,18 @@ target; the score is the highest ``Similarity`` (0-100) among ``FaceMatches`` (0
 target's faces are all ``UnmatchedFaces``). Rekognition's documented default decision
 threshold is 80 (``--api-threshold rekognition=VALUE`` or ``similarity_threshold`` in the
 config changes it).
-``InvalidParameterException`` means no face in an image; ``ThrottlingException``,
-``ProvisionedThroughputExceededException``, ``InternalServerError`` and
-``ServiceUnavailableException`` are retried with backoff; bad or expired credentials stop
+A target image without any face answers with empty ``FaceMatches`` and ``UnmatchedFaces`` (no
+face in image 2). CompareFaces answers ``InvalidParameterException`` when it finds no face in
+the source image, but AWS uses that exception for other invalid input too, and its message is
+often the generic "Request has invalid parameters". So the adapter asks ``DetectFaces`` (at most
+one call per image, only after such an answer) which image has no face: an image with zero
+``FaceDetails`` is the one without a face (image 1 first; this needs the
+``rekognition:DetectFaces`` permission, and is skipped once refused). When both have a face, or
+DetectFaces cannot tell, the answer is recorded as an error, not as a missing face; only a message that
+itself says no face was found ("There are no faces in the image...") counts as "no face" then,
+in an unknown image (``no_face_in`` None, so it never counts as a protected photo).
+``ThrottlingException``, ``ProvisionedThroughputExceededException``, ``InternalServerError``
+and ``ServiceUnavailableException`` are retried with backoff; bad or expired credentials stop
 the adapter.
 
 Credentials follow boto3's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
@@ -21,9 +30,10 @@ from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` or the config; ``--api-endpoint`` s
 from __future__ import annotations
 
 import os
+import re
 
 from ...core.errors import ConfigError
-from ..secrets import register_secret
+from ..secrets import redact_text, register_secret
 from .base import APIError, CompareResult, FaceAPI, ImageLimits
 
 DEFAULT_THRESHOLD = 80.0
@@ -31,7 +41,14 @@ RETRY_CODES = ("ThrottlingException", "ProvisionedThroughputExceededException", 
                "ServiceUnavailableException", "LimitExceededException", "RequestTimeout")
 AUTH_CODES = ("UnrecognizedClientException", "InvalidSignatureException", "AccessDeniedException",
               "ExpiredTokenException", "AccessDeniedException", "InvalidClientTokenId")
-NO_FACE_CODES = ("InvalidParameterException",)
+INVALID_CODE = "InvalidParameterException"  # no face in the source image, or other invalid input
+_NO_FACE_MESSAGE = re.compile(r"\bno faces?\b|\bfaces? (?:was |were )?not (?:found|detected)\b|\bzero faces\b",
+                              re.IGNORECASE)
+
+
+def says_no_face(message: str | None) -> bool:
+    """Does an InvalidParameterException's message itself say that no face was found?"""
+    return bool(message) and bool(_NO_FACE_MESSAGE.search(message))
 
 
 class Rekognition(FaceAPI):
@@ -59,33 +76,77 @@ class Rekognition(FaceAPI):
                                   config=Config(connect_timeout=self.timeout, read_timeout=self.timeout,
                                                 retries={"max_attempts": 1}), **(credentials or {}))
         self.client = client
+        self._probe = True  # DetectFaces checks after InvalidParameterException (off once refused)
 
     def cache_identity(self) -> str:
         return f"{super().cache_identity()}|{self.region or ''}"
 
-    def _call(self, a: bytes, b: bytes) -> dict:
+    def _request(self, op: str, fn, *, probe: bool = False) -> dict:
+        """One request; botocore errors become :class:`APIError` (retryable, fatal, or plain).
+
+        ``probe``: a DetectFaces check; a refusal (e.g. no rekognition:DetectFaces permission)
+        only turns the checks off instead of stopping the adapter."""
         try:
-            return self.client.compare_faces(SourceImage={"Bytes": a}, TargetImage={"Bytes": b},
-                                             SimilarityThreshold=0.0)
+            return fn()
         except Exception as exc:  # noqa: BLE001 - botocore errors are classified by their code
             resp = getattr(exc, "response", None) or {}
             code = (resp.get("Error") or {}).get("Code") or type(exc).__name__
             msg = (resp.get("Error") or {}).get("Message") or ""
             status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in AUTH_CODES and probe:
+                self._probe = False
+                raise APIError(f"Rekognition {op} refused ({code})", status=status, code=code) from None
             if code in AUTH_CODES:
                 raise APIError(f"Rekognition refused the credentials ({code}); check the AWS credentials",
                                status=status, code=code, fatal=True) from None
-            if code in NO_FACE_CODES:
-                # CompareFaces answers InvalidParameterException when the *source* image has no face
-                raise APIError(f"Rekognition: no face found in image 1 ({code}: {msg})", status=status,
-                               code="NO_FACE_FOUND", no_face=True, no_face_in=1) from None
-            if code in RETRY_CODES or (status or 0) >= 500 or type(exc).__name__ in (
-                    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
-                raise APIError(f"Rekognition {code}: {msg}", status=status, code=code, retryable=True) from None
-            raise APIError(f"Rekognition {code}: {msg}", status=status, code=code) from None
+            retry = code in RETRY_CODES or (status or 0) >= 500 or type(exc).__name__ in (
+                "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError")
+            err = APIError(f"Rekognition {op} {code}: {msg}", status=status, code=code, retryable=retry)
+            err.detail = redact_text(msg)
+            raise err from None
+
+    def _call(self, a: bytes, b: bytes) -> dict:
+        return self._request("CompareFaces", lambda: self.client.compare_faces(
+            SourceImage={"Bytes": a}, TargetImage={"Bytes": b}, SimilarityThreshold=0.0))
+
+    def _faces_in(self, img: bytes) -> int | None:
+        """How many faces DetectFaces finds in ``img`` (None: it could not tell)."""
+        detect = getattr(self.client, "detect_faces", None)
+        if detect is None or not self._probe:
+            return None
+        try:
+            body = self.call(lambda: self._request("DetectFaces", lambda: detect(Image={"Bytes": img}), probe=True))
+        except APIError:
+            return None
+        details = body.get("FaceDetails") if isinstance(body, dict) else None
+        return len(details) if isinstance(details, list) else None
+
+    def _invalid(self, exc: APIError, img_a: bytes, img_b: bytes) -> APIError:
+        """What an InvalidParameterException from CompareFaces means: no face in image 1 or 2, or
+        another invalid input (see the module docstring)."""
+        detail = getattr(exc, "detail", "") or ""
+        counts = []
+        for n, img in ((1, img_a), (2, img_b)):
+            counts.append(self._faces_in(img))
+            if counts[-1] == 0:
+                return APIError(f"Rekognition: no face found in image {n} (CompareFaces {INVALID_CODE}: {detail}; "
+                                f"DetectFaces finds no face in image {n})", status=exc.status, code="NO_FACE_FOUND",
+                                no_face=True, no_face_in=n)
+        checked = ("DetectFaces finds a face in both images" if None not in counts
+                   else "DetectFaces could not check which image has no face")
+        if says_no_face(detail):
+            return APIError(f"Rekognition: no face found (CompareFaces {INVALID_CODE}: {detail}; {checked}, so which "
+                            "image is unknown)", status=exc.status, code="NO_FACE_FOUND", no_face=True, no_face_in=None)
+        return APIError(f"Rekognition CompareFaces {INVALID_CODE}: {detail or 'invalid request'} (recorded as an "
+                        f"error, not as a missing face: {checked})", status=exc.status, code=INVALID_CODE)
 
     def _compare(self, img_a: bytes, img_b: bytes) -> CompareResult:
-        body = self.call(lambda: self._call(img_a, img_b))
+        try:
+            body = self.call(lambda: self._call(img_a, img_b))
+        except APIError as exc:
+            if exc.code != INVALID_CODE:
+                raise
+            raise self._invalid(exc, img_a, img_b) from None
         matches = body.get("FaceMatches") or []
         unmatched = body.get("UnmatchedFaces") or []
         raw = {"matches": [round(float(m.get("Similarity", 0.0)), 4) for m in matches],
