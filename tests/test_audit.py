@@ -457,7 +457,10 @@ def test_blurred_photos_are_protected_and_reported(tmp_path, photo_sets, real_mo
         d = rep["models"][m]["dodging"]
         assert d["psr"]["1e-3"] >= 0.8 and d["before"]["psr"]["1e-3"] == 0.0
         assert d["n_faces"] == 9 and d["protocol"]["self"] == 7
-        assert rep["models"][m]["impersonation"]["n"] == 9
+        # the target (a copy of obama2.jpg) is obama2's own original and obama's identity: both are
+        # left out of impersonation, the other 7 faces are measured
+        assert rep["models"][m]["impersonation"]["n"] == 7
+        assert rep["models"][m]["impersonation"]["excluded"] == {"own-original": 1, "source-identity": 1}
     assert rep["faces"]["not_detected"] >= 1 and rep["models"]["sface"]["dodging"]["not_detected"] >= 1
     assert 10 < rep["quality"]["psnr"] < 35 and 0 < rep["quality"]["ssim"] < 0.95
     assert rep["quality"]["unavailable"] == {"lpips": "disabled", "fid": "disabled"}

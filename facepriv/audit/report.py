@@ -62,16 +62,58 @@ def psnr_text(q: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ summary
+PROTOCOL_LABELS = {"other-photos": "other photos", "self": "self-verif."}
+
+
+def dodging_rows(d: dict) -> list[tuple[str, dict, dict | None]]:
+    """The dodging rows a summary table shows: ``(label, stats, before)``. One row per protocol
+    present (other photos: with its clean "before" over the same comparisons; self-verification
+    has none), plus the headline over both when both are present. Reports written before the
+    protocol split give the single headline row."""
+    by = d.get("by_protocol")
+    if not by:
+        return [("dodging", d, d.get("before"))]
+    present = [k for k in ("other-photos", "self") if (by.get(k) or {}).get("n")]
+    rows: list[tuple[str, dict, dict | None]] = []
+    if len(present) > 1:
+        rows.append(("dodging, all", d, None))
+    for k in present:
+        label = ("  " if len(present) > 1 else "dodging, ") + PROTOCOL_LABELS[k]
+        rows.append((label, by[k], d.get("before") if k == "other-photos" else None))
+    return rows or [("dodging", d, None)]
+
+
+def api_problems(report: dict) -> list[str]:
+    """One line per online provider that stopped (a fatal error such as rejected credentials)
+    or whose every pair failed; the reason is the adapter's own (already redacted) message."""
+    out = []
+    for name, a in (report.get("apis") or {}).items():
+        status = a.get("status")
+        if status == "stopped":
+            out.append(f"{name} stopped: {a.get('stopped') or a.get('first_error') or 'no reason given'}")
+        elif status == "failed":
+            out.append(f"{name}: all {a.get('pairs', 0)} pair(s) failed: {a.get('first_error') or 'no reason given'}")
+    return redact(out)
+
+
+def exit_code(report: dict) -> int:
+    """The CLI's exit status for a finished audit: 1 when some image could not be audited or an
+    online provider stopped / failed on every pair (see :func:`api_problems`), else 0."""
+    return 1 if report.get("errors") or api_problems(report) else 0
+
+
 def summarize(report: dict) -> dict:
     """The compact summary the CLI prints (and ``--json`` emits)."""
     out = {"models": {}, "thresholds": report.get("thresholds", {}), "quality": report.get("quality", {}),
            "faces": report.get("faces", {}), "counts": report.get("counts", {}),
            "errors": len(report.get("errors", [])), "notes": report.get("protocol_notes", [])}
     for m, e in report.get("models", {}).items():
-        s = {"dodging": {k: e["dodging"][k] for k in ("n", "psr", "mean_similarity", "not_detected", "protocol")},
+        s = {"dodging": {k: e["dodging"][k] for k in ("n", "psr", "psr_faces", "mean_similarity", "not_detected",
+                                                       "protocol", "by_protocol") if k in e["dodging"]},
              "dodging_before": e["dodging"]["before"]["psr"]}
         if "impersonation" in e:
-            s["impersonation"] = {k: e["impersonation"][k] for k in ("n", "psr", "mean_similarity")}
+            s["impersonation"] = {k: e["impersonation"][k] for k in ("n", "psr", "psr_faces", "mean_similarity",
+                                                                     "excluded") if k in e["impersonation"]}
         if "identification" in e:
             s["identification"] = e["identification"]
         if "roc" in e:
@@ -81,8 +123,10 @@ def summarize(report: dict) -> dict:
         out["utility"] = report["utility"]
     if "apis" in report:
         out["apis"] = {n: {k: v for k, v in a.items() if k in ("dodging", "impersonation", "calls", "cache_hits",
-                                                                  "retries", "errors")}
+                                                                  "retries", "errors", "status", "stopped",
+                                                                  "first_error", "pairs", "failed_pairs")}
                        for n, a in report["apis"].items()}
+        out["api_problems"] = api_problems(report)
     if "outputs" in report:
         out["outputs"] = report["outputs"]
     return redact(out)
@@ -162,9 +206,15 @@ def _histogram(model: str, scores: dict, thresholds: dict) -> str | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    series = [("clean (before)", scores.get("dodging_before"), "tab:blue"),
-              ("protected (after)", scores.get("dodging_after"), "tab:red"),
-              ("impersonation after", scores.get("impersonation_after"), "tab:green")]
+    if "dodging_after_other_photos" in scores:  # before and after over the same other-photo comparisons
+        series = [("clean, other photos (before)", scores.get("dodging_before"), "tab:blue"),
+                  ("protected, other photos (after)", scores.get("dodging_after_other_photos"), "tab:red"),
+                  ("protected, self-verification (no before)", scores.get("dodging_self"), "tab:orange"),
+                  ("impersonation after", scores.get("impersonation_after"), "tab:green")]
+    else:  # a report written before the protocol split
+        series = [("clean (before)", scores.get("dodging_before"), "tab:blue"),
+                  ("protected (after)", scores.get("dodging_after"), "tab:red"),
+                  ("impersonation after", scores.get("impersonation_after"), "tab:green")]
     series = [(n, [v for v in vals if v is not None], c) for n, vals, c in series if vals]
     series = [s for s in series if s[1]]
     if not series:
@@ -194,10 +244,11 @@ def _roc_figure(model: str, roc: dict | None, calibration: dict | None) -> str |
 
     curves = []
     if roc:
+        n_gen = f", {roc['n_genuine']} other-photo pairs" if roc.get("n_genuine") is not None else ""
         for key, color in (("before", "tab:blue"), ("after", "tab:red")):
             if key in roc:
-                curves.append((f"audit {key} protection (AUC {roc[key]['auc']:.3f})", roc[key]["fpr"], roc[key]["tpr"],
-                               color))
+                curves.append((f"audit {key} protection (AUC {roc[key]['auc']:.3f}{n_gen})", roc[key]["fpr"],
+                               roc[key]["tpr"], color))
     if calibration and calibration.get("roc"):
         c = calibration["roc"]
         curves.append((f"calibration pairs (AUC {calibration.get('auc', float('nan')):.3f})", c["fpr"], c["tpr"], "tab:gray"))
@@ -288,18 +339,29 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     # summary per model
     parts.append("<h2>Protection success rate (PSR) per model</h2>")
     srows = []
+
+    def per_face(stats: dict) -> str:
+        return " / ".join(_fmt((stats.get("psr_faces") or {}).get(f), pct=True) for f in FARS)
+
     for m, e in report.get("models", {}).items():
-        d = e["dodging"]
-        srows.append([m, "dodging", d["n"], *[_fmt(d["psr"].get(f), pct=True) for f in FARS],
-                      " / ".join(_fmt(d["before"]["psr"].get(f), pct=True) for f in FARS), _fmt(d["mean_similarity"]),
-                      d.get("not_detected", 0)])
+        for label, d, before in dodging_rows(e["dodging"]):
+            srows.append([m, label.strip(), d["n"], d.get("n_faces", "–"), *[_fmt(d["psr"].get(f), pct=True) for f in FARS],
+                          per_face(d),
+                          " / ".join(_fmt(before["psr"].get(f), pct=True) for f in FARS) if before else "n/a",
+                          _fmt(d["mean_similarity"]), d.get("not_detected", 0)])
         if "impersonation" in e:
             i = e["impersonation"]
-            srows.append([m, "impersonation", i["n"], *[_fmt(i["psr"].get(f), pct=True) for f in FARS],
-                          " / ".join(_fmt(i["before"]["psr"].get(f), pct=True) for f in FARS), _fmt(i["mean_similarity"]),
-                          ""])
-    parts.append(_table(["model", "protocol", "comparisons", *[f"PSR @ {f}" for f in FARS],
-                         "PSR before (clean)", "mean similarity", "face not detected"], srows, left=2))
+            srows.append([m, "impersonation", i["n"], i.get("n_faces", "–"), *[_fmt(i["psr"].get(f), pct=True) for f in FARS],
+                          per_face(i), " / ".join(_fmt(i["before"]["psr"].get(f), pct=True) for f in FARS),
+                          _fmt(i["mean_similarity"]), ""])
+    parts.append(_table(["model", "protocol", "comparisons", "faces", *[f"PSR @ {f}" for f in FARS],
+                         "per-face PSR @ " + " / ".join(FARS), "PSR before (clean, same comparisons)",
+                         "mean similarity", "face not detected"], srows, left=2))
+    parts.append("<p>Dodging rows: <i>other photos</i> compares each protected face with other clean photos of the "
+                 "same person (its <i>before</i> is the same comparisons made with the clean original); "
+                 "<i>self-verif.</i> compares it with its own original (weaker; no <i>before</i>); <i>all</i> is the "
+                 "headline PSR over both. Per-face PSR: a face counts as protected when none of its comparisons "
+                 "verifies (impersonation: when one reaches the threshold).</p>")
     idrows = [[m, e["identification"]["n"], _fmt(e["identification"]["rank1_before"], pct=True),
                _fmt(e["identification"]["rank1_after"], pct=True), _fmt(e["identification"]["rank5_before"], pct=True),
                _fmt(e["identification"]["rank5_after"], pct=True)]
@@ -332,6 +394,8 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
                               _fmt(u.get("expression_tv_mean"))]], left=0))
     if "apis" in report:
         parts.append("<h2>Online APIs</h2>")
+        for line in api_problems(report):
+            parts.append(f"<div class='note err'>{html.escape(line)}</div>")
         arows = []
         for n, a in report["apis"].items():
             for kind in ("dodging", "impersonation"):
@@ -339,10 +403,14 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
                     s = a[kind]
                     arows.append([n, kind, s["n"], ", ".join(f"{k}: {_fmt(v, pct=True)}" for k, v in s["psr"].items()),
                                   thresholds_seen_text(s.get("thresholds_seen")),
-                                  _fmt(s["mean_score"], nd=2), s["no_face_protected"], s["errors"], s.get("cached", 0)])
+                                  _fmt(s["mean_score"], nd=2), s["no_face_protected"], s["errors"], s.get("cached", 0),
+                                  a.get("status", "")])
         parts.append(_table(["API", "protocol", "pairs", "PSR at the provider's thresholds",
-                             "thresholds used (min–max seen)", "mean score", "no face (protected)", "errors", "cached"],
-                            arows, left=2))
+                             "thresholds used (min–max seen)", "mean score", "no face (protected)", "errors", "cached",
+                             "status"], arows, left=2))
+        for n, a in report["apis"].items():
+            if a.get("first_error") and a.get("status") not in ("stopped", "failed"):
+                parts.append(f"<div class='note'>{html.escape(n)}: first error: {html.escape(str(a['first_error']))}</div>")
 
     # figures
     parts.append("<h2>Similarity distributions and ROC</h2>")
@@ -356,6 +424,12 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
         if roc:
             parts.append(f"<img alt='{html.escape(m)} ROC' src='data:image/png;base64,{roc}'>")
         parts.append("</div>")
+        r_entry = report["models"][m].get("roc") or {}
+        if r_entry.get("n_genuine") is not None:
+            parts.append(f"<p>{html.escape(m)}: ROC before and after over the same {r_entry['n_genuine']} other-photo "
+                         f"comparison(s) against {r_entry.get('n_impostor')} impostor pair(s); "
+                         f"{r_entry.get('self_left_out', 0)} self-verification comparison(s) left out (they have no "
+                         "before; the histogram shows them separately).</p>")
 
     # per-image grid
     images = report.get("images", [])
@@ -397,6 +471,9 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
             det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
         if r.get("resized"):
             det.append(html.escape(r["resized"]))
+        for x in r.get("impersonation_excluded") or []:
+            det.append(f"impersonation target {html.escape(str(x.get('target')))} left out "
+                       f"({html.escape(str(x.get('reason')))})")
         parts.append("<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>")
     parts.append("</table>")
     errs = report.get("errors", [])

@@ -8,11 +8,17 @@ Protocols (per recognition model, thresholds at FAR 1e-1 / 1e-2 / 1e-3):
   (protected face, clean photo) pair; PSR = share of attempts below the threshold. When the
   identity is unknown (or the person has no other photo) the protected face is compared with
   its own original (the weaker *self-verification* protocol); each row says which protocol
-  it used. The same comparisons with the clean original in place of the protected photo give
-  the "before" baseline (the clean false-reject rate).
+  it used, the report splits the two (``dodging.by_protocol``) and notes how many faces fell
+  back to self-verification. The headline ``psr`` counts the attempts of both protocols. The
+  other-photo comparisons with the clean original in place of the protected photo give the
+  "before" baseline (the clean false-reject rate); self-verification has no "before", so the
+  ROC and the before/after histograms use the other-photo comparisons only.
 * **Impersonation.** Each protected face against every target photo except the one(s) used
   to protect (``target_used``, required unless ``allow_target_reuse`` is set, which the report
-  notes); PSR = share reaching the threshold.
+  notes); PSR = share reaching the threshold. A target photo byte-identical to the image's own
+  original, and for the labelled face a target photo of the same
+  identity as the source person, is left out of that image's impersonation (flagged on the
+  row, counted in ``impersonation.excluded`` and noted).
 * **Identification.** Rank of the true identity among the gallery identities (best score per
   identity) for the clean original and the protected photo; rank-1 / rank-5 before and after.
   Gallery photos identical to the original are left out.
@@ -47,6 +53,9 @@ from .thresholds import FARS, ThresholdSet, calibration_mismatch, resolve_thresh
 
 EXPRESSION_MODEL = "expr-fer7"
 MAX_IMPOSTOR_PAIRS = 20000
+PROTOCOLS = ("other-photos", "self")  # dodging: vs other clean photos of the person | vs its own original
+SELF_REASONS = ("identity-unknown", "no-other-photo", "secondary-face")  # why a face fell back to "self"
+TARGET_EXCLUSIONS = ("own-original", "source-identity")  # why a target was left out of an image's impersonation
 
 
 @dataclass
@@ -248,6 +257,40 @@ class _Identities:
                 return hit, "pairs"
         return None, None
 
+    def of_target(self, path: Path) -> str | None:
+        """Identity of a target photo by path or content only (never by bare file name, and
+        without counting it among the name-labelled originals)."""
+        d = self.digest(path)
+        for index in (self.csv, self.gallery if self.gallery_ids else None, self.pairs):
+            if index is None:
+                continue
+            hit, how = index.lookup_how(path, digest=d)
+            if hit and how != "name":
+                return hit
+        return None
+
+
+def build_apis(cfg: AuditConfig) -> dict:
+    """The online adapters ``cfg.apis`` asks for, created (keys, boto3, config file and endpoint
+    checked) before any work: a missing key is a :class:`ConfigError` here, not after the
+    embedding. Adapters are keyed by the name given; a provider named twice is used once."""
+    if not cfg.apis:
+        return {}
+    from .apis import canonical_name, create_api
+
+    adapters: dict = {}
+    seen: set[str] = set()
+    for name in cfg.apis:
+        key = canonical_name(name)
+        if key in seen:
+            continue
+        seen.add(key)
+        adapters[name] = create_api(name, endpoint=cfg.api_endpoint.get(key), config=cfg.api_config,
+                                    threshold=cfg.api_threshold.get(key), concurrency=cfg.api_concurrency,
+                                    rate=cfg.api_rate, cache=cfg.api_cache, timeout=cfg.api_timeout,
+                                    retries=cfg.api_retries)
+    return adapters
+
 
 # ------------------------------------------------------------------------------ the audit
 def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=None, apis: dict | None = None,
@@ -258,6 +301,8 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     the registry models or API adapters (for library use and tests).
     """
     t_start = time.perf_counter()
+    # online adapters first: a missing key / boto3 / config file is a usage error before any work
+    adapters = dict(apis) if apis is not None else build_apis(cfg)
     device = resolve_device(cfg.device)
     pairs, errors = inp.match_files(cfg.protected, cfg.original, glob=cfg.glob)
     if cfg.max_images:
@@ -323,14 +368,11 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         notes.append(f"{len(identities.by_name)} photo(s) got their identity from the identities CSV by bare file "
                      "name only (no row with their relative path); check that those names are unique "
                      "(identity_source 'identities (file name)')")
-    if known == 0:
-        notes.append("no identities known (no --identities, --gallery or --pairs matched the originals): dodging "
-                     "uses the weaker self-verification protocol (each protected face vs its own original)")
 
     # ---- targets
     targets: list[Path] = []
     if cfg.target is not None:
-        all_targets = [p for _, p in inp._images(cfg.target, cfg.glob)]
+        all_targets = [p for _, p in inp._images(cfg.target, cfg.glob, "--target")]
         used = {digest(p) for p in cfg.target_used}
         targets = [p for p in all_targets if digest(p) not in used]
         if not targets:
@@ -380,15 +422,21 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     pool_by_id: dict[str, list[Path]] = {}
     for path, ident in pool:
         pool_by_id.setdefault(ident, []).append(path)
+    target_digest = [digest(t) for t in target_ok]
+    target_ident = [identities.of_target(t) for t in target_ok]
+    target_label = [_rel_label(t, cfg) for t in target_ok]
 
     # ---- per image
     rows: list[dict] = []
     per_model = {m: {"dod_after": [], "dod_before": [], "dod_face": [], "imp_after": [], "imp_before": [],
-                     "imp_face": [], "rank_before": [], "rank_after": [], "protocol": {"other-photos": 0, "self": 0}}
+                     "imp_face": [], "rank_before": [], "rank_after": [], "protocol": {"other-photos": 0, "self": 0},
+                     "dod_by": {k: {"after": [], "face": []} for k in PROTOCOLS},
+                     "self_reasons": {k: 0 for k in SELF_REASONS},
+                     "imp_excluded": {k: 0 for k in TARGET_EXCLUSIONS}}
                  for m in models}
     face_counts = {"original": 0, "matched": 0, "not_detected": 0, "images_no_face_after": 0}
     utility_rows: list[dict] = []
-    api_jobs: list[tuple[int, str, Path, Path, str]] = []  # (row index, kind, protected, reference, ref label)
+    api_jobs: list[tuple] = []  # (row index, kind, protected, reference, ref label, dodging protocol)
     for fp in pairs:
         ident, ident_src = pair_ident[fp.rel]
         row: dict = {"protected": fp.rel, "original": fp.original_rel, "identity": ident,
@@ -423,6 +471,15 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         face_counts["images_no_face_after"] += int(len(p.faces) == 0)
         d_orig = digest(fp.original)
         refs = [path for path in pool_by_id.get(ident, []) if digest(path) != d_orig and path != fp.protected.resolve()]
+        # impersonation targets this image must not be measured against: its own original (every
+        # face), and for the labelled (largest) face a photo of the source person themself
+        own = {k for k, d in enumerate(target_digest) if d == d_orig}
+        same_id = {k for k, t_id in enumerate(target_ident)
+                   if ident is not None and t_id == ident and k not in own}
+        if own or same_id:
+            row["impersonation_excluded"] = (
+                [{"target": target_label[k], "reason": "own-original", "faces": "all"} for k in sorted(own)]
+                + [{"target": target_label[k], "reason": "source-identity", "faces": [0]} for k in sorted(same_id)])
         for m, model in models.items():
             metric = model_metric(model)
             pm = per_model[m]
@@ -445,21 +502,36 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
                     after = [float(_sim(pe, o_emb[i], metric)[0, 0])] if pe is not None else [None]
                     before = []
                     frow["protocol"] = "self"
+                    frow["self_reason"] = ("secondary-face" if i > 0 else "identity-unknown" if ident is None
+                                           else "no-other-photo")
+                    pm["self_reasons"][frow["self_reason"]] += 1
                 pm["protocol"][frow["protocol"]] += 1
                 frow["dodging"] = [_r(s) for s in after]
                 frow["dodging_before"] = [_r(s) for s in before]
+                face_max = max(after) if pe is not None else None
                 pm["dod_after"] += after
                 pm["dod_before"] += before
-                pm["dod_face"].append(max(after) if pe is not None else None)
+                pm["dod_face"].append(face_max)
+                pm["dod_by"][frow["protocol"]]["after"] += after
+                pm["dod_by"][frow["protocol"]]["face"].append(face_max)
                 if target_ok:
-                    T = target_emb[m]
-                    ia = _sim(pe, T, metric)[0].tolist() if pe is not None else [None] * len(T)
-                    ib = _sim(o_emb[i], T, metric)[0].tolist()
+                    skip = own | (same_id if i == 0 else set())
+                    keep = [k for k in range(len(target_ok)) if k not in skip]
+                    ia: list = []
+                    ib: list = []
+                    if keep:
+                        T = target_emb[m][keep]
+                        ia = _sim(pe, T, metric)[0].tolist() if pe is not None else [None] * len(T)
+                        ib = _sim(o_emb[i], T, metric)[0].tolist()
+                        pm["imp_face"].append(max((s for s in ia if s is not None), default=None))
                     frow["impersonation"] = [_r(s) for s in ia]
                     frow["impersonation_before"] = [_r(s) for s in ib]
+                    if skip:  # the scores above are for the targets left after these
+                        frow["impersonation_excluded"] = [target_label[k] for k in sorted(skip)]
+                        pm["imp_excluded"]["own-original"] += len(own)
+                        pm["imp_excluded"]["source-identity"] += len(skip) - len(own)
                     pm["imp_after"] += ia
                     pm["imp_before"] += ib
-                    pm["imp_face"].append(max((s for s in ia if s is not None), default=None))
                 if i == 0 and gal_ok and ident is not None and ident in identities.gallery_ids:
                     d_prot = digest(fp.protected)
                     keep = [k for k, d in enumerate(gal_digest) if d not in (d_orig, d_prot)]
@@ -483,14 +555,15 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             row["utility"] = u
             utility_rows.append(u)
         # API jobs: the primary face's comparisons, at most api_max_refs references
-        if cfg.apis:
+        if adapters:
             if refs:
                 for r in refs[: cfg.api_max_refs]:
-                    api_jobs.append((len(rows), "dodging", fp.protected, r, _rel_label(r, cfg)))
+                    api_jobs.append((len(rows), "dodging", fp.protected, r, _rel_label(r, cfg), "other-photos"))
             else:
-                api_jobs.append((len(rows), "dodging", fp.protected, fp.original, fp.original_rel))
-            for t in target_ok[: cfg.api_max_refs]:
-                api_jobs.append((len(rows), "impersonation", fp.protected, t, _rel_label(t, cfg)))
+                api_jobs.append((len(rows), "dodging", fp.protected, fp.original, fp.original_rel, "self"))
+            api_targets = [k for k in range(len(target_ok)) if k not in own and k not in same_id]
+            for k in api_targets[: cfg.api_max_refs]:
+                api_jobs.append((len(rows), "impersonation", fp.protected, target_ok[k], target_label[k], None))
         rows.append(row)
 
     # ---- aggregate per model
@@ -499,23 +572,24 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     for m, pm in per_model.items():
         th = thresholds[m].values
         entry: dict = {}
-        faces_dodged = [s for s in pm["dod_face"]]
+        # headline: every attempt of both protocols; by_protocol: each protocol alone; before: the
+        # other-photo comparisons (self-verification has no clean "before")
         entry["dodging"] = {
-            "n": len(pm["dod_after"]), "n_faces": len(faces_dodged),
-            "psr": psr(pm["dod_after"], th, mode="dodging"),
-            "psr_faces": psr(faces_dodged, th, mode="dodging"),
-            "mean_similarity": _r(mean_or_none(pm["dod_after"])),
-            "not_detected": sum(1 for s in pm["dod_after"] if s is None),
+            **_dodging_stats(pm["dod_after"], pm["dod_face"], th),
             "protocol": dict(pm["protocol"]),
+            "by_protocol": {k: _dodging_stats(pm["dod_by"][k]["after"], pm["dod_by"][k]["face"], th)
+                            for k in PROTOCOLS},
             "before": {"n": len(pm["dod_before"]), "psr": psr(pm["dod_before"], th, mode="dodging"),
-                       "mean_similarity": _r(mean_or_none(pm["dod_before"]))},
+                       "mean_similarity": _r(mean_or_none(pm["dod_before"])), "protocol": "other-photos"},
         }
+        entry["dodging"]["by_protocol"]["self"]["reasons"] = dict(pm["self_reasons"])
         if target_ok:
             entry["impersonation"] = {
                 "n": len(pm["imp_after"]), "n_faces": len(pm["imp_face"]),
                 "psr": psr(pm["imp_after"], th, mode="impersonation"),
                 "psr_faces": psr(pm["imp_face"], th, mode="impersonation"),
                 "mean_similarity": _r(mean_or_none(pm["imp_after"])),
+                "excluded": dict(pm["imp_excluded"]),
                 "before": {"n": len(pm["imp_before"]), "psr": psr(pm["imp_before"], th, mode="impersonation"),
                            "mean_similarity": _r(mean_or_none(pm["imp_before"]))},
             }
@@ -533,8 +607,11 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         entry["amp"] = cache.amp_report().get(m)
         report_models[m] = entry
         scores[m] = {"dodging_after": [_r(s) for s in pm["dod_after"]], "dodging_before": [_r(s) for s in pm["dod_before"]],
+                     "dodging_after_other_photos": [_r(s) for s in pm["dod_by"]["other-photos"]["after"]],
+                     "dodging_self": [_r(s) for s in pm["dod_by"]["self"]["after"]],
                      "impersonation_after": [_r(s) for s in pm["imp_after"]],
                      "impersonation_before": [_r(s) for s in pm["imp_before"]]}
+    notes += _protocol_notes(per_model, known, bool(target_ok))
 
     # ---- quality
     quality = _quality(cfg, pairs, rows, device, quality_meter) if cfg.quality else {
@@ -562,8 +639,8 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     }
     if cfg.utility:
         report["utility"] = _utility_summary(utility_rows, face_counts)
-    if cfg.apis or apis:
-        report["apis"] = _run_apis(cfg, rows, api_jobs, apis)
+    if adapters:
+        report["apis"] = _run_apis(cfg, rows, api_jobs, adapters)
     report["timings"] = {"total_s": round(time.perf_counter() - t_start, 3), "embedding_s": round(embed_seconds, 3),
                          **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in cache.timings.items()}}
     report["calibration"] = {m: t.calibration for m, t in thresholds.items() if t.calibration}
@@ -573,6 +650,50 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
 
         report["outputs"] = {k: str(v) for k, v in write_reports(report, cfg.out, cfg).items()}
     return report
+
+
+def _dodging_stats(after: list, faces: list, th: dict) -> dict:
+    return {"n": len(after), "n_faces": len(faces), "psr": psr(after, th, mode="dodging"),
+            "psr_faces": psr(faces, th, mode="dodging"), "mean_similarity": _r(mean_or_none(after)),
+            "not_detected": sum(1 for s in after if s is None)}
+
+
+def _protocol_notes(per_model: dict, known: int, impersonation: bool) -> list[str]:
+    """Notes on the dodging protocol mix and on impersonation targets left out (the counts are
+    per model; they are the same for every model, so the first one's are given)."""
+    if not per_model:
+        return []
+    pm = next(iter(per_model.values()))
+    notes = []
+    n_self, n_other = pm["protocol"]["self"], pm["protocol"]["other-photos"]
+    if n_self:
+        why = {"identity-unknown": "identity unknown" + (
+                   " (no --identities, --gallery or --pairs matched the originals)" if known == 0 else ""),
+               "no-other-photo": "no other clean photo of the person",
+               "secondary-face": "secondary face of a photo (the identity label is the largest face's)"}
+        reasons = "; ".join(f"{why[k]}: {v}" for k, v in pm["self_reasons"].items() if v)
+        n_cmp_other = len(pm["dod_by"]["other-photos"]["after"])
+        text = (f"dodging: {n_self} of {n_self + n_other} face(s) fell back to self-verification (protected face vs "
+                f"its own original: weaker, no 'before'): {reasons}. ")
+        if n_other:
+            text += (f"{n_other} face(s) were compared with other clean photos of the same person ({n_cmp_other} "
+                     "comparison(s)). The headline dodging PSR counts both protocols (dodging.by_protocol splits "
+                     "them); the 'before' baseline, the ROC and the before/after histograms use the other-photo "
+                     "comparisons only, self-verification is shown apart in the histograms.")
+        else:
+            text += "There is no 'before' baseline and no ROC (they need other photos of the same person)."
+        notes.append(text)
+    ex = pm["imp_excluded"]
+    if impersonation and any(ex.values()):
+        parts = []
+        if ex["own-original"]:
+            parts.append(f"{ex['own-original']} with a target photo byte-identical to the image's own original")
+        if ex["source-identity"]:
+            parts.append(f"{ex['source-identity']} with a target photo of the source person's own identity")
+        notes.append(f"impersonation: {sum(ex.values())} comparison(s) left out of the impersonation PSR and its "
+                     "'before' (impersonating oneself is not an attack): " + ", ".join(parts)
+                     + "; the rows list them (impersonation_excluded)")
+    return notes
 
 
 def _rel_label(path: Path, cfg: AuditConfig) -> str:
@@ -587,7 +708,9 @@ def _rel_label(path: Path, cfg: AuditConfig) -> str:
 
 def _roc_entry(pm: dict, pool: list, model, name: str, faces_of) -> dict | None:
     """ROC before/after protection: genuine = (photo, other photo of the same person) pairs,
-    impostors = clean photos of different people."""
+    impostors = clean photos of different people. "before" and "after" use the same genuine
+    comparisons (other-photos protocol); self-verification, which has no "before", is left out."""
+    gen_after = pm["dod_by"]["other-photos"]["after"]
     if not pm["dod_before"]:
         return None
     by_id: dict[str, list[torch.Tensor]] = {}
@@ -617,12 +740,13 @@ def _roc_entry(pm: dict, pool: list, model, name: str, faces_of) -> dict | None:
         return None
     if len(imp) > MAX_IMPOSTOR_PAIRS:
         imp = np.random.default_rng(0).choice(imp, MAX_IMPOSTOR_PAIRS, replace=False)
-    out = {"n_impostor": int(len(imp))}
+    out = {"n_impostor": int(len(imp)), "n_genuine": len(pm["dod_before"]), "genuine_protocol": "other-photos",
+           "self_left_out": len(pm["dod_by"]["self"]["after"])}
     from .thresholds import _downsample_roc, auc_score
 
-    finite = [s for s in pm["dod_after"] + pm["dod_before"] if s is not None]
+    finite = [s for s in gen_after + pm["dod_before"] if s is not None]
     floor = float(min(imp.min(), min(finite, default=imp.min()))) - 1.0  # "never verifies" (face not detected)
-    for key, gen in (("before", pm["dod_before"]), ("after", pm["dod_after"])):
+    for key, gen in (("before", pm["dod_before"]), ("after", gen_after)):
         g = np.array([(floor if s is None else s) for s in gen], dtype=np.float64)
         if len(g) == 0:
             continue
@@ -676,34 +800,54 @@ def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) 
     return {k: (_r(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def _run_apis(cfg: AuditConfig, rows: list[dict], jobs: list, adapters: dict | None) -> dict:
-    from .apis import create_api
-
-    if adapters is None:
-        adapters = {}
-        from .apis import canonical_name
-
-        for name in cfg.apis:
-            key = canonical_name(name)
-            adapters[name] = create_api(name, endpoint=cfg.api_endpoint.get(key), config=cfg.api_config,
-                                        threshold=cfg.api_threshold.get(key), concurrency=cfg.api_concurrency,
-                                        rate=cfg.api_rate, cache=cfg.api_cache, timeout=cfg.api_timeout,
-                                        retries=cfg.api_retries)
+def _run_apis(cfg: AuditConfig, rows: list[dict], jobs: list, adapters: dict) -> dict:
+    """Send the jobs to every adapter (built by :func:`build_apis` before the audit started)."""
     out = {}
     for name, api in adapters.items():
         results = api.compare_many([(j[2], j[3]) for j in jobs], progress=cfg.progress,
                                    description=f"{name} ({len(jobs)} comparisons)")
         records: dict[str, list] = {}
-        for (ri, kind, _, _, ref), res in zip(jobs, results):
-            rows[ri].setdefault("apis", {}).setdefault(name, []).append(
-                {"kind": kind, "reference": ref, "score": res.score, "thresholds": res.thresholds,
-                 "error": res.error, "no_face_in": res.no_face_in if res.no_face else None, "cached": res.cached})
+        protocols: dict[str, int] = {}
+        for (ri, kind, _, _, ref, protocol), res in zip(jobs, results):
+            rec = {"kind": kind, "reference": ref, "score": res.score, "thresholds": res.thresholds,
+                   "error": res.error, "no_face_in": res.no_face_in if res.no_face else None, "cached": res.cached}
+            if getattr(res, "note", None):  # what the adapter did to the images (re-encoded, upscaled)
+                rec["note"] = res.note
+            if protocol:
+                rec["protocol"] = protocol
+                protocols[protocol] = protocols.get(protocol, 0) + 1
+            rows[ri].setdefault("apis", {}).setdefault(name, []).append(rec)
             records.setdefault(kind, []).append(res)
-        summary = {"provider": api.describe(), "calls": api.calls, **api.stats}
+        summary = {"provider": api.describe(), "calls": api.calls, **api.stats, **_api_status(api, results)}
         for kind, recs in records.items():
             summary[kind] = _api_summary(recs, kind)
+        if "dodging" in summary:
+            summary["dodging"]["protocol"] = protocols
         out[name] = summary
     return redact(out)
+
+
+def _api_status(api, results: list) -> dict:
+    """Whether a provider worked: ``status`` ok | some-errors | failed (every pair failed) |
+    stopped (a fatal error, e.g. rejected credentials, stopped the adapter), with ``stopped``
+    (the adapter's stop reason) and ``first_error`` (already redacted by the adapter)."""
+    failed = [r for r in results if not r.ok and not r.no_face]
+    stopped = getattr(api, "stopped_reason", None)
+    if not stopped:
+        gone = next((r.error for r in failed if r.code == "ADAPTER_STOPPED" and r.error), None)
+        stopped = gone.removeprefix("not sent: ") if gone else None
+    first = next((r.error for r in failed if r.error and r.code != "ADAPTER_STOPPED"), None)
+    first = first or next((r.error for r in failed if r.error), None)
+    if stopped:
+        status = "stopped"
+    elif results and len(failed) == len(results):
+        status = "failed"
+    elif failed:
+        status = "some-errors"
+    else:
+        status = "ok"
+    return {"status": status, "stopped": redact(stopped) if stopped else None,
+            "first_error": redact(first) if first else None, "pairs": len(results), "failed_pairs": len(failed)}
 
 
 def _api_summary(results: list, kind: str) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from . import common
@@ -95,7 +96,7 @@ def audit(
         err_console.print("[red]error:[/red] --protected and --original are required (see `facepriv audit --help`)")
         raise typer.Exit(2)
     from ..audit import AuditConfig, run_audit, summarize
-    from ..audit.report import json_safe
+    from ..audit.report import api_problems, exit_code, json_safe
 
     cfg = AuditConfig(
         protected=protected, original=original, models=common.split_list(models), out=out, gallery=gallery,
@@ -114,9 +115,11 @@ def audit(
     summary = summarize(report)
     if state.json:
         common.emit_json(json_safe(summary))
+        for line in api_problems(report):
+            common.print_error(line)
     else:
         print_summary(report)
-    raise typer.Exit(1 if report.get("errors") else 0)
+    raise typer.Exit(exit_code(report))
 
 
 def _pct(v) -> str:
@@ -131,26 +134,44 @@ def _num(v, nd: int = 3) -> str:
     return f"{v:.{nd}f}"
 
 
+def psr_table(report: dict) -> Table:
+    """The PSR summary (fits 80 columns): per model, one row per dodging protocol present (and
+    the headline over both when both are), and impersonation; per-comparison PSR at each FAR,
+    per-face PSR and the clean "before" (same comparisons) at FAR 1e-3, and the mean similarity."""
+    from rich import box
+
+    from ..audit.report import dodging_rows
+    from ..audit.thresholds import FARS
+
+    t = Table(title="protection success rate (PSR): share of comparisons that defeat recognition",
+              header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+              caption="faces: per-face PSR (a face is protected when none of its comparisons verifies); "
+                      "before: the same comparisons with the clean photo (n/a: self-verification has none)",
+              caption_justify="left")
+    for c in ("model / protocol", "n", *[f"PSR {f}" for f in FARS], "faces 1e-3", "before 1e-3", "mean sim"):
+        t.add_column(c, justify="left" if c == "model / protocol" else "right", no_wrap=c == "model / protocol")
+    for m, e in report.get("models", {}).items():
+        t.add_row(rich_escape(m), style="bold")
+        for label, d, before in dodging_rows(e["dodging"]):
+            t.add_row("  " + label, str(d["n"]), *[_pct(d["psr"].get(f)) for f in FARS],
+                      _pct((d.get("psr_faces") or {}).get("1e-3")),
+                      _pct(before["psr"].get("1e-3")) if before else "n/a", _num(d["mean_similarity"]))
+        if "impersonation" in e:
+            i = e["impersonation"]
+            t.add_row("  impersonation", str(i["n"]), *[_pct(i["psr"].get(f)) for f in FARS],
+                      _pct((i.get("psr_faces") or {}).get("1e-3")), _pct(i["before"]["psr"].get("1e-3")),
+                      _num(i["mean_similarity"]))
+    return t
+
+
 def print_summary(report: dict) -> None:
-    from ..audit.report import psnr_text, thresholds_seen_text
+    from ..audit.report import api_problems, psnr_text, thresholds_seen_text
     from ..audit.secrets import redact
     from ..audit.thresholds import FARS
 
     report = redact(report)
     th = report.get("thresholds", {})
-    t = Table(title="protection success rate (PSR): share of comparisons that defeat recognition",
-              header_style="bold")
-    for c in ("model", "protocol", "n", *[f"PSR@{f}" for f in FARS], "before@1e-3", "mean sim"):
-        t.add_column(c, justify="left" if c in ("model", "protocol") else "right")
-    for m, e in report.get("models", {}).items():
-        d = e["dodging"]
-        t.add_row(m, "dodging", str(d["n"]), *[_pct(d["psr"].get(f)) for f in FARS], _pct(d["before"]["psr"].get("1e-3")),
-                  _num(d["mean_similarity"]))
-        if "impersonation" in e:
-            i = e["impersonation"]
-            t.add_row("", "impersonation", str(i["n"]), *[_pct(i["psr"].get(f)) for f in FARS],
-                      _pct(i["before"]["psr"].get("1e-3")), _num(i["mean_similarity"]))
-    out_console.print(t)
+    out_console.print(psr_table(report))
     tt = Table(title="thresholds (similarity, higher = same person)", header_style="bold")
     for c in ("model", *[f"FAR {f}" for f in FARS], "source"):
         tt.add_column(c, justify="left" if c in ("model", "source") else "right")
@@ -170,7 +191,7 @@ def print_summary(report: dict) -> None:
     out_console.print(f"quality: PSNR {psnr_text(q)} · SSIM {_num(q.get('ssim'), 4)} · "
                       f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
     for k, v in (q.get("unavailable") or {}).items():
-        out_console.print(f"  [yellow]{k} not computed:[/yellow] {v}", markup=True, highlight=False)
+        out_console.print(common.labelled(f"  {k} not computed:", "yellow", v), soft_wrap=True)
     f = report.get("faces", {})
     out_console.print(f"faces: {f.get('original', 0)} in originals, {f.get('not_detected', 0)} no longer detected after "
                       "protection (counted as protected for dodging)")
@@ -188,9 +209,13 @@ def print_summary(report: dict) -> None:
                                   f"{s['no_face_protected']}, errors {s['errors']}, cached {s.get('cached', 0)}",
                                   highlight=False, markup=False)
         out_console.print(f"{name}: {a.get('calls', 0)} requests sent, {a.get('cache_hits', 0)} cache hits, "
-                          f"{a.get('retries', 0)} retries", highlight=False)
+                          f"{a.get('retries', 0)} retries", highlight=False, markup=False)
+        if a.get("first_error") and a.get("status") not in ("stopped", "failed"):
+            out_console.print(f"{name}: first error: {a['first_error']}", highlight=False, markup=False)
     for n in report.get("protocol_notes", []):
-        out_console.print(f"[yellow]note:[/yellow] {n}", highlight=False)
+        out_console.print(common.labelled("note:", "yellow", n), soft_wrap=True)
+    for line in api_problems(report):
+        common.print_error(line, out_console)
     errs = report.get("errors", [])
     if errs:
         out_console.print(f"[red]{len(errs)} image(s) could not be audited:[/red]")
@@ -198,7 +223,32 @@ def print_summary(report: dict) -> None:
             out_console.print(f"  {e.get('file')}: {e.get('error')}", highlight=False, markup=False)
     outs = report.get("outputs", {})
     if outs:
-        out_console.print(f"report: {outs.get('html')} (+ report.json, report.csv)", highlight=False)
+        out_console.print(f"report: {outs.get('html')} (+ report.json, report.csv)", highlight=False, markup=False)
+
+
+def calibration_tables(result: dict, name: str) -> list[Table]:
+    """The calibration in two tables that fit 80 columns: the pairs and the ROC summary per
+    model, then the threshold and TAR at each FAR (``--json`` and ``--out`` keep every field)."""
+    from ..audit.thresholds import FARS
+
+    t = Table(title=f"calibration on {name}", header_style="bold")
+    for c in ("model", "pairs same/diff", "AUC", "EER", "acc best", "acc default"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for m, r in result.items():
+        t.add_row(m, f"{r['n_genuine']}/{r['n_impostor']}", f"{r['auc']:.4f}", f"{100 * r['eer']:.2f}%",
+                  _pct(r.get("best_accuracy")), _pct(r.get("accuracy_at_default")))
+    t2 = Table(title="threshold (TAR) at each false-accept rate", header_style="bold")
+    t2.add_column("model", justify="left")
+    for f in FARS:
+        t2.add_column(f"FAR {f}", justify="right")
+    for m, r in result.items():
+        cells = []
+        for f in FARS:
+            thr = (r.get("thresholds") or {}).get(f)
+            tar = (r.get("tar_at_far") or {}).get(f)
+            cells.append("–" if thr is None else f"{thr:.4f} ({_pct(tar)})")
+        t2.add_row(m, *cells)
+    return [t, t2]
 
 
 @app.command("calibrate", no_args_is_help=True)
@@ -222,7 +272,6 @@ def calibrate(
     """Compute FAR 1e-1/1e-2/1e-3 thresholds, ROC AUC, EER and accuracy from labelled clean pairs."""
     from ..audit import CalibrationConfig, run_calibration
     from ..audit.report import json_safe
-    from ..audit.thresholds import FARS
 
     cfg = CalibrationConfig(pairs=pairs, models=common.split_list(models), root=root, out=out, store=store,
                             detector=detector, aligned=aligned, aligned_template=aligned_template,
@@ -234,16 +283,8 @@ def calibrate(
                                                                                  "impostor_scores")}
                                     for m, r in result.items()}))
         return
-    t = Table(title=f"calibration on {pairs.name}", header_style="bold")
-    for c in ("model", "genuine", "impostor", "AUC", "EER", "best acc", "acc @ default", *[f"thr {f}" for f in FARS],
-              *[f"TAR@{f}" for f in FARS]):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for m, r in result.items():
-        t.add_row(m, str(r["n_genuine"]), str(r["n_impostor"]), f"{r['auc']:.4f}", f"{100 * r['eer']:.2f}%",
-                  f"{100 * r['best_accuracy']:.2f}%",
-                  _pct(r.get("accuracy_at_default")), *[f"{r['thresholds'][f]:.4f}" for f in FARS],
-                  *[_pct(r["tar_at_far"][f]) for f in FARS])
-    out_console.print(t)
+    for t in calibration_tables(result, pairs.name):
+        out_console.print(t)
     first = next(iter(result.values()), {})
     sk = first.get("skipped_pairs", {})
     if sk.get("no_face") or sk.get("error"):
@@ -251,8 +292,8 @@ def calibrate(
                           "unreadable pair(s) were left out[/yellow]")
     for m, r in result.items():
         if r.get("note"):
-            out_console.print(f"[yellow]note ({m}):[/yellow] {r['note']}", highlight=False)
+            out_console.print(common.labelled(f"note ({m}):", "yellow", r["note"]), soft_wrap=True)
         if r.get("stored"):
-            out_console.print(f"{m}: stored in {r['stored']}", highlight=False)
+            out_console.print(f"{m}: stored in {r['stored']}", highlight=False, markup=False)
     if out is not None:
-        out_console.print(f"all calibrations: {out}", highlight=False)
+        out_console.print(f"all calibrations: {out}", highlight=False, markup=False)
