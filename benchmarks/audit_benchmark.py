@@ -80,9 +80,13 @@ def _print_audit(title: str, rep: dict) -> dict:
         r1 = f"{100 * ident['rank1_before']:.0f}/{100 * ident['rank1_after']:.0f}%" if ident and ident["n"] else "-"
         print(f"{m:14} {d['n']:5d} " + " ".join(f"{100 * d['psr'][f]:8.1f}%" for f in FARS)
               + f" {d['mean_similarity']:9.3f} {d['not_detected']:8d} {r1:>12}")
+        for proto, sub in (d.get("by_protocol") or {}).items():
+            if sub["n"] and sub["n"] != d["n"]:  # the split, when both protocols occur
+                print(f"{'  ' + proto:14} {sub['n']:5d} " + " ".join(f"{100 * sub['psr'][f]:8.1f}%" for f in FARS)
+                      + f" {sub['mean_similarity']:9.3f} {sub['not_detected']:8d}")
         out[m] = {"n": d["n"], "n_faces": d["n_faces"], "psr": d["psr"], "psr_faces": d["psr_faces"],
                   "mean_similarity": d["mean_similarity"], "not_detected": d["not_detected"],
-                  "protocol": d["protocol"], "identification": ident}
+                  "protocol": d["protocol"], "by_protocol": d.get("by_protocol"), "identification": ident}
     q = rep["quality"]
     print(f"quality: PSNR {q['psnr']} dB, SSIM {q['ssim']}, LPIPS {q['lpips']}, FID {q['fid']}; "
           f"unavailable: {q.get('unavailable')}")
