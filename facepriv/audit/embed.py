@@ -11,11 +11,14 @@ With ``aligned=True`` inputs are pre-aligned crops: detection is skipped and eac
 taken to be aligned to ``aligned_template`` (default ``arcface-112``, scaled to the crop's
 size); it is re-aligned to every model's template through the template points.
 
-Mixed precision (``amp``): on CUDA, batches run under autocast (bf16 where supported, else
-fp16) only where it is *safe*: the first batch of every model is also run in float32 and
-autocast is kept for that model only if every embedding stays within cosine 0.9999 of the
-float32 one (and no value is non-finite); otherwise the model runs in float32 and the report
-says why.
+Mixed precision (``amp``): on CUDA, batches run under autocast only where it is *safe*: the
+first batch of every model is also run in float32, and the autocast dtypes are tried in order
+(fp16 first: for inference it keeps more mantissa bits than bf16, and overflow shows up as
+non-finite values; then bf16 where the GPU supports it). The first dtype whose embeddings are
+all finite and within cosine 0.9999 of the float32 ones is kept for that model; when none is,
+the model runs in float32. The decision is re-checked every ``amp_recheck`` batches (that
+batch is also run in float32); a failed re-check turns autocast off for the model for the rest
+of the run. :meth:`FaceEmbeddingCache.amp_report` says what was decided and why.
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ from ..core.io import load_image
 from ..core.progress import make_progress
 
 AMP_MIN_COSINE = 0.9999
+AMP_RECHECK_EVERY = 50  # batches between two float32 re-checks of a model kept in autocast
+
+
+def default_amp_dtypes(device_type: str, bf16_supported: bool = True) -> tuple[torch.dtype, ...]:
+    """Autocast dtypes to try, in order, on ``device_type``: fp16 then bf16 on CUDA (bf16 only
+    where ``bf16_supported``); bf16 elsewhere (CPU autocast)."""
+    if device_type == "cuda":
+        return (torch.float16, torch.bfloat16) if bf16_supported else (torch.float16,)
+    return (torch.bfloat16,)
+
+
+def _amp_check(emb_amp: torch.Tensor, emb: torch.Tensor) -> tuple[bool, str]:
+    """(safe?, what was measured) for autocast embeddings against the float32 ones."""
+    if not bool(torch.isfinite(emb_amp).all()):
+        return False, "non-finite values"
+    cos = float(F.cosine_similarity(emb_amp, emb, dim=-1).min())
+    if math.isnan(cos):  # float32 itself non-finite: nothing to compare against
+        return False, "min cosine nan"
+    return cos >= AMP_MIN_COSINE, f"min cosine {cos:.6f}"
 
 
 def model_template(model: nn.Module) -> str:
@@ -130,7 +152,9 @@ class FaceEmbeddingCache:
     def __init__(self, models: Mapping[str, nn.Module], *, detector=None, device: str | torch.device = "cpu",
                  batch_size: int = 32, aligned: bool = False, aligned_template: str = "arcface-112",
                  amp: bool | None = None, workers: int = 2, min_face_size: float = 20.0,
-                 max_pixels: int | None = None, amp_dtype: torch.dtype | None = None):
+                 max_pixels: int | None = None,
+                 amp_dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+                 amp_recheck: int = AMP_RECHECK_EVERY):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not aligned and detector is None:
@@ -148,9 +172,22 @@ class FaceEmbeddingCache:
         # Models sharing a template and input size share crops.
         self.groups = {name: (model_template(m), model_input_size(m)) for name, m in self.models.items()}
         want_amp = (self.device.type == "cuda") if amp is None else bool(amp)
-        self.amp_dtype = amp_dtype or (
-            (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self.device.type == "cuda"
-            else torch.bfloat16)
+        # autocast dtypes tried in order on each model's first batch (``amp_dtype`` overrides:
+        # one dtype, or several in the order to try them)
+        if amp_dtype is None:
+            bf16 = self.device.type != "cuda" or (want_amp and torch.cuda.is_bf16_supported())
+            self.amp_dtypes = default_amp_dtypes(self.device.type, bf16)
+        elif isinstance(amp_dtype, torch.dtype):
+            self.amp_dtypes = (amp_dtype,)
+        else:
+            self.amp_dtypes = tuple(amp_dtype)
+        if not self.amp_dtypes:
+            raise ValueError("amp_dtype: give at least one dtype")
+        if amp_recheck < 0:
+            raise ValueError("amp_recheck must be 0 (never) or a number of batches")
+        self.amp_recheck = int(amp_recheck)
+        self.amp_chosen: dict[str, torch.dtype] = {}  # model -> the autocast dtype it runs under
+        self._batches: dict[str, int] = {n: 0 for n in self.models}  # forward batches per model
         # model -> None (not checked yet) | True | False; reasons for the report
         self.amp_state: dict[str, bool | None] = {
             n: (None if want_amp and isinstance(m, nn.Module) and getattr(m, "differentiable", True) else False)
@@ -205,28 +242,55 @@ class FaceEmbeddingCache:
         model = self.models[name]
         x = crops.to(self.device, non_blocking=True)
         t0 = time.perf_counter()
+        self._batches[name] += 1
         with torch.no_grad():
             state = self.amp_state[name]
             if state is False:
                 emb = model(x).float()
+            elif state is None:
+                emb = self._choose_amp(name, model, x)
             else:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                    emb_amp = model(x).float()
-                if state is None:  # first batch: check autocast against float32
+                dtype = self.amp_chosen[name]
+                with torch.autocast(self.device.type, dtype=dtype):
                     emb = model(x).float()
-                    cos = F.cosine_similarity(emb_amp, emb, dim=-1)
-                    ok = bool(torch.isfinite(emb_amp).all()) and float(cos.min()) >= AMP_MIN_COSINE
-                    self.amp_state[name] = ok
-                    self.amp_notes[name] = (f"on ({self.amp_dtype}, min cosine to float32 {float(cos.min()):.6f})" if ok
-                                            else f"off (autocast changed embeddings: min cosine {float(cos.min()):.6f})")
-                    if ok:
-                        emb = emb_amp
-                else:
-                    emb = emb_amp
+                n = self._batches[name]
+                if self.amp_recheck and n % self.amp_recheck == 0:  # periodic re-check
+                    emb32 = model(x).float()
+                    ok, what = _amp_check(emb, emb32)
+                    if not ok:  # autocast off for the rest of the run; this batch uses float32
+                        self.amp_state[name] = False
+                        self.amp_notes[name] = (f"off from batch {n}: the re-check found {dtype} {what} "
+                                                f"(batches 1-{n - 1} ran under autocast; first check: "
+                                                f"{self.amp_notes[name]})")
+                        emb = emb32
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings["forward_s"] += time.perf_counter() - t0
         return emb.detach().float().cpu()
+
+    def _choose_amp(self, name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """First batch of ``name``: float32, then each autocast dtype in turn until one is safe.
+        Returns the embeddings to use (the chosen dtype's, or float32's)."""
+        emb = model(x).float()
+        tried = []
+        for dtype in self.amp_dtypes:
+            try:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    emb_amp = model(x).float()
+            except RuntimeError as exc:  # e.g. an op without a kernel for this dtype
+                tried.append(f"{dtype} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                continue
+            ok, what = _amp_check(emb_amp, emb)
+            if ok:
+                self.amp_state[name] = True
+                self.amp_chosen[name] = dtype
+                refused = f"; refused: {', '.join(tried)}" if tried else ""
+                self.amp_notes[name] = f"on ({dtype}, {what.replace('min cosine', 'min cosine to float32')}{refused})"
+                return emb_amp
+            tried.append(f"{dtype} {what}" if len(self.amp_dtypes) > 1 else what)
+        self.amp_state[name] = False
+        self.amp_notes[name] = f"off (autocast changed embeddings: {'; '.join(tried)})"
+        return emb
 
     def process(self, paths: Iterable[str | Path], *, extra: Mapping[Path, np.ndarray] | None = None,
                 progress: bool = True, description: str = "embedding faces") -> dict[Path, ImageFaces]:

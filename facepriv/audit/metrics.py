@@ -6,7 +6,8 @@
 * :class:`QualityMeter` - PSNR and SSIM (kornia.metrics) per image, LPIPS (the registry's
   ``lpips-*`` models) per image, FID (the registry's ``fid-inception`` + pytorch-fid's
   Fréchet distance) over the sets. A metric whose weights cannot be had is recorded in
-  ``unavailable`` with the reason; the others still run.
+  ``unavailable`` with the reason; the others still run. Everything runs on the meter's
+  ``device``; :meth:`QualityMeter.add_many` batches the LPIPS and FID forward passes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import torch.nn.functional as F
 
 from .thresholds import FARS
 
-LPIPS_MAX_SIDE = 512  # LPIPS runs on images downscaled to at most this many pixels per side
+# LPIPS and the FID Inception (which resizes to 299 itself) run on images downscaled to at most
+# this many pixels per side
+LPIPS_MAX_SIDE = 512
+# pytorch-fid's guidance: at least as many images as the feature size (2048), else the
+# covariance is rank-deficient and FID is strongly biased
+FID_MIN_IMAGES = 2048
 SSIM_WINDOW = 11
 
 
@@ -110,6 +116,14 @@ def _fit(img: torch.Tensor, max_side: int) -> torch.Tensor:
                          align_corners=False, antialias=True)[0]
 
 
+def _groups_by_shape(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by shape (first-seen order), one batch per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return list(groups.values())
+
+
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6
                      ) -> tuple[float, str | None]:
     """Fréchet distance between two Gaussians (the FID formula), computed by pytorch-fid's own
@@ -171,24 +185,56 @@ class QualityMeter:
 
     def add(self, protected: torch.Tensor, original: torch.Tensor) -> dict:
         """Quality of one protected image (3, H, W) against its original; returns the row."""
-        row: dict = {}
-        if protected.shape != original.shape:
-            row["resized"] = f"protected {tuple(protected.shape[-2:])} resized to the original's {tuple(original.shape[-2:])}"
-            protected = F.interpolate(protected[None], size=original.shape[-2:], mode="bilinear",
-                                      align_corners=False, antialias=True)[0]
-        row["psnr"] = psnr(protected, original)
-        row["ssim"] = ssim(protected, original)
+        return self.add_many([(protected, original)])[0]
+
+    def add_many(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+        """Quality of several (protected, original) pairs of (3, H, W) images; returns their rows
+        in order, the same as :meth:`add` on each in turn (within float tolerance).
+
+        PSNR and SSIM run per pair at full resolution on the meter's device; LPIPS and the FID
+        features run one forward pass per group of equally sized (downscaled) images. All or
+        nothing: when it raises, no row or FID feature of ``pairs`` has been recorded (a caller
+        can then retry pair by pair with :meth:`add` to isolate the bad one).
+        """
+        rows: list[dict] = []
+        fitted: list[tuple[torch.Tensor, torch.Tensor]] = []  # per pair, downscaled (protected, original)
+        for protected, original in pairs:
+            if protected.dim() != 3 or original.dim() != 3:
+                raise ValueError(f"expected (3, H, W) images, got {tuple(protected.shape)} and {tuple(original.shape)}")
+            row: dict = {}
+            protected = protected.to(self.device)
+            original = original.to(self.device)
+            if protected.shape != original.shape:
+                row["resized"] = (f"protected {tuple(protected.shape[-2:])} resized to the original's "
+                                  f"{tuple(original.shape[-2:])}")
+                protected = F.interpolate(protected[None].float(), size=original.shape[-2:], mode="bilinear",
+                                          align_corners=False, antialias=True)[0]
+            row["psnr"] = psnr(protected, original)
+            row["ssim"] = ssim(protected, original)
+            rows.append(row)
+            if self.lpips is not None or self.fid_model is not None:
+                fitted.append((_fit(protected.float(), LPIPS_MAX_SIDE), _fit(original.float(), LPIPS_MAX_SIDE)))
+            del protected, original
         if self.lpips is not None:
-            with torch.no_grad():
-                a = _fit(protected, LPIPS_MAX_SIDE).to(self.device)
-                b = _fit(original, LPIPS_MAX_SIDE).to(self.device)
-                row["lpips"] = float(self.lpips(a[None], b[None])[0])
+            for idx in _groups_by_shape([a for a, _ in fitted]):
+                with torch.no_grad():
+                    d = self.lpips(torch.stack([fitted[i][0] for i in idx]), torch.stack([fitted[i][1] for i in idx]))
+                for i, v in zip(idx, d.reshape(len(idx), -1)[:, 0].tolist()):
+                    rows[i]["lpips"] = float(v)
+        feats: tuple[list, list] = ([], [])
         if self.fid_model is not None:
-            with torch.no_grad():
-                self._fid_feats[0].append(self.fid_model(_fit(protected, 512)[None].to(self.device)).double().cpu())
-                self._fid_feats[1].append(self.fid_model(_fit(original, 512)[None].to(self.device)).double().cpu())
-        self.rows.append(row)
-        return row
+            fid_in = [t for pair in fitted for t in pair]  # protected, original, protected, ...
+            out: list[torch.Tensor | None] = [None] * len(fid_in)
+            for idx in _groups_by_shape(fid_in):
+                with torch.no_grad():
+                    f = self.fid_model(torch.stack([fid_in[i] for i in idx])).double().cpu()
+                for j, i in enumerate(idx):
+                    out[i] = f[j: j + 1]
+            feats = (out[0::2], out[1::2])
+        self._fid_feats[0].extend(feats[0])
+        self._fid_feats[1].extend(feats[1])
+        self.rows.extend(rows)
+        return rows
 
     def fid(self) -> float | None:
         if self.fid_model is None:
@@ -228,9 +274,10 @@ class QualityMeter:
         if n_identical and out["psnr"] is not None and math.isfinite(out["psnr"]):
             out["psnr_note"] = (f"{n_identical} of {len(self.rows)} protected image(s) are identical to their "
                                 "original (infinite PSNR) and are left out of the PSNR mean")
-        if out["fid"] is not None and len(self.rows) < 50:
-            out["fid_note"] = (f"FID over {len(self.rows)} images is strongly biased (it needs thousands); "
-                               "compare it only between runs on the same set")
+        if out["fid"] is not None and len(self.rows) < FID_MIN_IMAGES:
+            out["fid_note"] = (f"FID over {len(self.rows)} images is strongly biased: pytorch-fid recommends at "
+                               f"least {FID_MIN_IMAGES} (the Inception feature size); compare it only between "
+                               "runs on the same set")
         if out["fid"] is not None and self.fid_notes:
             out["fid_note"] = "; ".join([*([out["fid_note"]] if "fid_note" in out else []), *self.fid_notes])
         if out["lpips"] is not None:

@@ -91,13 +91,51 @@ USAGE_EXIT = 2  # a usage error: bad option, bad setting, nothing to do (ConfigE
 FAILURE_EXIT = 1  # the run itself failed (a model, a file, a bug)
 
 
+def _redactor():
+    """:func:`facepriv.audit.secrets.redact_text`, imported when an error is printed (not at
+    start-up: importing it loads the ``facepriv.audit`` package). Secrets are only ever
+    registered in that module, so if it cannot be imported none can have been registered and
+    the text is returned as it is."""
+    try:
+        from ..audit.secrets import redact_text
+    except Exception:  # noqa: BLE001 - printing the error must not fail in turn
+        return lambda text: text
+    return redact_text
+
+
+def _redact_trace(trace, redact) -> None:
+    """Redact the exception messages and notes of a rich ``Trace`` (chained and grouped ones
+    included) in place; the frames show only source lines, never values."""
+    for stack in trace.stacks:
+        stack.exc_value = redact(stack.exc_value)
+        if getattr(stack, "notes", None):
+            stack.notes = [redact(n) for n in stack.notes]
+        syntax = stack.syntax_error
+        if syntax is not None:
+            syntax.msg, syntax.line = redact(syntax.msg), redact(syntax.line)
+        for sub in getattr(stack, "exceptions", None) or ():
+            _redact_trace(sub, redact)
+
+
+def print_redacted_traceback(exc: BaseException, console: Console | None = None) -> None:
+    """The traceback of ``exc`` (as ``Console.print_exception`` shows it) with every registered
+    secret and key=value credential redacted from the messages."""
+    from rich.traceback import Traceback
+
+    trace = Traceback.extract(type(exc), exc, exc.__traceback__)
+    _redact_trace(trace, _redactor())
+    (console or err_console).print(Traceback(trace))
+
+
 def handle_errors(fn):
     """Turn failures into a one-line message and the documented exit code.
 
     Only usage errors exit 2: :class:`ConfigError` (bad options or settings, an empty input
     set, outputs that would collide or replace inputs) and click's own usage errors, which
     click reports itself. Everything else - a corrupt or missing weights file, a failed
-    download, an unexpected exception - exits 1; ``--verbose`` adds the traceback.
+    download, an unexpected exception - exits 1; ``--verbose`` adds the traceback. Messages
+    and tracebacks pass through :func:`facepriv.audit.secrets.redact_text` first, so an
+    exception that quotes an API key never prints it.
     """
 
     @functools.wraps(fn)
@@ -107,18 +145,18 @@ def handle_errors(fn):
         except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except ConfigError as exc:
-            print_error(exc)
+            print_error(_redactor()(str(exc)))
             if state.verbose:
-                err_console.print_exception()
+                print_redacted_traceback(exc)
             raise typer.Exit(USAGE_EXIT) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - expected failures and bugs alike: message, exit 1
             text = str(exc) if isinstance(exc, FaceprivError) else f"{type(exc).__name__}: {exc}"
-            print_error(text)
+            print_error(_redactor()(text))
             if state.verbose:
-                err_console.print_exception()
+                print_redacted_traceback(exc)
             elif not isinstance(exc, FaceprivError | OSError | ValueError):
                 err_console.print("[dim](run with --verbose for the traceback)[/dim]")
             raise typer.Exit(FAILURE_EXIT) from None

@@ -68,7 +68,7 @@ class CompareResult:
     no_face_in: int | None = None  # 1 or 2: which image had no face (None: unknown)
     note: str | None = None  # what was done to the images before sending (upscaled, re-encoded)
     cached: bool = False
-    attempts: int = 0
+    attempts: int = 0  # requests sent for this comparison, retries included (0: answered from the cache)
     seconds: float = 0.0
 
     @property
@@ -253,7 +253,8 @@ class FaceAPI(ABC):
             self.cache = ResponseCache(default_cache_dir() if cache in (None, True) else cache)
         self._fatal: str | None = None
         self._lock = threading.Lock()
-        self.calls = 0  # HTTP requests actually sent (cache hits excluded)
+        self.calls = 0  # HTTP requests actually sent (cache hits excluded), all threads
+        self._local = threading.local()  # per thread: requests sent for the comparison in progress
         self.stats = {"cache_hits": 0, "retries": 0, "errors": 0}
 
     # -------------------------------------------------------------- for subclasses
@@ -277,6 +278,7 @@ class FaceAPI(ABC):
             self.limiter.wait()
             with self._lock:
                 self.calls += 1
+            self._local.attempts = getattr(self._local, "attempts", 0) + 1
             try:
                 return fn()
             except APIError as exc:
@@ -327,9 +329,12 @@ class FaceAPI(ABC):
                     self.stats["cache_hits"] += 1
                 res = CompareResult(**{k: v for k, v in hit.items() if k in CompareResult.__dataclass_fields__})
                 res.cached = True
+                res.attempts = 0  # nothing was sent for this answer
                 res.seconds = time.perf_counter() - t0
                 return res
-        calls_before = self.calls
+        # attempts of this comparison only: _compare runs in this thread, and call() counts in
+        # a thread-local (the shared ``calls`` also moves with the other threads' requests)
+        self._local.attempts = 0
         try:
             res = self._compare(a, b)
         except APIError as exc:
@@ -340,7 +345,7 @@ class FaceAPI(ABC):
             with self._lock:
                 self.stats["errors"] += 1
             res = CompareResult(error=redact_text(f"{type(exc).__name__}: {exc}"), code="UNEXPECTED")
-        res.attempts = self.calls - calls_before
+        res.attempts = self._local.attempts
         notes = [f"image {n} {text}" for n, text in ((1, note_a), (2, note_b)) if text]
         if notes:
             res.note = "; ".join(notes)
@@ -348,7 +353,7 @@ class FaceAPI(ABC):
                 res.raw = {**res.raw, "facepriv_note": res.note}
         res.seconds = time.perf_counter() - t0
         if key is not None and (res.ok or res.no_face):
-            self.cache.put(key, {**asdict(res), "cached": False})
+            self.cache.put(key, {**asdict(res), "cached": False})  # attempts: this answer's true count
         res.raw = redact(res.raw)
         return res
 
