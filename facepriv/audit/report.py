@@ -165,10 +165,13 @@ def csv_rows(report: dict) -> tuple[list[str], list[dict]]:
             row[f"{m}:impersonation_max"] = max(imp) if imp else None
             row[f"{m}:rank_before"] = f0.get("rank_before")
             row[f"{m}:rank_after"] = f0.get("rank_after")
+        # the primary face's (face 0) expression, empty when face 0 has none (not detected after
+        # protection); reports written before faces were numbered have no "face": position 0
         ex = (r.get("utility") or {}).get("expression") or []
-        if ex:
-            row["expression_kept"] = ex[0]["expression_kept"]
-            row["expression_tv"] = ex[0]["expression_tv"]
+        f0 = next((e for e in ex if e.get("face", 0 if e is ex[0] else None) == 0), None)
+        if f0 is not None:
+            row["expression_kept"] = f0["expression_kept"]
+            row["expression_tv"] = f0["expression_tv"]
         for a in apis:
             calls = (r.get("apis") or {}).get(a, [])
             d = [c for c in calls if c["kind"] == "dodging"]
@@ -392,6 +395,10 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
         parts.append(_table(["face still detected", "expression kept", "mean expression TV distance"],
                             [[_fmt(u.get("face_detected_rate"), pct=True), _fmt(u.get("expression_kept_rate"), pct=True),
                               _fmt(u.get("expression_tv_mean"))]], left=0))
+        if u.get("face_detection"):
+            parts.append(f"<p>Face still detected: {html.escape(str(u['face_detection']))}, over the "
+                         f"{u.get('faces_judged', 0)} crop(s) whose original face it found "
+                         f"({u.get('faces_left_out', 0)} left out).</p>")
     if "apis" in report:
         parts.append("<h2>Online APIs</h2>")
         for line in api_problems(report):

@@ -33,8 +33,11 @@ label of an image refers to its largest face; other faces use self-verification.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,12 +50,15 @@ from ..core.io import load_image
 from ..core.progress import make_progress
 from . import inputs as inp
 from .embed import FaceEmbeddingCache, ImageFaces, model_metric
-from .metrics import QualityMeter, expression_change, identity_rank, match_faces, mean_or_none, psr, rank_k
+from .metrics import QualityMeter, expression_change, match_faces, mean_or_none, psr, rank_k
 from .secrets import redact
 from .thresholds import FARS, ThresholdSet, calibration_mismatch, resolve_thresholds, roc_curve
 
 EXPRESSION_MODEL = "expr-fer7"
 MAX_IMPOSTOR_PAIRS = 20000
+REF_SEED = 0  # seed of the per-image sample of reference photos (--max-refs)
+UTILITY_PAD = 0.5  # --aligned --utility: crops get a border of this share of their size on each side
+RANK_CHUNK = 1024  # identification probes scored per matrix product
 PROTOCOLS = ("other-photos", "self")  # dodging: vs other clean photos of the person | vs its own original
 SELF_REASONS = ("identity-unknown", "no-other-photo", "secondary-face")  # why a face fell back to "self"
 TARGET_EXCLUSIONS = ("own-original", "source-identity")  # why a target was left out of an image's impersonation
@@ -77,6 +83,7 @@ class AuditConfig:
     min_face_size: float = 20.0
     landmarks: str = "protected"  # protected: detect in the protected photo | original: use the original's
     iou: float = 0.3
+    max_refs: int = 20  # dodging: other clean photos compared per face (fixed-seed sample); 0 = all
     thresholds: Path | None = None
     device: str = "auto"
     batch_size: int = 32
@@ -117,6 +124,8 @@ class AuditConfig:
             raise ConfigError("landmarks must be 'protected' (detect in the protected photo) or 'original'")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.max_refs < 0:
+            raise ConfigError("--max-refs must be 0 (all) or more")
         if self.api_max_refs < 1:
             raise ConfigError("--api-max-refs must be at least 1")
         if self.target is not None and not self.target_used and not self.allow_target_reuse:
@@ -137,9 +146,15 @@ class AuditConfig:
             self.api_endpoint, self.api_threshold = {}, {}
 
     def to_json(self) -> dict:
+        """The configuration for report.json, every path resolved to an absolute one (a report
+        read later, from another folder, still says which files were audited)."""
         d = asdict(self)
-        return redact({k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "target_used" else v)
+        return redact({k: (_abs(v) if isinstance(v, Path) else [_abs(x) for x in v] if k == "target_used" else v)
                        for k, v in d.items()})
+
+
+def _abs(p: Path) -> str:
+    return str(Path(p).expanduser().resolve())
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
@@ -190,7 +205,47 @@ def load_recognizers(names: list[str], device) -> dict:
     return out
 
 
-def model_versions(models: dict, detector_name: str | None) -> dict:
+def registry_weights(name: str | None) -> dict:
+    """What the registry knows of a model's weights: where they are read from (``weights``), the
+    pinned ``sha256`` and the package ``version`` of their source (None where it has none, e.g.
+    imported files or unregistered models)."""
+    out: dict = {"weights": None, "sha256": None, "version": None}
+    if not name:
+        return out
+    try:
+        from ..models import availability
+
+        a = availability(name)
+    except Exception:  # noqa: BLE001 - injected / unregistered models
+        return out
+    out["weights"] = a.where
+    src = a.source
+    if src is not None:
+        out["sha256"] = getattr(src, "sha256", None) or getattr(src, "digest", None)
+        out["version"] = getattr(src, "version", None)
+    return out
+
+
+def _model_entry(m, injected: bool = False) -> dict:
+    spec = getattr(m, "spec", None)
+    entry = {"architecture": getattr(spec, "architecture", type(m).__name__),
+             "template": getattr(spec, "template", None), "input_size": getattr(spec, "input_size", None),
+             "metric": getattr(spec, "metric", None), "runtime": getattr(spec, "runtime", None),
+             **registry_weights(getattr(spec, "name", None))}
+    if injected:
+        entry["injected"] = "model object supplied by the caller; weights as the registry knows the name"
+    return entry
+
+
+def model_versions(models: dict, detector_name: str | None, *, detector_role: str | None = None,
+                   detector_injected: bool = False, expression=None, expression_amp: str | None = None,
+                   expression_injected: bool = False, quality_meter=None, quality_injected: bool = False,
+                   injected: bool = False) -> dict:
+    """Versions of everything that produced the numbers: facepriv, torch, python; each
+    recognition model (architecture, template, weights with sha256 / version); the detector
+    (``detector``: its name; ``detector_model``: its weights and what it was used for); the
+    expression model (with ``--utility``, with its mixed-precision decision) and the LPIPS / FID
+    networks the quality metrics actually used (``quality``)."""
     import platform
 
     from .. import __version__
@@ -198,17 +253,26 @@ def model_versions(models: dict, detector_name: str | None) -> dict:
     info: dict = {"facepriv": __version__, "torch": torch.__version__, "python": platform.python_version(),
                   "detector": detector_name, "models": {}}
     for name, m in models.items():
-        spec = getattr(m, "spec", None)
-        entry = {"architecture": getattr(spec, "architecture", type(m).__name__),
-                 "template": getattr(spec, "template", None), "input_size": getattr(spec, "input_size", None),
-                 "metric": getattr(spec, "metric", None), "runtime": getattr(spec, "runtime", None)}
-        try:
-            from ..models import availability
-
-            entry["weights"] = availability(spec.name).where if spec is not None else None
-        except Exception:  # noqa: BLE001 - injected / unregistered models
-            entry["weights"] = None
-        info["models"][name] = entry
+        info["models"][name] = _model_entry(m, injected)
+    if detector_name:
+        det = {"name": detector_name, "role": detector_role, **registry_weights(detector_name)}
+        if detector_injected:
+            det["injected"] = "detector object supplied by the caller; weights as the registry knows the name"
+        info["detector_model"] = det
+    if expression is not None:
+        info["expression_model"] = {"name": EXPRESSION_MODEL, **_model_entry(expression, expression_injected),
+                                    "amp": expression_amp}
+    if quality_meter is not None:
+        q: dict = {}
+        if getattr(quality_meter, "lpips", None) is not None:
+            q["lpips"] = {"name": getattr(quality_meter, "lpips_name", None),
+                          **registry_weights(getattr(quality_meter, "lpips_name", None))}
+        if getattr(quality_meter, "fid_model", None) is not None:
+            q["fid"] = {"name": "fid-inception", **registry_weights("fid-inception")}
+        if quality_injected:
+            for v in q.values():
+                v["injected"] = "quality meter supplied by the caller; weights as the registry knows the name"
+        info["quality"] = q
     return info
 
 
@@ -270,6 +334,98 @@ class _Identities:
         return None
 
 
+def sample_refs(refs: list, k: int, key: str, seed: int = REF_SEED) -> list:
+    """At most ``k`` of ``refs`` (all when ``k`` is 0 or there are no more): a sample drawn with a
+    generator seeded by ``seed`` and ``key`` (the image's relative path), so the same image gets
+    the same references in every run whatever the order of the images; the order of ``refs`` is kept."""
+    if k <= 0 or len(refs) <= k:
+        return list(refs)
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+    idx = np.random.default_rng(h).choice(len(refs), k, replace=False)
+    return [refs[i] for i in sorted(idx.tolist())]
+
+
+def gallery_ranks(gallery: torch.Tensor, gallery_ids: list[str], probes: torch.Tensor, true_ids: list[str],
+                  exclude: list[list[int]] | None, metric: str, chunk: int = RANK_CHUNK) -> list[int | None]:
+    """For each probe, the 1-based rank of its true identity among the gallery identities, each
+    scored by its best photo, leaving out the gallery photos ``exclude[k]`` of probe ``k``; ties
+    count against (as :func:`~facepriv.audit.metrics.identity_rank`, whose per-probe loop this
+    replaces). None when the true identity has no photo left.
+
+    One similarity matrix per chunk of probes, the best score per identity by ``scatter_reduce``
+    (amax) over the gallery's identity index. Scores are computed in float64, so a rank never
+    depends on the chunking (float32 matrix products of different shapes round differently,
+    which could swap two identities within ~1e-8 of each other); exact ties stay ties."""
+    uids = sorted(set(gallery_ids))
+    pos = {u: i for i, u in enumerate(uids)}
+    gidx = torch.tensor([pos[g] for g in gallery_ids], dtype=torch.long)
+    n_id, n_g = len(uids), len(gallery_ids)
+    out: list[int | None] = []
+    for s in range(0, len(probes), chunk):
+        P = probes[s: s + chunk]
+        n = len(P)
+        S = _sim(P.double(), gallery.double(), metric)  # float64: scores independent of the chunking
+        keep = torch.ones(n, n_g, dtype=torch.bool)
+        if exclude is not None:
+            for r, ex in enumerate(exclude[s: s + chunk]):
+                if ex:
+                    keep[r, ex] = False
+        S = S.masked_fill(~keep, -math.inf)
+        idx = gidx.expand(n, -1)
+        best = torch.full((n, n_id), -math.inf, dtype=S.dtype).scatter_reduce(1, idx, S, reduce="amax", include_self=True)
+        present = torch.zeros(n, n_id).scatter_add(1, idx, keep.float()) > 0
+        t = torch.tensor([pos.get(x, -1) for x in true_ids[s: s + chunk]], dtype=torch.long)
+        rows = torch.arange(n)
+        has = (t >= 0) & present[rows, t.clamp(min=0)]
+        target = best[rows, t.clamp(min=0)]
+        ahead = (best >= target[:, None]) & present
+        ahead[rows, t.clamp(min=0)] = False
+        ranks = 1 + ahead.sum(1)
+        out += [int(r) if h else None for r, h in zip(ranks.tolist(), has.tolist())]
+    return out
+
+
+def pad_for_detection(rgb: np.ndarray, pad: float = UTILITY_PAD) -> np.ndarray:
+    """A pre-aligned crop with a constant mid-grey border of ``pad`` x its size on every side:
+    the face then fills about half of the image side. Detectors such as MTCNN miss faces that
+    fill a tight crop."""
+    h, w = rgb.shape[:2]
+    py, px = int(round(h * pad)), int(round(w * pad))
+    return np.pad(rgb, ((py, py), (px, px), (0, 0)), mode="constant", constant_values=127)
+
+
+def aligned_face_detection(cfg: AuditConfig, pairs, detector) -> dict[str, dict]:
+    """``--aligned --utility``: is the face of each pre-aligned crop still found by a real
+    detector? The original and the protected crop are padded (:func:`pad_for_detection`) and
+    run through ``detector``; the largest face of the original (at least ``min_face_size``) must
+    have a face in the protected crop overlapping it (IoU >= ``cfg.iou`` after scaling by the
+    crops' size ratio). Returns rel -> ``{"in_original": bool, "in_protected": bool | None}``
+    (None: no face in the original, so nothing to keep), or ``{"error": ...}``."""
+    def faces(path: Path):
+        rgb = pad_for_detection(load_image(path, max_pixels=cfg.max_pixels).rgb)
+        found = [f for f in detector.detect(rgb) if f.size >= cfg.min_face_size]
+        return sorted(found, key=lambda f: f.width * f.height, reverse=True), rgb.shape[:2]
+
+    def one(fp) -> dict:
+        try:
+            fo, (ho, wo) = faces(fp.original)
+            if not fo:
+                return {"in_original": False, "in_protected": None}
+            fpr, (hp, wp) = faces(fp.protected)
+            hit = match_faces([fo[0].box], [f.box for f in fpr], cfg.iou, scale=size_ratio((wo, ho), (wp, hp)))[0]
+            return {"in_original": True, "in_protected": hit is not None}
+        except Exception as exc:  # noqa: BLE001 - the embedding pass reports unreadable files
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    out: dict[str, dict] = {}
+    with make_progress(enabled=cfg.progress) as bar, ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        task = bar.add_task("utility: detecting faces in the crops", total=len(pairs))
+        for fp, res in zip(pairs, pool.map(one, pairs)):
+            out[fp.rel] = res
+            bar.advance(task)
+    return out
+
+
 def build_apis(cfg: AuditConfig) -> dict:
     """The online adapters ``cfg.apis`` asks for, created (keys, boto3, config file and endpoint
     checked) before any work: a missing key is a :class:`ConfigError` here, not after the
@@ -315,10 +471,15 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
 
     # ---- models
     models = dict(recognizers) if recognizers is not None else load_recognizers(cfg.models, device)
-    if detector is None and not cfg.aligned:
+    detector_injected = detector is not None
+    # pre-aligned crops need no detector, except for the utility check "face still detected"
+    # (a crop is one face by construction: only a real detector can say whether it still is)
+    if detector is None and (not cfg.aligned or cfg.utility):
         from ..models import create_model
 
         detector = create_model(cfg.detector, device=device)
+    utility_detector = detector if cfg.aligned and cfg.utility else None
+    expression_injected = expression_model is not None
     file_data = None
     if cfg.thresholds is not None:
         from .thresholds import _read_threshold_file
@@ -334,7 +495,7 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
 
             expression_model = create_model(EXPRESSION_MODEL, device=device)
         embed_models[EXPRESSION_MODEL] = expression_model
-    cache = FaceEmbeddingCache(embed_models, detector=detector, device=device, batch_size=cfg.batch_size,
+    cache = FaceEmbeddingCache(embed_models, detector=None if cfg.aligned else detector, device=device, batch_size=cfg.batch_size,
                                aligned=cfg.aligned, aligned_template=cfg.aligned_template, amp=cfg.amp,
                                workers=cfg.workers, min_face_size=cfg.min_face_size, max_pixels=cfg.max_pixels)
 
@@ -401,12 +562,6 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     def faces_of(path: Path, ex=None) -> ImageFaces:
         return cache.get(path, ex)
 
-    def primary_emb(path: Path, model: str) -> torch.Tensor | None:
-        r = faces_of(path)
-        if r.error or not r.faces:
-            return None
-        return r.embeddings[model][0]
-
     # gallery embeddings per model
     gal_rows = [(g, faces_of(g.path)) for g in gallery]
     gal_ok = [(g, r) for g, r in gal_rows if not r.error and r.faces]
@@ -436,6 +591,13 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
                  for m in models}
     face_counts = {"original": 0, "matched": 0, "not_detected": 0, "images_no_face_after": 0}
     utility_rows: list[dict] = []
+    refs_sampled: list[int] = []  # per image whose references were sampled: how many it had
+    id_probes: list[dict] = []  # identification probes (primary faces of images whose identity is in the gallery)
+    gal_by_digest: dict[str, list[int]] = {}
+    for k, d in enumerate(gal_digest):
+        gal_by_digest.setdefault(d, []).append(k)
+    aligned_detection = (aligned_face_detection(cfg, pairs, utility_detector)
+                         if utility_detector is not None else {})
     api_jobs: list[tuple] = []  # (row index, kind, protected, reference, ref label, dodging protocol)
     for fp in pairs:
         ident, ident_src = pair_ident[fp.rel]
@@ -471,6 +633,22 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         face_counts["images_no_face_after"] += int(len(p.faces) == 0)
         d_orig = digest(fp.original)
         refs = [path for path in pool_by_id.get(ident, []) if digest(path) != d_orig and path != fp.protected.resolve()]
+        # the clean photos the primary face is compared with: those with a face, at most
+        # max_refs of them (a fixed-seed sample per image); labels once per image, not per model
+        ref_ok = [r for r in refs if not faces_of(r).error and faces_of(r).faces]
+        n_ref_all = len(ref_ok)
+        ref_ok = sample_refs(ref_ok, cfg.max_refs, fp.rel)
+        if ref_ok:
+            row["references"] = [_rel_label(r, cfg) for r in ref_ok]
+            if len(ref_ok) < n_ref_all:
+                row["references_total"] = n_ref_all
+                refs_sampled.append(n_ref_all)
+        id_probe = None
+        if gal_ok and ident is not None and ident in identities.gallery_ids:
+            d_prot = digest(fp.protected)
+            id_probe = {"ident": ident, "exclude": gal_by_digest.get(d_orig, []) + (
+                gal_by_digest.get(d_prot, []) if d_prot != d_orig else []), "frows": {}, "before": {}, "after": {}}
+            id_probes.append(id_probe)
         # impersonation targets this image must not be measured against: its own original (every
         # face), and for the labelled (largest) face a photo of the source person themself
         own = {k for k, d in enumerate(target_digest) if d == d_orig}
@@ -486,18 +664,15 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             mrow: dict = {"faces": []}
             o_emb = o.embeddings[m]
             p_emb = p.extra[m] if cfg.landmarks == "original" else p.embeddings[m]
-            ref_embs = [(r, primary_emb(r, m)) for r in refs]
-            ref_embs = [(r, e) for r, e in ref_embs if e is not None]
+            R = torch.stack([faces_of(r).embeddings[m][0] for r in ref_ok]) if ref_ok else None
             for i in range(len(o.faces)):
                 j = matched[i]
                 pe = p_emb[j] if j is not None else None
                 frow: dict = {"face": i, "detected": detected[i] is not None}
-                if i == 0 and ref_embs:
-                    R = torch.stack([e for _, e in ref_embs])
+                if i == 0 and R is not None:
                     after = _sim(pe, R, metric)[0].tolist() if pe is not None else [None] * len(R)
                     before = _sim(o_emb[i], R, metric)[0].tolist()
-                    frow["protocol"] = "other-photos"
-                    frow["references"] = [_rel_label(r, cfg) for r, _ in ref_embs]
+                    frow["protocol"] = "other-photos"  # scores in the order of row["references"]
                 else:
                     after = [float(_sim(pe, o_emb[i], metric)[0, 0])] if pe is not None else [None]
                     before = []
@@ -532,17 +707,10 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
                         pm["imp_excluded"]["source-identity"] += len(skip) - len(own)
                     pm["imp_after"] += ia
                     pm["imp_before"] += ib
-                if i == 0 and gal_ok and ident is not None and ident in identities.gallery_ids:
-                    d_prot = digest(fp.protected)
-                    keep = [k for k, d in enumerate(gal_digest) if d not in (d_orig, d_prot)]
-                    ids = [gal_ids[k] for k in keep]
-                    if ident in ids:
-                        E = gal_emb[m][keep]
-                        rb = identity_rank(_sim(o_emb[0], E, metric)[0], ids, ident)
-                        ra = identity_rank(_sim(pe, E, metric)[0], ids, ident) if pe is not None else None
-                        frow["rank_before"], frow["rank_after"] = rb, ra
-                        pm["rank_before"].append(rb)
-                        pm["rank_after"].append(ra)
+                if i == 0 and id_probe is not None:  # ranked for all probes at once below
+                    id_probe["frows"][m] = frow
+                    id_probe["before"][m] = o_emb[0]
+                    id_probe["after"][m] = pe
                 mrow["faces"].append(frow)
             th = thresholds[m].values
             mrow["dodging_max"] = _r(max((s for f in mrow["faces"] for s in f["dodging"] if s is not None), default=None))
@@ -551,7 +719,8 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
                                     for far in FARS}
             row["models"][m] = mrow
         if cfg.utility:
-            u = _utility(o, p, matched, detected, expression_model, cfg.landmarks == "original")
+            u = _utility(o, p, matched, detected, expression_model, cfg.landmarks == "original",
+                         aligned_detection.get(fp.rel) if cfg.aligned else None)
             row["utility"] = u
             utility_rows.append(u)
         # API jobs: the primary face's comparisons, at most api_max_refs references
@@ -565,6 +734,33 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             for k in api_targets[: cfg.api_max_refs]:
                 api_jobs.append((len(rows), "impersonation", fp.protected, target_ok[k], target_label[k], None))
         rows.append(row)
+
+    # ---- identification: every probe against the gallery, one matrix product per model (chunked)
+    if id_probes:
+        for m, model in models.items():
+            metric = model_metric(model)
+            excl = [pr["exclude"] for pr in id_probes]
+            true_ids = [pr["ident"] for pr in id_probes]
+            rb = gallery_ranks(gal_emb[m], gal_ids, torch.stack([pr["before"][m] for pr in id_probes]), true_ids,
+                               excl, metric)
+            has_after = [k for k, pr in enumerate(id_probes) if pr["after"][m] is not None]
+            ra: list = [None] * len(id_probes)
+            if has_after:
+                got = gallery_ranks(gal_emb[m], gal_ids, torch.stack([id_probes[k]["after"][m] for k in has_after]),
+                                    [true_ids[k] for k in has_after], [excl[k] for k in has_after], metric)
+                for k, r in zip(has_after, got):
+                    ra[k] = r
+            for pr, b, a in zip(id_probes, rb, ra):
+                if b is None:  # the true identity has no gallery photo left once the probe's own are excluded
+                    continue
+                pr["frows"][m]["rank_before"], pr["frows"][m]["rank_after"] = b, a
+                per_model[m]["rank_before"].append(b)
+                per_model[m]["rank_after"].append(a)
+    if refs_sampled:
+        notes.append(f"dodging: {len(refs_sampled)} image(s) had more other clean photos of their person than "
+                     f"--max-refs {cfg.max_refs} (up to {max(refs_sampled)}); each was compared with a fixed-seed "
+                     f"sample of {cfg.max_refs} of them (row references / references_total; --max-refs 0 compares "
+                     "with all)")
 
     # ---- aggregate per model
     report_models: dict = {}
@@ -614,14 +810,31 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     notes += _protocol_notes(per_model, known, bool(target_ok))
 
     # ---- quality
-    quality = _quality(cfg, pairs, rows, device, quality_meter) if cfg.quality else {
-        "psnr": None, "ssim": None, "lpips": None, "fid": None, "unavailable": {"all": "disabled (--no-quality)"}}
+    quality_injected = quality_meter is not None
+    if cfg.quality:
+        quality_meter = quality_meter or QualityMeter(lpips=cfg.lpips, fid=cfg.fid, device=device,
+                                                      download=cfg.download)
+        quality = _quality(cfg, pairs, rows, device, quality_meter)
+    else:
+        quality_meter = None
+        quality = {"psnr": None, "ssim": None, "lpips": None, "fid": None,
+                   "unavailable": {"all": "disabled (--no-quality)"}}
+    notes += _thin_statistics_notes(report_models, thresholds)
+    if cfg.utility and cfg.aligned:
+        notes += _aligned_utility_notes(aligned_detection, cfg.detector)
 
     report: dict = {
         "facepriv_report": "audit", "version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": cfg.to_json(),
-        "versions": model_versions(models, None if cfg.aligned else cfg.detector),
+        "versions": model_versions(
+            models, cfg.detector if (not cfg.aligned or utility_detector is not None) else None,
+            injected=recognizers is not None,
+            detector_role=(None if cfg.aligned and utility_detector is None else "utility: face still detected in the padded crops"
+                           if cfg.aligned else "faces of every photo"),
+            detector_injected=detector_injected, expression=expression_model if cfg.utility else None,
+            expression_amp=cache.amp_report().get(EXPRESSION_MODEL) if cfg.utility else None,
+            expression_injected=expression_injected, quality_meter=quality_meter, quality_injected=quality_injected),
         "thresholds": {m: t.to_json() for m, t in thresholds.items()},
         "models": report_models,
         "quality": quality,
@@ -638,7 +851,7 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         "errors": errors,
     }
     if cfg.utility:
-        report["utility"] = _utility_summary(utility_rows, face_counts)
+        report["utility"] = _utility_summary(utility_rows, face_counts, cfg.aligned, cfg.detector)
     if adapters:
         report["apis"] = _run_apis(cfg, rows, api_jobs, adapters)
     report["timings"] = {"total_s": round(time.perf_counter() - t_start, 3), "embedding_s": round(embed_seconds, 3),
@@ -756,10 +969,24 @@ def _roc_entry(pm: dict, pool: list, model, name: str, faces_of) -> dict | None:
     return out
 
 
-def _utility(o: ImageFaces, p: ImageFaces, matched, detected, expr, at_original: bool) -> dict:
+def _utility(o: ImageFaces, p: ImageFaces, matched, detected, expr, at_original: bool,
+             aligned: dict | None = None) -> dict:
+    """Utility of one image: faces still detected and, per face (``face``: its index among the
+    original's faces), whether the expression was kept. Pre-aligned crops (``aligned``: the
+    result of :func:`aligned_face_detection`) say whether a real detector found the face in the
+    original crop (``face_in_original``) and still finds it in the protected one
+    (``faces_detected_after`` 1 / 0; None when it missed the original's face already)."""
     from ..models.expression import LABELS
 
-    out: dict = {"faces_detected_after": sum(1 for j in detected if j is not None), "faces": len(o.faces)}
+    if aligned is not None:
+        ok = "error" not in aligned
+        out: dict = {"faces": len(o.faces), "face_in_original": aligned.get("in_original") if ok else None,
+                     "faces_detected_after": (int(aligned["in_protected"]) if ok and aligned.get("in_original")
+                                              else None)}
+        if not ok:
+            out["detection_error"] = aligned["error"]
+    else:
+        out = {"faces_detected_after": sum(1 for j in detected if j is not None), "faces": len(o.faces)}
     if expr is None or EXPRESSION_MODEL not in o.embeddings:
         return out
     labels = getattr(expr, "labels", LABELS)
@@ -768,34 +995,139 @@ def _utility(o: ImageFaces, p: ImageFaces, matched, detected, expr, at_original:
         if j is None:
             continue
         p_logits = p.extra[EXPRESSION_MODEL][i] if at_original else p.embeddings[EXPRESSION_MODEL][j]
-        per_face.append(expression_change(o.embeddings[EXPRESSION_MODEL][i].softmax(-1), p_logits.softmax(-1), labels))
+        per_face.append({"face": i, **expression_change(o.embeddings[EXPRESSION_MODEL][i].softmax(-1),
+                                                         p_logits.softmax(-1), labels)})
     out["expression"] = per_face
     return out
 
 
-def _utility_summary(rows: list[dict], faces: dict) -> dict:
+def _utility_summary(rows: list[dict], faces: dict, aligned: bool = False, detector: str | None = None) -> dict:
     ex = [f for r in rows for f in r.get("expression", [])]
-    return {"face_detected_rate": (faces["matched"] / faces["original"]) if faces["original"] else None,
+    extra: dict = {}
+    if aligned:  # a real detector on the padded crops; crops whose original it missed are left out
+        judged = [r for r in rows if r.get("faces_detected_after") is not None]
+        rate = (sum(r["faces_detected_after"] for r in judged) / len(judged)) if judged else None
+        extra = {"face_detection": f"{detector} on padded crops", "faces_judged": len(judged),
+                 "faces_left_out": len(rows) - len(judged)}
+    else:
+        rate = (faces["matched"] / faces["original"]) if faces["original"] else None
+    return {"face_detected_rate": rate, **extra,
             "expression_kept_rate": (sum(f["expression_kept"] for f in ex) / len(ex)) if ex else None,
             "expression_tv_mean": float(np.mean([f["expression_tv"] for f in ex])) if ex else None,
             "n_faces": len(ex), "model": EXPRESSION_MODEL}
 
 
+def _aligned_utility_notes(detection: dict[str, dict], detector: str) -> list[str]:
+    missed = sum(1 for d in detection.values() if d.get("in_original") is False)
+    if not missed:
+        return []
+    judged = sum(1 for d in detection.values() if d.get("in_original"))
+    return [f"utility: the detector ({detector}) found no face in {missed} original crop(s), even padded; they are "
+            "left out of 'face still detected' (" + (f"{judged} crop(s) judged)" if judged else
+                                                     "none left: the rate is null)")]
+
+
+def _thin_statistics_notes(report_models: dict, thresholds: dict[str, ThresholdSet]) -> list[str]:
+    """Notes where a figure is decided by the size of the test rather than by the protection:
+    rank-5 over a gallery of 5 identities or fewer (100 % by definition), an ROC from fewer than
+    1/FAR impostor pairs (its low-FAR end is not resolved), FAR thresholds calibrated on fewer
+    than 1/FAR impostor pairs (their own note says so, when they carry one)."""
+    notes = []
+    for m, e in report_models.items():
+        ident = e.get("identification")
+        if ident and ident.get("n") and ident.get("gallery_identities", 0) <= 5:
+            notes.append(f"identification ({m}): the gallery has only {ident['gallery_identities']} identit"
+                         f"{'y' if ident['gallery_identities'] == 1 else 'ies'}, so rank-5 is 100% by definition; "
+                         "only rank-1 says anything")
+        roc = e.get("roc")
+        if roc and roc.get("n_impostor") is not None:
+            n = roc["n_impostor"]
+            bad = [f for f in FARS if n < math.ceil(1 / float(f))]
+            if bad:
+                notes.append(f"ROC ({m}): only {n} impostor pair(s): the curve cannot resolve FAR "
+                             f"{', '.join(bad)} (each needs at least 1/FAR impostor pairs)")
+    for m, t in thresholds.items():
+        cal = t.calibration or {}
+        n = cal.get("n_impostor")
+        if n is None or t.kind not in ("calibrated", "file") or "impostor pairs" in (t.note or ""):
+            continue
+        bad = [f for f in FARS if n < math.ceil(1 / float(f))]
+        if bad:
+            notes.append(f"thresholds ({m}): calibrated on only {n} impostor pair(s): FAR {', '.join(bad)} cannot be "
+                         "resolved (each needs at least 1/FAR impostor pairs); those thresholds only sit above the "
+                         "highest impostor scores seen")
+    return notes
+
+
 def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) -> dict:
+    """Quality of every pair. Images are read ahead by ``cfg.workers`` threads (a bounded queue of
+    about two batches) and fed to the meter in chunks of ``cfg.batch_size`` (``add_many`` where
+    the meter has it, else ``add`` per pair). An unreadable image fails only its own row; a chunk
+    the meter rejects is redone pair by pair, so only the pair at fault fails."""
     meter = meter or QualityMeter(lpips=cfg.lpips, fid=cfg.fid, device=device, download=cfg.download)
     by_rel = {r["protected"]: r for r in rows}
-    with make_progress(enabled=cfg.progress) as bar:
+    add_many = getattr(meter, "add_many", None)
+
+    def load(fp):
+        try:
+            return fp, (load_image(fp.protected, max_pixels=cfg.max_pixels).to_tensor(),
+                        load_image(fp.original, max_pixels=cfg.max_pixels).to_tensor()), None
+        except Exception as exc:  # noqa: BLE001 - quality of one image never stops the audit
+            return fp, None, str(exc)
+
+    def fmt(q: dict) -> dict:
+        return {k: (_r(v) if isinstance(v, float) else v) for k, v in q.items()}
+
+    def one(fp, pair):
+        try:
+            by_rel[fp.rel]["quality"] = fmt(meter.add(*pair))
+        except Exception as exc:  # noqa: BLE001
+            by_rel[fp.rel]["quality"] = {"error": str(exc)}
+
+    def feed(chunk: list) -> None:
+        if not chunk:
+            return
+        if add_many is None:
+            for fp, pair in chunk:
+                one(fp, pair)
+            return
+        try:
+            qs = add_many([pair for _, pair in chunk])
+        except Exception:  # noqa: BLE001 - find the pair at fault
+            for fp, pair in chunk:
+                one(fp, pair)
+            return
+        for (fp, _), q in zip(chunk, qs):
+            by_rel[fp.rel]["quality"] = fmt(q)
+
+    batch = max(1, cfg.batch_size)
+    ahead = 2 * batch
+    with make_progress(enabled=cfg.progress) as bar, ThreadPoolExecutor(max(1, cfg.workers)) as pool:
         task = bar.add_task("quality", total=len(pairs))
-        for fp in pairs:
-            row = by_rel[fp.rel]
-            try:
-                a = load_image(fp.protected, max_pixels=cfg.max_pixels).to_tensor()
-                b = load_image(fp.original, max_pixels=cfg.max_pixels).to_tensor()
-                q = meter.add(a, b)
-                row["quality"] = {k: (_r(v) if isinstance(v, float) else v) for k, v in q.items()}
-            except Exception as exc:  # noqa: BLE001 - quality of one image never stops the audit
-                row["quality"] = {"error": str(exc)}
-            bar.advance(task)
+        queue: deque = deque()
+        it = iter(pairs)
+        for fp in it:
+            queue.append(pool.submit(load, fp))
+            if len(queue) >= ahead:
+                break
+        chunk: list = []
+        while queue:
+            fp, pair, err = queue.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append(pool.submit(load, nxt))
+            if err is not None:
+                by_rel[fp.rel]["quality"] = {"error": err}
+            else:
+                chunk.append((fp, pair))
+            if len(chunk) >= batch:
+                feed(chunk)
+                bar.advance(task, len(chunk))
+                chunk = []
+            if err is not None:
+                bar.advance(task)
+        feed(chunk)
+        bar.advance(task, len(chunk))
     out = meter.summary()
     return {k: (_r(v) if isinstance(v, float) else v) for k, v in out.items()}
 

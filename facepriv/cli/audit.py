@@ -63,6 +63,9 @@ def audit(
     landmarks: Annotated[str, typer.Option(
         "--landmarks", help="protected: detect faces in the protected photo (realistic) | original: embed it at the "
                             "original's landmarks (stricter for pixel-level protections).")] = "protected",
+    max_refs: Annotated[int, typer.Option(
+        "--max-refs", min=0, help="Other clean photos of the person each face is compared with (a fixed-seed "
+                                  "sample per image when there are more; 0 = all).")] = 20,
     batch_size: BatchSize = 32,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: CUDA only, checked per model).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads reading/detecting/aligning images.")] = 2,
@@ -70,7 +73,7 @@ def audit(
     lpips: Annotated[str, typer.Option("--lpips", help="LPIPS model: lpips-alex | lpips-vgg | lpips-squeeze | none.")] = "lpips-alex",
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID between the protected and original sets.")] = True,
     download: Annotated[bool, typer.Option("--download/--no-download", help="May quality metrics download weights.")] = True,
-    utility: Annotated[bool, typer.Option("--utility", help="Also check expression kept and face still detected.")] = False,
+    utility: Annotated[bool, typer.Option("--utility", help="Also check expression kept and face still detected (with --aligned: by --detector on padded crops).")] = False,
     api: Annotated[list[str] | None, typer.Option("--api", help="Online API: facepp | rekognition | azure (repeatable).")] = None,
     api_endpoint: Annotated[list[str] | None, typer.Option(
         "--api-endpoint", metavar="NAME=URL", help="Endpoint of one API: NAME=URL (repeatable), or a plain URL with a single --api.")] = None,
@@ -102,7 +105,7 @@ def audit(
         protected=protected, original=original, models=common.split_list(models), out=out, gallery=gallery,
         target=target, target_used=list(target_used or []), allow_target_reuse=allow_target_reuse, pairs=pairs, pairs_root=pairs_root, identities=identities,
         aligned=aligned, aligned_template=aligned_template, detector=detector, min_face_size=min_face_size,
-        landmarks=landmarks, thresholds=thresholds, device=state.device, batch_size=batch_size, amp=amp,
+        landmarks=landmarks, max_refs=max_refs, thresholds=thresholds, device=state.device, batch_size=batch_size, amp=amp,
         workers=workers, quality=quality, lpips=None if lpips.lower() in ("none", "off", "") else lpips, fid=fid,
         download=download, utility=utility, apis=list(api or []), api_endpoint=list(api_endpoint or []) or None,
         api_threshold=list(api_threshold or []) or None, api_timeout=api_timeout, api_retries=api_retries,
@@ -192,13 +195,17 @@ def print_summary(report: dict) -> None:
                       f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
     for k, v in (q.get("unavailable") or {}).items():
         out_console.print(common.labelled(f"  {k} not computed:", "yellow", v), soft_wrap=True)
+    for k in ("psnr_note", "fid_note"):
+        if q.get(k):
+            out_console.print(common.labelled(f"  {k.split('_')[0].upper()}:", "yellow", q[k]), soft_wrap=True)
     f = report.get("faces", {})
     out_console.print(f"faces: {f.get('original', 0)} in originals, {f.get('not_detected', 0)} no longer detected after "
                       "protection (counted as protected for dodging)")
     if "utility" in report:
         u = report["utility"]
-        out_console.print(f"utility: face still detected {_pct(u.get('face_detected_rate'))}, expression kept "
-                          f"{_pct(u.get('expression_kept_rate'))}")
+        how = f" ({u['face_detection']}, {u.get('faces_judged', 0)} crop(s))" if u.get("face_detection") else ""
+        out_console.print(f"utility: face still detected {_pct(u.get('face_detected_rate'))}{how}, expression kept "
+                          f"{_pct(u.get('expression_kept_rate'))}", highlight=False, markup=False)
     for name, a in (report.get("apis") or {}).items():
         for kind in ("dodging", "impersonation"):
             if kind in a:
