@@ -230,7 +230,24 @@ def test_only_other_photos_has_no_self_verification_note(tmp_path):
     assert not any("self-verification" in n for n in rep["protocol_notes"])
     from facepriv.audit.report import dodging_rows
 
-    assert [label for label, _, _ in dodging_rows(d)] == ["dodging, other photos"]
+    assert [label for label, _, _ in dodging_rows(d)] == ["dodging (others)"]
+
+
+def test_psr_table_fits_80_columns_with_one_protocol():
+    from rich.console import Console
+
+    from facepriv.cli.audit import psr_table
+
+    rates = {"1e-1": 0.0, "1e-2": 0.0, "1e-3": 0.0}
+    for proto in ("self", "other-photos"):
+        sub = {"n": 1, "psr": rates, "psr_faces": {"1e-3": 0.0}, "mean_similarity": 0.99}
+        d = {**sub, "n_faces": 1, "before": {"psr": {"1e-3": 0.0}},
+             "by_protocol": {"other-photos": {"n": 0}, "self": {"n": 0}} | {proto: sub}}
+        rep = {"models": {"facenet-casia": {"dodging": d, "impersonation": {**sub, "n": 3, "before": {"psr": rates}}}}}
+        console = Console(width=80, record=True)
+        console.print(psr_table(rep))
+        text = console.export_text()
+        assert "…" not in text and "before" in text and max(len(line) for line in text.splitlines()) <= 80
 
 
 # ------------------------------------------------------------------------------ G: calibrate table

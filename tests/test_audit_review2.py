@@ -108,6 +108,9 @@ def test_aligned_utility_runs_a_real_detector_on_both_crops(tmp_path, mtcnn):
     assert rows["obama.png"]["face_in_original"] is True and rows["obama.png"]["faces_detected_after"] == 1
     assert rows["biden.png"]["face_in_original"] is True and rows["biden.png"]["faces_detected_after"] == 0
     assert rows["wall.png"]["face_in_original"] is False and rows["wall.png"]["faces_detected_after"] is None
+    # no expression verdict for a crop in which no face is left (it used to count as "kept")
+    assert rows["biden.png"]["expression"] == [] and "no face" in rows["biden.png"]["expression_skipped"]
+    assert len(rows["obama.png"]["expression"]) == 1
     u = rep["utility"]
     assert u["face_detected_rate"] == 0.5 and u["faces_judged"] == 2 and u["faces_left_out"] == 1
     assert u["face_detection"] == "mtcnn on padded crops"
@@ -118,6 +121,24 @@ def test_aligned_utility_runs_a_real_detector_on_both_crops(tmp_path, mtcnn):
     rep = run_audit(_cfg(prot, orig, aligned=True, utility=True, glob="wall*"),
                     recognizers={"mean-colour": MeanColour()}, detector=mtcnn, expression_model=ColourExpression())
     assert rep["utility"]["face_detected_rate"] is None and rep["utility"]["faces_left_out"] == 1
+
+
+def test_aligned_utility_without_a_detector_still_audits(tmp_path, monkeypatch):
+    import facepriv.models as models
+
+    def missing(*a, **k):
+        raise RuntimeError("mtcnn weights not on this machine")
+
+    monkeypatch.setattr(models, "create_model", missing)
+    _solid(tmp_path / "o" / "a.png", (200, 30, 30))
+    _solid(tmp_path / "p" / "a.png", (190, 40, 30))
+    rep = run_audit(_cfg(tmp_path / "p", tmp_path / "o", aligned=True, utility=True),
+                    recognizers={"mean-colour": MeanColour()}, expression_model=ColourExpression())
+    u = rep["utility"]
+    assert u["face_detected_rate"] is None and "weights not on this machine" in u["unavailable"]["face_detection"]
+    assert rep["models"]["mean-colour"]["dodging"]["n"] == 1  # the rest of the audit ran
+    (row,) = rep["images"]
+    assert row["utility"]["faces_detected_after"] is None and "weights" in row["utility"]["detection_error"]
 
 
 def test_aligned_audit_without_utility_loads_no_detector(tmp_path, monkeypatch):
@@ -191,6 +212,51 @@ def test_quality_reads_ahead_and_feeds_add_many_in_batches(tmp_path, monkeypatch
     assert q["5.png"] == {"error": "image too small"}
     assert all(q[f"{k}.png"] == qp[f"{k}.png"] for k in (0, 1, 2, 4, 6))
     assert rep["quality"]["n"] == 5  # the refused chunk's other pair was added once, not twice
+
+
+def test_quality_memory_is_bounded_by_pixels_not_by_batch_size(tmp_path, monkeypatch):
+    """Full-size photos must not be held by the batch: chunks stop at QUALITY_CHUNK_PIXELS, the
+    read-ahead holds at most workers + 2 decoded pairs, and only the chunk being measured is float."""
+    import facepriv.audit.runner as runner
+
+    orig, prot = tmp_path / "orig", tmp_path / "prot"
+    orig.mkdir()
+    prot.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(12):
+        a = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(a).save(orig / f"{k}.png")
+        Image.fromarray(255 - a).save(prot / f"{k}.png")
+    pair_px = 2 * 40 * 48
+    monkeypatch.setattr(runner, "QUALITY_CHUNK_PIXELS", 3 * pair_px)  # three pairs fit, a fourth does not
+    loaded, floats_live, peak = [0], [0], {"loaded_not_fed": 0, "float": 0}
+    real_load = runner.load_image
+
+    def counting_load(path, **kw):
+        loaded[0] += 1
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(runner, "load_image", counting_load)
+
+    class Meter(_BatchMeter):
+        fed = 0
+
+        def add_many(self, pairs):
+            floats_live[0] = 2 * len(pairs)
+            peak["float"] = max(peak["float"], floats_live[0])
+            peak["loaded_not_fed"] = max(peak["loaded_not_fed"], loaded[0] - 2 * self.fed)
+            Meter.fed += len(pairs)
+            return super().add_many(pairs)
+
+    meter = Meter()
+    kw = dict(aligned=True, quality=True, batch_size=32, workers=2)
+    rep = run_audit(_cfg(prot, orig, **kw), recognizers={"mean-colour": MeanColour()}, quality_meter=meter)
+    assert meter.chunks == [3, 3, 3, 3]  # cut by pixels, not at --batch-size 32
+    assert peak["float"] == 6  # one chunk of float images at a time
+    # decoded but not yet measured: the chunk (3 pairs), the pair that closed it, and the
+    # read-ahead (workers + 2 = 4 pairs); with --batch-size 32 the old code held 2 x 32 + 32
+    assert peak["loaded_not_fed"] <= 2 * (3 + 1 + 4)
+    assert rep["quality"]["n"] == 12
 
 
 # ------------------------------------------------------------------------------ 3: face indices
@@ -278,6 +344,27 @@ def test_max_refs_samples_references_deterministically(tmp_path):
     assert run(max_refs=3)["images"][0]["references"] == row["references"]  # same sample every run
     full = run(max_refs=0)["images"][0]
     assert len(full["references"]) == 6 and "references_total" not in full
+    # the online APIs get the same (sampled) references as the local models
+    class Recorder:
+        calls, stats, stopped_reason = 0, {}, None
+
+        def __init__(self):
+            self.sent = []
+
+        def describe(self):
+            return {"name": "recorder"}
+
+        def compare_many(self, pairs, **kw):
+            from facepriv.audit.apis.base import CompareResult
+
+            self.sent += [(Path(a).name, Path(b).relative_to(gal).as_posix()) for a, b in pairs]
+            return [CompareResult(score=0.1, thresholds={"1e-3": 0.5}) for _ in pairs]
+
+    api = Recorder()
+    rep = run_audit(_cfg(prot, orig, aligned=True, gallery=gal, max_refs=3, api_max_refs=5),
+                    recognizers={"mean-colour": MeanColour()}, apis={"rec": api})
+    assert [b for _, b in api.sent] == rep["images"][0]["references"] == row["references"]
+    assert {r["protocol"] for r in rep["images"][0]["apis"]["rec"]} == {"other-photos"}
     # the sample keeps the pool order and depends only on the image, not on the other images
     refs = list(range(50))
     s = sample_refs(refs, 5, "x/a.png")
@@ -303,6 +390,15 @@ def test_gallery_ranks_match_the_per_probe_loop_with_ties(metric):
         kid = [ids[k] for k in keep]
         want.append(identity_rank(_sim(p, gallery[keep], metric)[0], kid, t) if t in kid else None)
     assert got == want
+    # a big gallery shrinks the probe chunk to a memory budget: same ranks
+    import facepriv.audit.runner as runner
+
+    old_cells = runner.RANK_CELLS
+    try:
+        runner.RANK_CELLS = 2 * len(ids)  # two probes per product
+        assert gallery_ranks(gallery, ids, probes, true, exclude, metric) == want
+    finally:
+        runner.RANK_CELLS = old_cells
     assert want[6] is None and want[7] is None and want[8] is None  # identity gone / unknown
     assert any(r is not None and r > 1 for r in want)
     # a tie counts against the true identity

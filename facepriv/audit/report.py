@@ -63,6 +63,8 @@ def psnr_text(q: dict) -> str:
 
 # ------------------------------------------------------------------------------ summary
 PROTOCOL_LABELS = {"other-photos": "other photos", "self": "self-verif."}
+#: the dodging row's label when only one protocol occurs (short: the terminal table fits 80 columns)
+SINGLE_PROTOCOL_LABELS = {"other-photos": "dodging (others)", "self": "dodging (self)"}
 
 
 def dodging_rows(d: dict) -> list[tuple[str, dict, dict | None]]:
@@ -78,7 +80,7 @@ def dodging_rows(d: dict) -> list[tuple[str, dict, dict | None]]:
     if len(present) > 1:
         rows.append(("dodging, all", d, None))
     for k in present:
-        label = ("  " if len(present) > 1 else "dodging, ") + PROTOCOL_LABELS[k]
+        label = "  " + PROTOCOL_LABELS[k] if len(present) > 1 else SINGLE_PROTOCOL_LABELS[k]
         rows.append((label, by[k], d.get("before") if k == "other-photos" else None))
     return rows or [("dodging", d, None)]
 

@@ -58,7 +58,9 @@ EXPRESSION_MODEL = "expr-fer7"
 MAX_IMPOSTOR_PAIRS = 20000
 REF_SEED = 0  # seed of the per-image sample of reference photos (--max-refs)
 UTILITY_PAD = 0.5  # --aligned --utility: crops get a border of this share of their size on each side
-RANK_CHUNK = 1024  # identification probes scored per matrix product
+QUALITY_CHUNK_PIXELS = 24_000_000  # pixels (protected + original) measured at once: ~290 MB as float
+RANK_CHUNK = 1024  # identification probes scored per matrix product (at most)
+RANK_CELLS = 1 << 24  # ... and at most this many probe x gallery scores per product (~128 MB in float64)
 PROTOCOLS = ("other-photos", "self")  # dodging: vs other clean photos of the person | vs its own original
 SELF_REASONS = ("identity-unknown", "no-other-photo", "secondary-face")  # why a face fell back to "self"
 TARGET_EXCLUSIONS = ("own-original", "source-identity")  # why a target was left out of an image's impersonation
@@ -360,11 +362,13 @@ def gallery_ranks(gallery: torch.Tensor, gallery_ids: list[str], probes: torch.T
     pos = {u: i for i, u in enumerate(uids)}
     gidx = torch.tensor([pos[g] for g in gallery_ids], dtype=torch.long)
     n_id, n_g = len(uids), len(gallery_ids)
+    chunk = max(1, min(chunk, RANK_CELLS // max(1, n_g)))  # bounded memory whatever the gallery's size
+    gallery64 = gallery.double()
     out: list[int | None] = []
     for s in range(0, len(probes), chunk):
         P = probes[s: s + chunk]
         n = len(P)
-        S = _sim(P.double(), gallery.double(), metric)  # float64: scores independent of the chunking
+        S = _sim(P.double(), gallery64, metric)  # float64: scores independent of the chunking
         keep = torch.ones(n, n_g, dtype=torch.bool)
         if exclude is not None:
             for r, ex in enumerate(exclude[s: s + chunk]):
@@ -474,10 +478,20 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     detector_injected = detector is not None
     # pre-aligned crops need no detector, except for the utility check "face still detected"
     # (a crop is one face by construction: only a real detector can say whether it still is)
-    if detector is None and (not cfg.aligned or cfg.utility):
+    utility_detector_error = None
+    if detector is None and not cfg.aligned:
         from ..models import create_model
 
         detector = create_model(cfg.detector, device=device)
+    elif detector is None and cfg.utility:
+        # pre-aligned crops: the detector only serves "face still detected"; without it the rest
+        # of the audit runs and the utility section says what is missing
+        from ..models import create_model
+
+        try:
+            detector = create_model(cfg.detector, device=device)
+        except Exception as exc:  # noqa: BLE001 - weights missing offline, a bad name, ...
+            utility_detector_error = f"{cfg.detector} could not be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     utility_detector = detector if cfg.aligned and cfg.utility else None
     expression_injected = expression_model is not None
     file_data = None
@@ -720,13 +734,13 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
             row["models"][m] = mrow
         if cfg.utility:
             u = _utility(o, p, matched, detected, expression_model, cfg.landmarks == "original",
-                         aligned_detection.get(fp.rel) if cfg.aligned else None)
+                         aligned_detection.get(fp.rel, {"error": utility_detector_error or "not checked"}) if cfg.aligned else None)
             row["utility"] = u
             utility_rows.append(u)
         # API jobs: the primary face's comparisons, at most api_max_refs references
         if adapters:
-            if refs:
-                for r in refs[: cfg.api_max_refs]:
+            if ref_ok:  # the same (sampled) references as the local models, at most api_max_refs
+                for r in ref_ok[: cfg.api_max_refs]:
                     api_jobs.append((len(rows), "dodging", fp.protected, r, _rel_label(r, cfg), "other-photos"))
             else:
                 api_jobs.append((len(rows), "dodging", fp.protected, fp.original, fp.original_rel, "self"))
@@ -852,6 +866,9 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     }
     if cfg.utility:
         report["utility"] = _utility_summary(utility_rows, face_counts, cfg.aligned, cfg.detector)
+        if utility_detector_error:
+            report["utility"]["face_detected_rate"] = None
+            report["utility"]["unavailable"] = {"face_detection": utility_detector_error}
     if adapters:
         report["apis"] = _run_apis(cfg, rows, api_jobs, adapters)
     report["timings"] = {"total_s": round(time.perf_counter() - t_start, 3), "embedding_s": round(embed_seconds, 3),
@@ -989,6 +1006,12 @@ def _utility(o: ImageFaces, p: ImageFaces, matched, detected, expr, at_original:
         out = {"faces_detected_after": sum(1 for j in detected if j is not None), "faces": len(o.faces)}
     if expr is None or EXPRESSION_MODEL not in o.embeddings:
         return out
+    if aligned is not None and out.get("faces_detected_after") == 0:
+        # the detector finds no face left in the protected crop: an expression read from it
+        # would be a reading of no face (the crop is still embedded for dodging)
+        out["expression"] = []
+        out["expression_skipped"] = "no face detected in the protected crop"
+        return out
     labels = getattr(expr, "labels", LABELS)
     per_face = []
     for i, j in enumerate(matched):
@@ -1060,39 +1083,47 @@ def _thin_statistics_notes(report_models: dict, thresholds: dict[str, ThresholdS
 
 
 def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) -> dict:
-    """Quality of every pair. Images are read ahead by ``cfg.workers`` threads (a bounded queue of
-    about two batches) and fed to the meter in chunks of ``cfg.batch_size`` (``add_many`` where
-    the meter has it, else ``add`` per pair). An unreadable image fails only its own row; a chunk
-    the meter rejects is redone pair by pair, so only the pair at fault fails."""
+    """Quality of every pair, with bounded memory whatever the photos' size.
+
+    Images are read ahead by ``cfg.workers`` threads (at most ``workers + 2`` pairs waiting,
+    kept as decoded 8/16-bit arrays, not float) and fed to the meter in chunks of at most
+    ``cfg.batch_size`` pairs and :data:`QUALITY_CHUNK_PIXELS` pixels (so a chunk of 24 MP photos
+    is one or two pairs, a chunk of small crops a whole batch); only the chunk being measured is
+    float. ``add_many`` is used where the meter has it, else ``add`` per pair. An unreadable
+    image fails only its own row; a chunk the meter rejects is redone pair by pair, so only the
+    pair at fault fails."""
     meter = meter or QualityMeter(lpips=cfg.lpips, fid=cfg.fid, device=device, download=cfg.download)
     by_rel = {r["protected"]: r for r in rows}
     add_many = getattr(meter, "add_many", None)
 
     def load(fp):
         try:
-            return fp, (load_image(fp.protected, max_pixels=cfg.max_pixels).to_tensor(),
-                        load_image(fp.original, max_pixels=cfg.max_pixels).to_tensor()), None
+            return fp, (load_image(fp.protected, max_pixels=cfg.max_pixels),
+                        load_image(fp.original, max_pixels=cfg.max_pixels)), None
         except Exception as exc:  # noqa: BLE001 - quality of one image never stops the audit
             return fp, None, str(exc)
+
+    def pixels(pair) -> int:
+        return sum(im.size[0] * im.size[1] for im in pair)
 
     def fmt(q: dict) -> dict:
         return {k: (_r(v) if isinstance(v, float) else v) for k, v in q.items()}
 
     def one(fp, pair):
         try:
-            by_rel[fp.rel]["quality"] = fmt(meter.add(*pair))
+            by_rel[fp.rel]["quality"] = fmt(meter.add(pair[0].to_tensor(), pair[1].to_tensor()))
         except Exception as exc:  # noqa: BLE001
             by_rel[fp.rel]["quality"] = {"error": str(exc)}
 
     def feed(chunk: list) -> None:
         if not chunk:
             return
-        if add_many is None:
+        if add_many is None or len(chunk) == 1:
             for fp, pair in chunk:
                 one(fp, pair)
             return
         try:
-            qs = add_many([pair for _, pair in chunk])
+            qs = add_many([(a.to_tensor(), b.to_tensor()) for _, (a, b) in chunk])
         except Exception:  # noqa: BLE001 - find the pair at fault
             for fp, pair in chunk:
                 one(fp, pair)
@@ -1101,7 +1132,7 @@ def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) 
             by_rel[fp.rel]["quality"] = fmt(q)
 
     batch = max(1, cfg.batch_size)
-    ahead = 2 * batch
+    ahead = max(1, cfg.workers) + 2
     with make_progress(enabled=cfg.progress) as bar, ThreadPoolExecutor(max(1, cfg.workers)) as pool:
         task = bar.add_task("quality", total=len(pairs))
         queue: deque = deque()
@@ -1111,6 +1142,7 @@ def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) 
             if len(queue) >= ahead:
                 break
         chunk: list = []
+        chunk_px = 0
         while queue:
             fp, pair, err = queue.popleft().result()
             nxt = next(it, None)
@@ -1118,14 +1150,19 @@ def _quality(cfg: AuditConfig, pairs, rows, device, meter: QualityMeter | None) 
                 queue.append(pool.submit(load, nxt))
             if err is not None:
                 by_rel[fp.rel]["quality"] = {"error": err}
-            else:
-                chunk.append((fp, pair))
+                bar.advance(task)
+                continue
+            px = pixels(pair)
+            if chunk and chunk_px + px > QUALITY_CHUNK_PIXELS:  # this pair would overflow the chunk
+                feed(chunk)
+                bar.advance(task, len(chunk))
+                chunk, chunk_px = [], 0
+            chunk.append((fp, pair))
+            chunk_px += px
             if len(chunk) >= batch:
                 feed(chunk)
                 bar.advance(task, len(chunk))
-                chunk = []
-            if err is not None:
-                bar.advance(task)
+                chunk, chunk_px = [], 0
         feed(chunk)
         bar.advance(task, len(chunk))
     out = meter.summary()
