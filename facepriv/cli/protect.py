@@ -15,9 +15,13 @@ from .common import handle_errors, state
 
 HELP = """Protect photos against face recognition.
 
-MAP (default) fine-tunes a face diffusion model once for all the photos so that it regenerates each face with a changed expression and an identity the recognisers no longer match (or match to --target), then pastes the faces back. pgd / mifgsm / tidim / tipim add bounded adversarial noise.
+--method auto (default) picks MAP on a CUDA machine that has the score network, else transfer, and says which and why.
+
+transfer adds subtle noise made to fool face-recognition models the tool never saw: it is optimised against several recognisers (the "surrogates") through random re-detections, resizes, blurs and JPEG re-encodings, within a face-region quality floor (--min-psnr), and each face is then checked against a recogniser held out of the optimisation (--verify-with); the summary says whether it still matches. MAP fine-tunes a face diffusion model so that it regenerates each face with a changed expression and an identity the recognisers no longer match (or match to --target). pgd / mifgsm / tidim / tipim are the classic noise attacks (they fool the surrogates, much less other models).
 
 Examples:
+  facepriv protect photos/ --out protected/
+  facepriv protect photos/ --out protected/ --person more-photos-of-me/ --min-psnr 34
   facepriv protect photos/ --out protected/ --expression happy --save-model my-map/
   facepriv protect more-photos/ --out protected2/ --model my-map/
   facepriv protect photos/ --out protected/ --target someone.jpg --expression surprise
@@ -28,18 +32,23 @@ Examples:
 
 _MAP = "MAP"
 _BASE = "Baselines (pgd, mifgsm, tidim, tipim)"
+_TR = "Transfer (the default without a GPU)"
 
 
 @handle_errors
 def protect(
     inputs: common.Inputs,
     out: common.OutDir = Path("protect-out"),
-    method: Annotated[str, typer.Option("--method", "-m", help="map | pgd | mifgsm | tidim | tipim")] = "map",
+    method: Annotated[str, typer.Option("--method", "-m", help="auto | transfer | map | pgd | mifgsm | tidim | "
+                                                              "tipim (auto: map on a GPU with the score network, "
+                                                              "else transfer).")] = "auto",
     target: Annotated[Path | None, typer.Option(
         "--target", help="Photo (or folder of photos) of the identity to impersonate; default: dodging.")] = None,
     surrogates: Annotated[str, typer.Option(
-        "--surrogates", help="Comma list of differentiable face-recognition models to optimise against.")]
-    = "dlib-resnet,facenet-casia",
+        "--surrogates", help="Surrogates: the face-recognition models the protection is optimised against "
+                             "(comma list). Default: transfer uses every offline recogniser not judging "
+                             "(dlib-resnet, facenet-casia, sface); map and the baselines dlib-resnet,facenet-casia.",
+        show_default=False)] = None,
     # ---- MAP
     expression: Annotated[str | None, typer.Option(
         "--expression", help="Target expression: angry, disgust, fear, happy, sad, surprise, neutral, none "
@@ -99,8 +108,10 @@ def protect(
                                    "of the perturbed region for the baselines (default: 0.1).",
         rich_help_panel=_MAP)] = None,
     # ---- baselines
-    epsilon: Annotated[str, typer.Option("--epsilon", help="L-inf budget: 8/255, 8 (levels) or 0.03.",
-                                         rich_help_panel=_BASE)] = "8/255",
+    epsilon: Annotated[str | None, typer.Option(
+        "--epsilon", help="L-inf budget, the most any pixel may change: 8/255 (= 8 of 255 levels), 8 or 0.03 "
+                          "(default: 8/255 for the baselines; for transfer the cap 16/255, inside --min-psnr).",
+        show_default=False, rich_help_panel=_BASE)] = None,
     attack_steps: Annotated[int, typer.Option("--attack-steps", min=0, help="Attack iterations.",
                                               rich_help_panel=_BASE)] = 50,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Per-step change (default: from the "
@@ -151,6 +162,34 @@ def protect(
     naturalness_weight: Annotated[float | None, typer.Option(
         "--naturalness-weight", min=0.0, help="Weight of the naturalness penalty (default: 0.5 for tipim, else 0).",
         rich_help_panel=_BASE)] = None,
+    # ---- transfer
+    min_psnr: Annotated[float, typer.Option(
+        "--min-psnr", min=20.0, max=60.0, help="Quality floor: PSNR of each protected face region against the "
+                                               "original, in dB (higher = subtler, weaker).", rich_help_panel=_TR)] = 32.0,
+    start_psnr: Annotated[float | None, typer.Option(
+        "--start-psnr", min=20.0, max=60.0, help="Budget to start at; it is raised 2 dB at a time down to --min-psnr "
+                                                 "only while a held-out model still matches the face (default: "
+                                                 "36, or --min-psnr if higher).", rich_help_panel=_TR)] = None,
+    verify_with: Annotated[str, typer.Option(
+        "--verify-with", help="Who checks each protected face: loo (each photo holds one offline recogniser out of "
+                              "the optimisation, in turn, as its judge), none (all are surrogates; no held-out "
+                              "verdict), or model names (e.g. an imported arcface-r100) that judge and never "
+                              "optimise.", rich_help_panel=_TR)] = "loo",
+    person: Annotated[Path | None, typer.Option(
+        "--person", help="Folder of other photos of the person being protected: the noise pushes the face away "
+                         "from all of them, and the verdict compares with them.", rich_help_panel=_TR)] = None,
+    identity_folders: Annotated[bool, typer.Option(
+        "--identity-folders", help="Each input folder holds one person's photos (like --person per folder).",
+        rich_help_panel=_TR)] = False,
+    copies: Annotated[int | None, typer.Option(
+        "--copies", min=1, help="Random views (re-detection, resize, blur, JPEG) averaged per step (default: 2).",
+        rich_help_panel=_TR)] = None,
+    eot: Annotated[bool, typer.Option(
+        "--eot/--no-eot", help="Optimise through random re-detections, resizes, blurs and JPEG re-encodings.",
+        rich_help_panel=_TR)] = True,
+    transfer_steps: Annotated[int | None, typer.Option(
+        "--transfer-steps", min=1, help="Steps at the first budget level (default: 16; 8 more per escalation).",
+        rich_help_panel=_TR)] = None,
     # ---- shared
     detector: common.Detector = "mtcnn",
     on_no_face: common.OnNoFace = "copy",
@@ -180,20 +219,31 @@ def protect(
                 "thresholds": _parse_thresholds(thresholds) if thresholds else None,
                 "push_weight": push_weight, "naturalness": naturalness, "naturalness_weight": naturalness_weight}
     baseline_options = {k: v for k, v in baseline.items() if v is not None}
-    if method.strip().lower() != "map" and feather is not None:
+    m = method.strip().lower()
+    if m in ("pgd", "mifgsm", "tidim", "tipim") and feather is not None:
         baseline_options["feather"] = feather
+    transfer = _transfer_options(m, min_psnr, start_psnr, verify_with, person, identity_folders, copies, eot,
+                                 transfer_steps, epsilon, feather, state.seed)
     cfg = ProtectConfig(
-        method=method, surrogates=common.split_list(surrogates), target=str(target) if target else None,
+        method=method, surrogates=common.split_list(surrogates) if surrogates else None,
+        target=str(target) if target else None, transfer=transfer,
         detector=detector, map=map_options, score_model=score_model, model=str(model) if model else None,
         save_model=str(save_model) if save_model else None, expression_model=expression_model,
         expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces,
-        feather=0.12 if feather is None else feather, epsilon=parse_epsilon(epsilon), attack_steps=attack_steps,
+        feather=0.12 if feather is None else feather, epsilon=parse_epsilon(epsilon or "8/255"),
+        attack_steps=attack_steps,
         step_size=step_size, baseline_options=baseline_options,
     )
-    if method != "map" and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") and not state.quiet:
+    if m in ("pgd", "mifgsm", "tidim", "tipim") and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") \
+            and not state.quiet:
         common.err_console.print(
             "[yellow]note:[/yellow] lossy outputs (JPEG/WebP) re-quantise the perturbation: the saved image may "
             "differ from the input by more than --epsilon and protection weakens; `--format png` keeps it exact.")
+    if not (state.quiet or state.json):
+        from ..protect.pipeline import resolve_method
+
+        _, why = resolve_method(cfg, resolve_device(state.device))
+        common.out_console.print(f"method: {why}", markup=False)
     summary = run_protect(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
@@ -205,6 +255,30 @@ def protect(
     if not state.json and not state.quiet:
         _print_map_details(summary.details)
     raise typer.Exit(summary.exit_code)
+
+
+def _transfer_options(method, min_psnr, start_psnr, verify_with, person, identity_folders, copies, eot,
+                      steps, epsilon, feather, seed) -> dict:
+    """The transfer method's options, only where they apply (auto / transfer)."""
+    from ..attacks.config import parse_epsilon
+    from ..core.errors import ConfigError
+
+    if method not in ("auto", "transfer"):
+        if person or identity_folders or verify_with != "loo":
+            raise ConfigError("--person, --identity-folders and --verify-with apply to --method transfer")
+        return {}
+    attack: dict = {"min_psnr": min_psnr, "start_psnr": max(min_psnr, 36.0 if start_psnr is None else start_psnr)}
+    if start_psnr is not None and start_psnr < min_psnr:
+        raise ConfigError(f"--start-psnr {start_psnr} is below --min-psnr {min_psnr}")
+    for key, value in (("copies", copies), ("steps", steps), ("feather", feather), ("seed", seed)):
+        if value is not None:
+            attack[key] = value
+    if epsilon is not None:
+        attack["linf_cap"] = parse_epsilon(epsilon)
+    if not eot:
+        attack["eot"] = None
+    return {"verify_with": verify_with, "person": str(person) if person else None,
+            "identity_folders": identity_folders, "attack": attack}
 
 
 def _parse_thresholds(text: str) -> dict[str, float]:

@@ -39,7 +39,7 @@ from .map.tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, pa
 
 DEFAULT_SCORE_MODEL = "ddpm-celebahq-256"
 BASELINE_METHODS = ("pgd", "mifgsm", "tidim", "tipim")
-METHODS = ("map", *BASELINE_METHODS)
+METHODS = ("auto", "map", "transfer", *BASELINE_METHODS)
 _INFERENCE_KEYS = ("t0", "n_inv", "n_gen", "mixed_precision", "batch_size")
 
 
@@ -52,8 +52,8 @@ class ProtectConfig:
     reusing one with ``model``).
     """
 
-    method: str = "map"
-    surrogates: list[str] = field(default_factory=lambda: ["dlib-resnet", "facenet-casia"])
+    method: str = "auto"
+    surrogates: list[str] | None = None  # None: the method's default (see ``surrogate_names``)
     target: str | None = None  # image or folder of images of the identity to impersonate
     detector: str = "mtcnn"
     # MAP
@@ -72,12 +72,14 @@ class ProtectConfig:
     # the other knobs of the L-inf attacks (BaselineConfig fields: diversity_prob, momentum,
     # ti_kernel, random_start, region, feather, early_stop, ...); pgd/mifgsm/tidim/tipim only
     baseline_options: dict = field(default_factory=dict)
+    # transfer: TransferOptions fields (verify_with, person, identity_folders, attack={...})
+    transfer: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.method = self.method.strip().lower()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.method != "map" and (self.model or self.save_model):
+        if self.method not in ("map", "auto") and (self.model or self.save_model):
             raise ConfigError("--model / --save-model apply to --method map only")
         if self.model and self.save_model:
             raise ConfigError("--model reuses a fine-tuned network; --save-model saves one after fine-tuning: "
@@ -88,16 +90,29 @@ class ProtectConfig:
                         ("--model", self.model)):
             if p is not None and not Path(p).expanduser().exists():
                 raise ConfigError(f"{what} {p} does not exist")
-        if self.method == "map" and not self.surrogates:
-            raise ConfigError("MAP needs at least one surrogate face-recognition model")
+        if self.surrogates is not None and not self.surrogates:
+            raise ConfigError("at least one surrogate face-recognition model is needed")
         if isinstance(self.map, dict):
             MAPConfig.from_dict(self.map)  # validate early
         if self.baseline_options:
-            if self.method == "map":
+            if self.method not in BASELINE_METHODS:
                 raise ConfigError(f"baseline attack options ({', '.join(sorted(self.baseline_options))}) apply to "
                                   f"--method {'|'.join(BASELINE_METHODS)}, not to map")
-        if self.method != "map":
+        if self.transfer and self.method not in ("transfer", "auto"):
+            raise ConfigError(f"transfer options ({', '.join(sorted(self.transfer))}) apply to --method transfer")
+        if self.method in BASELINE_METHODS:
             _baseline_config(self).attack_config()  # unknown or invalid options: an error before any work
+        if self.method in ("transfer", "auto"):
+            self.transfer_options()
+
+    def surrogate_names(self) -> list[str]:
+        """The surrogates of MAP and the noise baselines (default: dlib-resnet, facenet-casia)."""
+        return list(self.surrogates) if self.surrogates else ["dlib-resnet", "facenet-casia"]
+
+    def transfer_options(self):
+        from .transfer import TransferOptions
+
+        return TransferOptions(**{"surrogates": self.surrogates, **self.transfer})
 
     def map_config(self, saved: dict | None = None) -> MAPConfig:
         if isinstance(self.map, MAPConfig):
@@ -254,7 +269,7 @@ class _MapRun:
         self.rank, self.world = rank, world
         self.score_ref = score_model_reference(cfg.score_model or DEFAULT_SCORE_MODEL)
         self.score = load_base_score_model(self.score_ref, device=device)
-        self.ensemble = SurrogateEnsemble(cfg.surrogates, device=device)
+        self.ensemble = SurrogateEnsemble(cfg.surrogate_names(), device=device)
         self.detector = create_model(cfg.detector, device=device)
         wants_exp = self.mcfg.w_exp > 0 and (self.mcfg.expression is not None or cfg.expression_ref)
         self.expr = create_model(cfg.expression_model, device=device) if wants_exp else None
@@ -373,7 +388,7 @@ class _MapRun:
 def _baseline_config(cfg: ProtectConfig):
     from .baselines import BaselineConfig
 
-    values = {"method": cfg.method, "surrogates": list(cfg.surrogates), "epsilon": cfg.epsilon,
+    values = {"method": cfg.method, "surrogates": cfg.surrogate_names(), "epsilon": cfg.epsilon,
               "steps": cfg.attack_steps, "step_size": cfg.step_size, "target": cfg.target}
     seed = cfg.map.get("seed") if isinstance(cfg.map, dict) else cfg.map.seed
     if seed is not None:
@@ -392,7 +407,52 @@ def _face_report(row: dict) -> dict:
     out = {k: row[k] for k in keep if k in row}
     sim = row.get("similarity") or {}
     if sim:
-        out["passed"] = {m: bool(v.get("passed")) for m, v in sim.items() if isinstance(v, dict)}
+        # None = no threshold known for that model: unknown, never "not protected"
+        out["passed"] = {m: v.get("passed") for m, v in sim.items() if isinstance(v, dict)}
+    return out
+
+
+def resolve_method(cfg: ProtectConfig, device: torch.device) -> tuple[str, str]:
+    """``auto``: MAP where it can run (a CUDA device and the score network on this machine, or a
+    saved MAP model), else ``transfer``. Returns the method and a one-line reason."""
+    if cfg.method != "auto":
+        return cfg.method, f"--method {cfg.method}"
+    map_only = {k for k in (cfg.map if isinstance(cfg.map, dict) else {"map": 1}) if k != "seed"}
+    if cfg.model or cfg.save_model or cfg.score_model or cfg.expression_ref or map_only:
+        return "map", "MAP options given (score network, expression, fine-tuning): MAP"
+    if device.type != "cuda":
+        return "transfer", f"no CUDA device ({device.type}): transfer noise (MAP needs a GPU)"
+    ref = cfg.score_model or DEFAULT_SCORE_MODEL
+    if Path(ref).expanduser().exists():
+        return "map", f"CUDA and the score network {ref}: MAP"
+    from ..models import availability, get_spec
+
+    try:
+        ok = availability(get_spec(ref)).available
+    except Exception:  # noqa: BLE001 - a hub id: usable if it is in the Hugging Face cache
+        ok = _hub_cached(ref)
+    if ok:
+        return "map", f"CUDA and the score network {ref} on this machine: MAP"
+    return "transfer", f"the score network {ref} is not on this machine (`facepriv models fetch {ref}`): transfer noise"
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _transfer_report(row: dict, roles) -> dict:
+    """The manifest's per-face record of the transfer method: the verdict of each model."""
+    keep = ("face", "status", "reason", "steps", "psnr_level", "face_psnr", "linf")
+    out = {k: row[k] for k in keep if k in row}
+    out["surrogates"], out["held_out"] = list(roles[0]), list(roles[1])
+    for key in ("similarity", "person_similarity"):
+        if row.get(key):
+            out[key] = row[key]
     return out
 
 
@@ -419,7 +479,30 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
         config["model_meta"] = meta.read_text() if meta.is_file() else None
     common = dict(out_dir=out, config=config, resume=resume, output_suffix=output_suffix, rank=rank,
                   world_size=world, progress=progress, verbose=verbose, command="protect")
-    details: dict = {"method": cfg.method, "rank": rank, "world_size": world, "device": str(dev)}
+    method, why = resolve_method(cfg, dev)
+    if method != cfg.method:
+        cfg = dataclasses.replace(cfg, method=method, transfer=cfg.transfer if method == "transfer" else {})
+    details: dict = {"method": cfg.method, "chosen_because": why, "rank": rank, "world_size": world,
+                     "device": str(dev)}
+
+    if cfg.method == "transfer":
+        from .transfer import build_transfer_editor
+
+        topts = cfg.transfer_options()
+        detector = create_model(cfg.detector, device=dev)
+        edit = build_transfer_editor(topts, dev, detector)
+        details["transfer"] = topts.to_json()
+
+        def process(item, dst):
+            edit.last_result = None
+            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
+            if edit.last_result is not None:
+                res.extra["attack"] = [_transfer_report(r, edit.last_roles) for r in edit.last_result.per_face]
+                res.extra["linf"] = round(float(edit.last_result.linf), 6)
+            return res
+
+        summary = run_batch(items, process, description="protect transfer", **common)
+        return ProtectSummary(**vars(summary), details=details)
 
     if cfg.method != "map":
         from .baselines import build_editor

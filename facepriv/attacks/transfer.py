@@ -1,0 +1,382 @@
+"""Protective noise made to hold against face-recognition models it never saw.
+
+Noise optimised against a few models (PGD and friends) defeats those models and barely moves
+others. This attack combines what the literature shows buys transfer, each piece switchable:
+
+* **hardest-model weighting**: the per-model losses are mixed by a softmax over how far each
+  surrogate still is above its own threshold (``hardest`` = temperature; 0 = plain mean), so
+  the model that still recognises the face gets the effort, not the one already fooled;
+* **model augmentation**: random dropout on the surrogates' convolution outputs (DFANet) and
+  blurred input copies (LowKey), see :mod:`.eot`;
+* **expectation over transformation**: each step averages the gradient over ``copies`` random
+  views (landmark jitter, rescale / rotation / shift of the alignment, resize, blur,
+  differentiable JPEG), so the protection survives re-detection, resizing and re-upload;
+* **an identity-level objective**: the face is pushed away from the centre of the person's
+  embeddings (the clean face plus the person's other photos when given), not only from itself;
+  optionally pulled towards an anchor identity;
+* **a perceptual budget** (:mod:`.budget`): a texture-shaped L-inf cap and a face-region PSNR
+  floor instead of uniform ``±epsilon`` sign noise; updates are normalised gradients with light
+  Gaussian smoothing (no sign), so the change is smooth at the photo's own resolution;
+* **verified escalation**: the budget starts at ``start_psnr`` and is raised level by level
+  (``psnr_step`` dB) down to the ``min_psnr`` floor only while a *checker* still matches the
+  face; checkers are held-out recognisers (never surrogates) when given, else the surrogates.
+
+:func:`transfer_attack` returns an :class:`~facepriv.attacks.config.AttackResult` whose per-face
+rows carry the similarity before/after of every surrogate and checker, the verdicts at the
+FAR threshold, the face-region PSNR and the PSNR level reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+
+from ..core.align import align_faces
+from ..core.errors import ConfigError
+from ..core.faces import Face
+from ..core.regions import REGIONS
+from .budget import allowed_mse, masked_psnr, project_psnr, texture_weights
+from .config import AttackResult
+from .crop import FaceCrop, face_crop
+from .eot import EOTConfig, feature_dropout, random_views
+
+
+@dataclass
+class TransferConfig:
+    """Settings of :func:`transfer_attack` (each technique can be switched off on its own).
+
+    min_psnr / start_psnr / psnr_step: the quality floor of each face region (dB), the level the
+    budget starts at, and how much it is raised per escalation (start = floor: no escalation).
+    steps / level_steps: optimisation steps at the first level / at each further level.
+    copies: random views per step (EOT); ``eot`` None = views are the plain crop.
+    hardest: softmax temperature of the hardest-model weighting (0 = plain mean).
+    dropout: feature-dropout probability in the surrogates (0 = off).
+    texture: how strongly local texture shapes the L-inf cap (0 = uniform).
+    linf_cap: largest change of any pixel; smooth: gradient smoothing sigma, pixels of a 100 px face.
+    pull: weight of the pull towards the anchor identity (when one is given).
+    check_margin: a checker counts as fooled when its similarity is below threshold - margin.
+    """
+
+    min_psnr: float = 32.0
+    start_psnr: float = 36.0
+    psnr_step: float = 2.0
+    steps: int = 16
+    level_steps: int = 8
+    copies: int = 2
+    eot: EOTConfig | None = field(default_factory=EOTConfig)
+    hardest: float = 0.05
+    dropout: float = 0.05
+    texture: float = 0.7
+    linf_cap: float = 16 / 255
+    smooth: float = 1.0
+    momentum: float = 0.8
+    step_scale: float = 0.5
+    pull: float = 0.5
+    check_margin: float = 0.0
+    region: str = "face"
+    feather: float = 0.1
+    far: str = "1e-2"
+    quantize: int | None = 255
+    seed: int | None = 0
+
+    def __post_init__(self):
+        if isinstance(self.eot, dict):
+            self.eot = EOTConfig(**{**self.eot, "jpeg_quality": tuple(self.eot.get("jpeg_quality", (60, 95)))})
+
+    def validate(self) -> TransferConfig:
+        if not 10.0 <= self.min_psnr <= 60.0:
+            raise ConfigError(f"min_psnr must be between 10 and 60 dB, not {self.min_psnr}")
+        if self.start_psnr < self.min_psnr:
+            raise ConfigError(f"start_psnr ({self.start_psnr}) must be >= min_psnr ({self.min_psnr})")
+        if self.psnr_step <= 0:
+            raise ConfigError("psnr_step must be > 0")
+        if self.steps < 1 or self.level_steps < 0 or self.copies < 1:
+            raise ConfigError("steps and copies must be >= 1, level_steps >= 0")
+        if not 0.0 < self.linf_cap <= 64 / 255:
+            raise ConfigError(f"linf_cap must be in (0, 64/255], not {self.linf_cap}")
+        if not 0.0 <= self.dropout < 1.0 or self.hardest < 0 or not 0.0 <= self.texture <= 1.0:
+            raise ConfigError("dropout must be in [0, 1), hardest >= 0, texture in [0, 1]")
+        if self.region not in REGIONS:
+            raise ConfigError(f"unknown region {self.region!r}; use one of {', '.join(REGIONS)}")
+        return self
+
+    def levels(self) -> list[float]:
+        """The PSNR targets, from ``start_psnr`` down to (and including) ``min_psnr``."""
+        out, p = [], self.start_psnr
+        while p > self.min_psnr + 1e-6:
+            out.append(round(p, 3))
+            p -= self.psnr_step
+        return [*out, self.min_psnr]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- embeddings
+def embed_views(models, views: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Embeddings ``{name: (V * N, D)}`` of N faces in each of V views, one forward per model."""
+    out = {}
+    for name, m in zip(models.names, models.members):
+        crops = [align_faces(xv, lv, m.spec.template, size=tuple(m.spec.input_size)).crops for xv, lv in views]
+        out[name] = m(torch.cat(crops, 0))
+    return out
+
+
+def cosine_thresholds(models, thresholds: dict[str, float | None]) -> dict[str, float]:
+    """Each model's threshold as a cosine (euclidean models: ``1 - d^2 / 2`` on unit vectors)."""
+    out = {}
+    for name, m in zip(models.names, models.members):
+        t = thresholds.get(name)
+        if t is None:
+            out[name] = 0.3
+        elif (getattr(m.spec, "metric", None) or "cosine") == "euclidean":
+            out[name] = 1.0 - (float(t) ** 2) / 2.0
+        else:
+            out[name] = float(t)
+    return out
+
+
+def identity_centres(own: dict[str, torch.Tensor], person: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Unit centres ``{name: (N, D)}``: each face's own embedding averaged with the person's other photos."""
+    out = {}
+    for name, e in own.items():
+        e = F.normalize(e, dim=-1)
+        if person is not None and name in person and person[name].numel():
+            others = F.normalize(person[name].to(e), dim=-1)
+            e = F.normalize((e + others.sum(0, keepdim=True)) / (1 + others.shape[0]), dim=-1)
+        out[name] = e
+    return out
+
+
+def transfer_loss(emb: dict[str, torch.Tensor], centres: dict[str, torch.Tensor], cthr: dict[str, float],
+                  hardest: float, anchor: dict[str, torch.Tensor] | None = None, pull: float = 0.0) -> torch.Tensor:
+    """Loss per (view x face) row: hardest-weighted cosine to the identity centre (lower = better)."""
+    names = list(emb)
+    n = next(iter(emb.values())).shape[0]
+    cos = torch.stack([F.cosine_similarity(emb[k], centres[k].repeat(n // centres[k].shape[0], 1), dim=-1)
+                       for k in names], -1)  # (rows, models)
+    if hardest > 0:
+        margin = cos.detach() - torch.tensor([cthr[k] for k in names], device=cos.device)
+        w = torch.softmax(margin / hardest, dim=-1)
+    else:
+        w = torch.full_like(cos, 1.0 / len(names))
+    loss = (w * cos).sum(-1)
+    if anchor is not None and pull > 0:
+        a = torch.stack([F.cosine_similarity(emb[k], anchor[k].to(emb[k]).expand_as(emb[k]), dim=-1)
+                         for k in names], -1)
+        loss = loss - pull * a.mean(-1)
+    return loss
+
+
+# ----------------------------------------------------------------------------- the attack
+@dataclass
+class _State:
+    crop: FaceCrop
+    delta: torch.Tensor
+    acc: torch.Tensor
+    cap: torch.Tensor
+    active: torch.Tensor
+    level: list[float]
+    steps: list[int]
+
+
+def _smooth(g: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma < 0.3:
+        return g
+    k = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur2d(g[None], (k, k), (sigma, sigma), border_type="reflect")[0]
+
+
+def _unit_rms(g: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
+    """``g`` divided by its root mean square over the pixels where ``pix`` is set."""
+    n = (pix.sum() * g.shape[0]).clamp_min(1.0)
+    return g / ((g * pix).pow(2).sum() / n).sqrt().clamp_min(1e-12)
+
+
+def _step(st: _State, ensemble, centres, cthr, cfg: TransferConfig, psnr: float, anchor, gen) -> None:
+    """One optimisation step of the active faces at the PSNR level ``psnr``."""
+    c = st.crop
+    ai = torch.nonzero(st.active).flatten()
+    pix = (c.masks[ai].amax(0) > 0).to(c.x.dtype)
+    d = st.delta.clone().requires_grad_(True)
+    xin = (c.x + d).clamp(0, 1)
+    views = random_views(xin, c.lm[ai], c.sizes[ai], cfg.copies, cfg.eot, gen)
+    with feature_dropout(list(ensemble.members), cfg.dropout, gen):
+        emb = embed_views(ensemble, views)
+    cen = {k: v[ai] for k, v in centres.items()}
+    loss = transfer_loss(emb, cen, cthr, cfg.hardest, anchor, cfg.pull).sum() / len(views)
+    g = torch.autograd.grad(loss, d)[0] * c.union
+    g = _smooth(g, cfg.smooth * float(c.sizes.median()) / 100.0)
+    st.acc = cfg.momentum * st.acc + _unit_rms(g, pix)
+    rms = math.sqrt(allowed_mse(psnr))
+    shape = st.cap / st.cap.amax().clamp_min(1e-12)  # texture-shaped step: more where the cap is larger
+    new = st.delta - cfg.step_scale * rms * _unit_rms(st.acc, pix) * pix * shape
+    new = torch.maximum(torch.minimum(new, st.cap), -st.cap)
+    new = (c.x + new).clamp(0, 1) - c.x
+    new = project_psnr(new, c.masks, c.owner, psnr)
+    keep = (c.owner[None] >= 0) & torch.isin(c.owner, ai)[None]
+    st.delta = torch.where(keep, new, st.delta).detach()
+    for k in ai.tolist():
+        st.steps[k] += 1
+
+
+def _quantised(st: _State, cfg: TransferConfig, psnr_of: list[float]) -> torch.Tensor:
+    """The crop rounded to the output's levels inside the budget, with every face at its PSNR floor."""
+    from .linf import quantize_within
+
+    c = st.crop
+    q = quantize_within(c.x, c.x + st.delta, st.cap, cfg.quantize)
+    for k, p in enumerate(psnr_of):
+        # rounding can add up to half a level per pixel; shrink a face that fell under its level
+        for _ in range(6):
+            if masked_psnr(q, c.x, c.masks[k]) >= p:
+                break
+            sel = (c.owner == k)[None]
+            q = torch.where(sel, quantize_within(c.x, c.x + (q - c.x) * 0.97, st.cap, cfg.quantize), q)
+    return q
+
+
+@torch.no_grad()
+def _still_matched(models, q: torch.Tensor, crop: FaceCrop, refs, thresholds, margin: float) -> torch.Tensor:
+    """(N,) True where any model still verifies the protected face against its reference."""
+    emb = models.embed(q, crop.lm)
+    hit = torch.zeros(len(crop.ids), dtype=torch.bool, device=q.device)
+    for name, m in zip(models.names, models.members):
+        t = thresholds.get(name)
+        if t is None:
+            continue
+        s = _similarity(m, emb[name], refs[name])
+        hit |= s >= (t - margin)
+    return hit
+
+
+def _similarity(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from ..models.recognition import similarity
+
+    return similarity(a, b.expand_as(a), getattr(model.spec, "metric", None) or "cosine")
+
+
+class _Models:
+    """Several model groups seen as one (for the crop's read extents)."""
+
+    def __init__(self, *groups):
+        self.members = [m for g in groups if g is not None for m in g.members]
+
+
+def _reference(own: dict[str, torch.Tensor], person: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """What "still matches" is checked against: the person's other photos (mean) when given, else the face itself."""
+    if person is None:
+        return own
+    return {k: person[k].to(v).mean(0, keepdim=True).expand_as(v) if k in person and person[k].numel() else v
+            for k, v in own.items()}
+
+
+def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: TransferConfig | None = None, *,
+                    checkers=None, person: dict[str, torch.Tensor] | None = None,
+                    anchor: dict[str, torch.Tensor] | None = None, progress=None) -> AttackResult:
+    """Protect ``faces`` of ``image`` (3, H, W) in [0, 1]; see the module docstring.
+
+    ensemble: the surrogates (:class:`~facepriv.attacks.SurrogateEnsemble`); checkers: held-out
+    recognisers (same interface, used without gradients) that decide the escalation and the
+    verdict; person: ``{model: (M, D)}`` embeddings of the person's other photos, for every
+    surrogate and checker; anchor: ``{surrogate: (1, D)}`` identity to pull towards.
+    """
+    from .linf import _ensemble_device, resolve_thresholds
+
+    cfg = (cfg or TransferConfig()).validate()
+    dev = _ensemble_device(ensemble, image.device)
+    x_full = image.detach().to(dev, torch.float32)
+    e = cfg.eot
+    grow = (e.scale + e.shift + math.sin(math.radians(e.rotate)) + 3 * e.jitter) if e is not None else 0.0
+    crop = face_crop(x_full, faces, _Models(ensemble, checkers), region=cfg.region, feather=cfg.feather, grow=grow)
+    rows = [{"face": i, "status": "skipped", "reason": "region outside the image", "method": "transfer",
+             "steps": 0} for i in range(len(faces))]
+    if crop is None:
+        return AttackResult(image.detach().clone(), rows, 0.0, cfg.to_json())
+    with torch.no_grad():
+        own = ensemble.embed(crop.x, crop.lm)
+        own_chk = checkers.embed(crop.x, crop.lm) if checkers is not None else {}
+    thr = resolve_thresholds(ensemble, _far_cfg(cfg), required=False)
+    thr_chk = resolve_thresholds(checkers, _far_cfg(cfg), required=False) if checkers is not None else {}
+    centres = identity_centres(own, person)
+    cap = cfg.linf_cap * crop.union * texture_weights(crop.x, crop.union, strength=cfg.texture)
+    n = len(crop.ids)
+    st = _State(crop, torch.zeros_like(crop.x), torch.zeros_like(crop.x), cap,
+                torch.ones(n, dtype=torch.bool, device=dev), [cfg.levels()[0]] * n, [0] * n)
+    gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    judge, jthr = (checkers, thr_chk) if checkers is not None else (ensemble, thr)
+    jref = _reference(own_chk if checkers is not None else own, person)
+    q = _escalate(st, ensemble, centres, cosine_thresholds(ensemble, thr), cfg, anchor, gen, judge, jref, jthr,
+                  progress)
+    rows = _report(rows, st, q, ensemble, checkers, own, own_chk, person, {**thr, **thr_chk})
+    out = crop.paste(x_full, q)
+    return AttackResult(out.to(image.device, image.dtype), rows, float((q - crop.x).abs().max()), cfg.to_json())
+
+
+def _far_cfg(cfg: TransferConfig):
+    from .config import AttackConfig
+
+    return AttackConfig(far=cfg.far)
+
+
+def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, gen, judge, jref, jthr,
+              progress) -> torch.Tensor:
+    """Optimise level by level; a face leaves once ``judge`` no longer matches it. Returns the quantised crop."""
+    levels = cfg.levels()
+    total = cfg.steps + cfg.level_steps * (len(levels) - 1)
+    task = progress.add_task(f"transfer ({len(st.active)} face(s))", total=total) if progress is not None else None
+    q = st.crop.x
+    for li, psnr in enumerate(levels):
+        for k in torch.nonzero(st.active).flatten().tolist():
+            st.level[k] = psnr
+        for _ in range(cfg.steps if li == 0 else cfg.level_steps):
+            _step(st, ensemble, centres, cthr, cfg, psnr, anchor, gen)
+            if task is not None:
+                progress.advance(task)
+        q = _quantised(st, cfg, st.level)
+        st.active &= _still_matched(judge, q, st.crop, jref, jthr, cfg.check_margin)
+        if not bool(st.active.any()):
+            break
+    if task is not None:
+        progress.update(task, completed=total, visible=False)
+    return q
+
+
+@torch.no_grad()
+def _report(rows, st: _State, q, ensemble, checkers, own, own_chk, person, thresholds) -> list[dict]:
+    """Per-face rows: similarity of every surrogate and checker before/after, verdicts, PSNR, level."""
+    c = st.crop
+    after = ensemble.embed(q, c.lm)
+    after_chk = checkers.embed(q, c.lm) if checkers is not None else {}
+    groups = [("surrogate", ensemble, own, after)]
+    if checkers is not None:
+        groups.append(("held-out", checkers, own_chk, after_chk))
+    for k, i in enumerate(c.ids):
+        sim, psim = {}, {}
+        for role, models, before, aft in groups:
+            for name, m in zip(models.names, models.members):
+                t = thresholds.get(name)
+                s_after = float(_similarity(m, aft[name][k: k + 1], before[name][k: k + 1]))
+                sim[name] = {"role": role, "before": round(float(_similarity(m, before[name][k: k + 1],
+                                                                                 before[name][k: k + 1])), 5) + 0.0,
+                             "after": round(s_after, 5), "threshold": t,
+                             "passed": None if t is None else s_after < t,
+                             "metric": getattr(m.spec, "metric", None) or "cosine"}
+                if person is not None and name in person and person[name].numel():
+                    ref = person[name].to(aft[name]).mean(0, keepdim=True)
+                    pa = float(_similarity(m, aft[name][k: k + 1], ref))
+                    psim[name] = {"role": role, "before": round(float(_similarity(m, before[name][k: k + 1], ref)), 5),
+                                  "after": round(pa, 5), "threshold": t, "passed": None if t is None else pa < t}
+        face_pix = c.masks[k] > 0
+        row = {"face": i, "status": "attacked", "method": "transfer", "mode": "dodging", "steps": st.steps[k],
+               "psnr_level": st.level[k], "face_psnr": round(masked_psnr(q, c.x, c.masks[k]), 3),
+               "linf": float(((q - c.x).abs() * face_pix).amax()), "similarity": sim}
+        if psim:
+            row["person_similarity"] = psim
+        rows[i] = row
+    return rows
