@@ -45,6 +45,9 @@ from .transforms import diversify, scaled_kernel, ti_smooth
 
 
 # ----------------------------------------------------------------------------- helpers
+MOVED_TOL = 1e-4  # a surrogate "moved" when its similarity or its cosine to the clean face changed by more
+
+
 def quantize_within(x: torch.Tensor, x_adv: torch.Tensor, budget: torch.Tensor | float,
                     levels: int | None = 255) -> torch.Tensor:
     """Round ``x_adv`` to ``levels`` and re-clip it onto grid values within ``|. - x| <= budget``.
@@ -167,8 +170,10 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
     pgd / mifgsm / tidim several rows are photos of one target identity (their mean is used), for tipim they are candidate target identities (the best is chosen per step).
 
     Returns an :class:`AttackResult` whose ``per_face[i]`` describes ``faces[i]``: ``status``
-    (attacked | skipped), ``mode``, ``steps`` used, ``early_stopped``, ``similarity`` per
-    surrogate ``{before, after, threshold, passed, metric}`` against the objective's reference
+    (attacked | failed | skipped; ``reason`` with the last two: "the attack changed no pixel",
+    "no surrogate moved", "region outside the image"; a failed or skipped face is unprotected),
+    ``mode``, ``steps`` used, ``early_stopped``, ``similarity`` per surrogate
+    ``{before, after, threshold, passed, metric}`` against the objective's reference
     (the clean face when dodging, the target when impersonating; model similarity units,
     higher = same), ``source_cosine`` (cosine to the clean face after the attack),
     ``target_cosine`` {before, after} with a target, ``target_index`` (tipim) and ``linf``.
@@ -241,9 +246,19 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
     if cfg.seed is not None:
         gen = torch.Generator().manual_seed(int(cfg.seed))
     delta = torch.zeros_like(x)
+    probe = None
     if cfg.random_start:
         noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(dev)
         delta = (x + noise * budget).clamp(0, 1) - x
+    elif tgt_rows is None:
+        # The clean photo is a stationary point of the dodging objective: cos(e, e_clean) is at
+        # its maximum there, so its gradient is zero up to float rounding. Started from zero, the
+        # first step would follow the sign of rounding noise, or - where the rounding cancels
+        # exactly - leave every pixel where it is, and so would every later step (delta stays 0).
+        # The first gradient is therefore taken at a nearby point, seeded noise of one step_size
+        # inside the region; the perturbation itself still starts at zero.
+        noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(dev)
+        probe = (x + noise * min(cfg.step_size, cfg.epsilon) * union).clamp(0, 1) - x
     acc = torch.zeros_like(x)
     active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_used = torch.zeros(n, dtype=torch.long)
@@ -277,7 +292,7 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
             break
         ai = torch.nonzero(active).flatten()
         act_pix = (masks[ai].amax(0) > 0).to(x.dtype)
-        d = delta.clone().requires_grad_(True)
+        d = (delta + probe if probe is not None and _step == 0 else delta).clone().requires_grad_(True)
         xin, lmi = x + d, lm[ai]
         if cfg.diversity_prob > 0 and float(torch.rand(1, generator=gen)) < cfg.diversity_prob:
             xin, lmi = diversify(xin, lmi, sizes[ai], scale=cfg.diversity_scale, shift=cfg.diversity_shift,
@@ -325,6 +340,7 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
     for k, i in enumerate(act_ids):
         sim: dict[str, dict] = {}
         tcos: dict[str, dict] = {}
+        moved = False
         for nm in ensemble.names:
             metric = metrics[nm]
             if tgt_rows is None:
@@ -337,6 +353,8 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
                 after = float(_metric_sim(metric, emb_after[nm][k: k + 1], ref))
                 tcos[nm] = {"before": round(float(_cos(src[nm][k: k + 1], ref)), 5),
                             "after": round(float(_cos(emb_after[nm][k: k + 1], ref)), 5)}
+            src_cos = float(_cos(emb_after[nm][k: k + 1], src[nm][k: k + 1]))
+            moved |= abs(after - before) > MOVED_TOL or 1.0 - src_cos > MOVED_TOL
             t = thresholds[nm]
             passed = None
             if t is not None:
@@ -348,6 +366,10 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
                "source_cosine": {nm: round(float(_cos(emb_after[nm][k: k + 1], src[nm][k: k + 1])), 5)
                                  for nm in ensemble.names},
                "linf": linf_faces[k]}
+        if linf_faces[k] == 0:
+            row.update(status="failed", reason="the attack changed no pixel")
+        elif not moved:
+            row.update(status="failed", reason="no surrogate moved")
         if tgt_rows is not None:
             row["target_cosine"] = tcos
             if cfg.method == "tipim":

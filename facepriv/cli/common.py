@@ -182,9 +182,19 @@ def emit_json(payload: Any) -> None:
 
 
 def print_batch_summary(summary, title: str) -> None:
-    """Human or JSON summary of a batch run; failures are listed with their reasons."""
+    """Human or JSON summary of a batch run; failures are listed with their reasons.
+
+    Where the manifest rows of this run carry per-face verification (protect's ``attack`` rows,
+    deid adversarial's ``deid.adversarial.faces``), it also says per face whether each model
+    still matches it, and gives a one-line verdict (``protection`` in the JSON). ``--quiet``
+    keeps the verdict line and drops the per-face lines.
+    """
+    faces = _verified_faces(summary)
     if state.json:
-        emit_json(summary.to_json())
+        payload = summary.to_json()
+        if faces:
+            payload["protection"] = _protection_json(faces, _far_of(summary, faces))
+        emit_json(payload)
         return
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("status")
@@ -208,10 +218,191 @@ def print_batch_summary(summary, title: str) -> None:
         for path, err in summary.failures:
             first = err.splitlines()[0] if err else ""
             out_console.print(Text.assemble("  ", (str(path), "bold"), ": ", first), soft_wrap=True)
+    if faces:
+        _print_face_verdicts(faces, _far_of(summary, faces), per_face=not state.quiet)
     n = sum(summary.counts.values())
     rate = n / summary.elapsed if summary.elapsed > 0 else 0.0
     out_console.print(f"{n} processed in {summary.elapsed:.1f} s ({rate:.2f} img/s); manifest: "
                       f"{escape(str(summary.manifest))}")
+
+
+MAX_FACE_LINES = 10  # per-face lines printed after a batch; the rest are counted
+MAX_NAMED = 5  # faces named in the verdict line
+
+
+@dataclass
+class _FaceVerdict:
+    """One face's verification as a manifest row records it."""
+
+    file: str
+    face: int
+    mode: str  # dodging | impersonation
+    status: str  # attacked | failed | skipped
+    reason: str | None
+    passed: dict[str, bool | None]  # per model: past its threshold; None = no threshold known
+    far: str | None = None  # the false-accept rate of the thresholds, where the row says it
+
+    @property
+    def label(self) -> str:
+        return f"{self.file} face {self.face}"
+
+    @property
+    def judged(self) -> dict[str, bool]:
+        return {m: bool(p) for m, p in self.passed.items() if p is not None}
+
+    @property
+    def outcome(self) -> str:
+        """protected (every model with a threshold is past it) | matches | unknown (no threshold)."""
+        if self.status != "attacked":
+            return "matches"
+        judged = self.judged
+        if not judged:
+            return "unknown"
+        return "protected" if all(judged.values()) else "matches"
+
+
+def _face_rows_of(row: dict) -> list[tuple[dict, str | None]]:
+    """(per-face report, FAR) of one manifest row: protect's ``attack`` list, deid's ``deid.*.faces``."""
+    out = []
+    if isinstance(row.get("attack"), list):
+        out += [(r, None) for r in row["attack"] if isinstance(r, dict)]
+    for info in (row.get("deid") or {}).values() if isinstance(row.get("deid"), dict) else ():
+        if isinstance(info, dict) and isinstance(info.get("faces"), list):
+            far = None if info.get("far") is None else str(info["far"])
+            out += [(r, far) for r in info["faces"] if isinstance(r, dict)]
+    return out
+
+
+def _passed_of(rep: dict) -> dict[str, bool | None] | None:
+    if isinstance(rep.get("passed"), dict):
+        return dict(rep["passed"])
+    sim = rep.get("similarity")
+    if isinstance(sim, dict) and any(isinstance(v, dict) and "passed" in v for v in sim.values()):
+        return {m: v.get("passed") for m, v in sim.items() if isinstance(v, dict)}
+    return None
+
+
+def _verified_faces(summary) -> list[_FaceVerdict]:
+    """The faces of this run's manifest rows that carry a verification (or failed to be protected)."""
+    path, run_id = getattr(summary, "manifest", None), getattr(summary, "run_id", "")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines() if path else []
+    except OSError:
+        return []
+    faces = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or (run_id and row.get("run_id") != run_id):
+            continue
+        name = Path(str(row.get("input") or "?")).name
+        for k, (rep, far) in enumerate(_face_rows_of(row)):
+            status = str(rep.get("status") or "attacked")
+            passed = _passed_of(rep)
+            if passed is None and status == "attacked":
+                continue  # nothing recorded to judge this face by (k-Same, blur, ...)
+            faces.append(_FaceVerdict(name, int(rep.get("face", k)), str(rep.get("mode") or "dodging"), status,
+                                      rep.get("reason"), passed or {}, far))
+    return faces
+
+
+def _far_of(summary, faces=None) -> str | None:
+    """The false-accept rate the thresholds were taken at, where the run's details say it."""
+
+    def find(obj, depth=0):
+        if isinstance(obj, dict) and depth < 4:
+            if isinstance(obj.get("far"), str | float | int):
+                return str(obj["far"])
+            for v in obj.values():
+                hit = find(v, depth + 1)
+                if hit:
+                    return hit
+        return None
+
+    far = find(getattr(summary, "details", None))
+    if far is None and faces:
+        fars = {f.far for f in faces}
+        far = fars.pop() if len(fars) == 1 else None
+    return far
+
+
+def _model_word(passed: bool | None, mode: str) -> str:
+    if passed is None:
+        return "no threshold"
+    if mode == "impersonation":
+        return "matches the target" if passed else "target not matched"
+    return "no longer matches" if passed else "still matches"
+
+
+def _face_line(f: _FaceVerdict) -> Text:
+    if f.status != "attacked":
+        return Text.assemble("  ", (f.label, "bold"), ": ", (f"not protected ({f.reason or f.status})", "red"))
+    parts: list[tuple[str, str] | str] = ["  ", (f.label, "bold"), ":"]
+    for m, p in f.passed.items():
+        style = "dim" if p is None else ("green" if p else "red")
+        parts += [" ", m, " ", (_model_word(p, f.mode), style), ";"]
+    if parts[-1] == ";":
+        parts.pop()
+    return Text.assemble(*parts)
+
+
+def _names(faces: list[_FaceVerdict]) -> str:
+    shown = ", ".join(f.label for f in faces[:MAX_NAMED])
+    return shown + (f" and {len(faces) - MAX_NAMED} more" if len(faces) > MAX_NAMED else "")
+
+
+def _verdict(faces: list[_FaceVerdict], far: str | None) -> tuple[str, str]:
+    """The one-line verdict and its style."""
+    judged_models = list(dict.fromkeys(m for f in faces for m in f.judged))
+    unjudged = [m for m in dict.fromkeys(m for f in faces for m in f.passed) if m not in judged_models]
+    protected = [f for f in faces if f.outcome == "protected"]
+    matches = [f for f in faces if f.outcome == "matches"]
+    unknown = [f for f in faces if f.outcome == "unknown"]
+    n = len(faces)
+    face_s = "face" if n == 1 else "faces"
+    at = f" at FAR {far}" if far else " at their thresholds"
+    imp = all(f.mode == "impersonation" for f in faces)
+    models = ", ".join(judged_models) if judged_models else "no model with a threshold"
+    s = "es" if len(protected) == 1 else ""
+    goal = f"now match{s} the target for {models}" if imp else f"no longer match{s} {models}"
+    text = f"{len(protected)} of {n} {face_s} {goal}{at}" if judged_models else f"{n} {face_s}: {models} to judge by"
+    if matches:
+        failed = [f for f in matches if f.status != "attacked"]
+        still = "do not match the target" if imp else ("still matches" if len(matches) == 1 else "still match")
+        text += f"; {len(matches)} {still}: {_names(matches)}"
+        if failed:
+            text += f" ({len(failed)} not protected at all)"
+    if unknown and judged_models:
+        text += f"; {len(unknown)} without a threshold to judge"
+    if unjudged:
+        text += f" ({', '.join(unjudged)}: no threshold)"
+    style = "green" if protected and len(protected) == n else ("red" if matches else "yellow")
+    return text, style
+
+
+def _print_face_verdicts(faces: list[_FaceVerdict], far: str | None, per_face: bool = True) -> None:
+    if per_face:
+        for f in faces[:MAX_FACE_LINES]:
+            out_console.print(_face_line(f), soft_wrap=True)
+        if len(faces) > MAX_FACE_LINES:
+            rest = faces[MAX_FACE_LINES:]
+            bad = sum(f.outcome == "matches" for f in rest)
+            out_console.print(f"  ... and {len(rest)} more face(s) ({bad} still matching); per face in the manifest",
+                              markup=False)
+    text, style = _verdict(faces, far)
+    out_console.print(Text(text, style=style), soft_wrap=True)
+
+
+def _protection_json(faces: list[_FaceVerdict], far: str | None) -> dict:
+    text, _ = _verdict(faces, far)
+    return {"faces": len(faces), "far": far, "verdict": text,
+            "protected": sum(f.outcome == "protected" for f in faces),
+            "still_matching": [{"file": f.file, "face": f.face, "status": f.status, "reason": f.reason,
+                                "matches": [m for m, p in f.judged.items() if not p]}
+                               for f in faces if f.outcome == "matches"],
+            "no_threshold": list(dict.fromkeys(m for f in faces for m, p in f.passed.items() if p is None))}
 
 
 def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .batch import InputItem, ItemResult
-from .errors import ConfigError, NoFaceError
+from .errors import ConfigError, NoFaceError, ProtectionFailed
 from .faces import Face, FaceDetector, FacePolicy
 from .io import LoadedImage, load_image, resolve_max_pixels, save_image
 
@@ -43,6 +43,9 @@ def process_photo(item: InputItem, dst: Path, *, detector: FaceDetector, policy:
     """Run ``edit(image_tensor, faces, loaded)`` on one photo and write the result to ``dst``.
 
     ``image_tensor`` is float RGB (3, H, W) in [0, 1] on ``device``; ``edit`` returns the same.
+    An ``edit`` that raises :class:`ProtectionFailed` (a face it could not protect) gets nothing
+    written and an ``error`` result that names the faces (``unprotected``), so the batch counts
+    the photo as failed and its manifest row keeps the boxes.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -62,10 +65,16 @@ def process_photo(item: InputItem, dst: Path, *, detector: FaceDetector, policy:
         return ItemResult(status="copied", output=dst, faces=0, timings=timings, extra={"reason": "no face"})
     t = time.perf_counter()
     x = img.to_tensor(device)
-    y = edit(x, faces, img)
+    boxes = [f.to_json()["box"] for f in faces]
+    try:
+        y = edit(x, faces, img)
+    except ProtectionFailed as exc:  # a face left unprotected: write nothing, report the photo as failed
+        timings["edit_s"] = round(time.perf_counter() - t, 4)
+        return ItemResult(status="error", error=str(exc), faces=len(faces), timings=timings,
+                          extra={"boxes": boxes, "unprotected": [r.get("face") for r in exc.faces]})
     timings["edit_s"] = round(time.perf_counter() - t, 4)
     t = time.perf_counter()
     save_image(img.with_pixels(y), dst, quality=save.quality, keep_metadata=save.keep_metadata)
     timings["save_s"] = round(time.perf_counter() - t, 4)
     return ItemResult(status="ok", output=dst, faces=len(faces), timings=timings,
-                      extra={"boxes": [f.to_json()["box"] for f in faces]})
+                      extra={"boxes": boxes})

@@ -21,7 +21,7 @@ import torch
 from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
 from ..attacks.reference import target_images
 from ..attacks.config import METHODS, parse_epsilon
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face
 from .base import DeidMethod, register_method
 
@@ -96,9 +96,12 @@ class Adversarial(DeidMethod):
         res = attack_faces(image, faces, ensemble, self.config(), target_ref=self._target(ensemble))
         self.last_result = res
         # what goes into the batch manifest: per face, steps and similarity after the attack
-        self.last_info = {"attack": self.attack, "linf": round(res.linf, 6), "faces": [
-            {k: row[k] for k in ("status", "mode", "steps", "similarity", "target_cosine") if k in row}
+        self.last_info = {"attack": self.attack, "linf": round(res.linf, 6), "far": res.config.get("far"), "faces": [
+            {k: row[k] for k in ("face", "status", "reason", "mode", "steps", "similarity", "target_cosine", "linf")
+             if k in row}
             for row in res.per_face]}
+        # a face the attack did not change (or that moved no surrogate) fails the photo, never "ok"
+        ProtectionFailed.check(res.per_face, f"adversarial ({self.attack})")
         return res.image
 
     def describe(self) -> dict:
