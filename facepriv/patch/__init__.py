@@ -10,8 +10,8 @@ EOT), :mod:`.losses` (identity, TV, printability, latent prior), :mod:`.train`,
 :mod:`.apply`. See docs/patch.md.
 """
 
-from .apply import PatchApplier, PatchApplyConfig, run_patch_apply
-from .generator import GeneratorConfig, LatentDecoder, PatchGenerator, resolve_autoencoder
+from .apply import PatchApplier, PatchApplyConfig, generator_warning, run_patch_apply
+from .generator import GeneratorConfig, LatentDecoder, PatchGenerator, read_validation, resolve_autoencoder
 from .losses import (
     LatentScorePrior,
     PatchLossWeights,
@@ -22,12 +22,22 @@ from .losses import (
     total_variation,
 )
 from .placement import BUILTIN_REGIONS, EOTConfig, PatchRegion, get_region, paste_patch, patch_to_photo
-from .train import PatchTrainConfig, PatchTrainer, TrainResult, train_patch_generator
+from .train import (
+    APPLY_WARN_RATE,
+    GOOD_EVASION_RATE,
+    PatchTrainConfig,
+    PatchTrainer,
+    TrainResult,
+    train_patch_generator,
+    validate_generator,
+    validation_lines,
+)
 
 __all__ = [
-    "BUILTIN_REGIONS", "EOTConfig", "GeneratorConfig", "LatentDecoder", "LatentScorePrior", "PatchApplier",
-    "PatchApplyConfig", "PatchGenerator", "PatchLossWeights", "PatchRegion", "PatchTrainConfig", "PatchTrainer",
-    "TrainResult", "default_palette", "get_region", "load_palette", "non_printability", "paste_patch",
-    "patch_objective", "patch_to_photo", "resolve_autoencoder", "run_patch_apply", "total_variation",
-    "train_patch_generator",
+    "APPLY_WARN_RATE", "BUILTIN_REGIONS", "GOOD_EVASION_RATE", "EOTConfig", "GeneratorConfig", "LatentDecoder",
+    "LatentScorePrior", "PatchApplier", "PatchApplyConfig", "PatchGenerator", "PatchLossWeights", "PatchRegion",
+    "PatchTrainConfig", "PatchTrainer", "TrainResult", "default_palette", "generator_warning", "get_region",
+    "load_palette", "non_printability", "paste_patch", "patch_objective", "patch_to_photo", "read_validation",
+    "resolve_autoencoder", "run_patch_apply", "total_variation", "train_patch_generator", "validate_generator",
+    "validation_lines",
 ]

@@ -13,6 +13,11 @@ photo on its own, so a bad file only fails itself), patches the faces of all of 
 :meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size`` faces), and writes
 each photo through the same steps as :func:`facepriv.core.pipeline.process_photo` (face policy,
 atomic outputs that never replace an input).
+
+Before the first photo it warns once (:func:`generator_warning`) when the generator's own
+validation rate, measured at the end of training and stored in its ``config.json``, is below
+:data:`facepriv.patch.train.APPLY_WARN_RATE` or missing: an under-trained generator pastes
+little more than a grey box.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
 from ..core.io import LoadedImage, load_image, save_image
 from ..core.pipeline import SaveOptions
-from .generator import PatchGenerator
+from .generator import PatchGenerator, read_validation
 from .placement import patch_to_photo, paste_patch
 
 
@@ -141,6 +146,52 @@ class PatchApplier:
     def edit(self, x: torch.Tensor, faces, _loaded=None) -> torch.Tensor:
         """The edit function for :func:`facepriv.core.pipeline.process_photo`."""
         return self.apply(x, landmarks_tensor(faces, x.device))
+
+
+def generator_warning(validation: dict | None, *, mode: str = "evasion", floor: float | None = None) -> str | None:
+    """The warning ``patch apply`` prints before patching with a generator whose validation
+    record (:func:`facepriv.patch.generator.read_validation`) says it rarely works, or that has
+    none; None when the record is fine. ``mode``: ``impersonation`` judges the record's
+    impersonation rate when it has one."""
+    from .train import APPLY_WARN_RATE
+
+    floor = APPLY_WARN_RATE if floor is None else floor
+    retrain = ("train longer (`facepriv patch train` with the same --out, a higher --epochs and --resume) "
+               "or on more photos")
+    if not validation:
+        return ("this generator has no validation evasion rate (trained by an older facepriv, its training did "
+                "not finish, or its weights changed since): its patches may not protect anyone; retrain it, "
+                "or check the results with `facepriv audit`")
+    v = validation
+    judged = ", ".join(v.get("judged_by") or []) or "its surrogates"
+    faces = f"{v.get('faces', 0)} {'held-out' if v.get('held_out', True) else 'training'} validation faces"
+    far = v.get("far", "1e-2")
+    at = v.get("at") or f"FAR {far}"
+    if mode == "impersonation" and v.get("impersonation_rate") is not None:
+        rate = float(v["impersonation_rate"])
+        if rate >= floor:
+            return None
+        return (f"this generator makes its training targets recognised by {judged} on only {100 * rate:.0f} % of "
+                f"{faces} at {at}: the patches will probably not impersonate; {retrain}")
+    rate = v.get("evasion_rate")
+    if rate is None:
+        return (f"this generator's evasion rate is unknown: none of its surrogates has a known threshold at FAR "
+                f"{far}; check the results with `facepriv audit`")
+    rate = float(rate)
+    if rate >= floor:
+        return None
+    grey = v.get("grey_patch_rate")
+    grey_text = f" (a plain grey patch: {100 * float(grey):.0f} %)" if grey is not None else ""
+    return (f"this generator defeats its surrogates ({judged}) on only {100 * rate:.0f} % of {faces} at "
+            f"{at}{grey_text}: its patches will probably not protect; {retrain}")
+
+
+def _print_warning(text: str) -> None:
+    from rich.text import Text
+
+    from ..core.progress import stderr_console
+
+    stderr_console.print(Text.assemble(("warning:", "yellow"), " ", text), soft_wrap=True)
 
 
 def _stamp(path: str | os.PathLike | None) -> list | None:
@@ -263,10 +314,12 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
                     policy: FacePolicy | None = None, save: SaveOptions | None = None,
                     device: str | torch.device = "cpu", glob: str | None = None, resume: bool = False,
                     output_suffix: str | None = None, progress: bool = True, verbose: bool = False,
-                    detector=None) -> BatchSummary:
+                    detector=None, warn: bool = True) -> BatchSummary:
     """Patch every face of every input photo, mirroring the inputs under ``out``.
 
     ``detector``: a face detector object to use instead of ``create_model(cfg.detector)``.
+    ``warn``: print :func:`generator_warning` (once, on stderr, before any photo) when the
+    generator's validation rate is low or missing.
     """
     from ..models import create_model
 
@@ -281,6 +334,10 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
     items = collect_inputs(inputs, glob=glob, exclude=[out])
     check_outputs(items, out, output_suffix)  # before any model loads
     rank, world = _dist_rank()
+    if warn and not rank:
+        text = generator_warning(read_validation(gen_dir), mode="impersonation" if cfg.target else "evasion")
+        if text:
+            _print_warning(text)
     device = torch.device(device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))  # one GPU per process

@@ -27,7 +27,10 @@ Persistence
     (and the autoencoder in diffusers layout under ``autoencoder/``, and a user region mask as
     ``region_mask.png``), so a generator folder is self-contained;
     :meth:`PatchGenerator.from_pretrained` reads it back (the autoencoder through
-    ``facepriv.models.create_model``).
+    ``facepriv.models.create_model``). ``config.json`` also carries the generator's
+    ``validation`` record when training measured one (its evasion rate on held-out faces,
+    see :func:`facepriv.patch.train.validate_generator`), tied to the weights it was measured
+    on by their sha256; :func:`read_validation` reads it without loading the network.
 """
 
 from __future__ import annotations
@@ -353,6 +356,8 @@ class PatchGenerator(nn.Module):
         out_ch = config.latent_channels if config.natural else 3
         self.decoder = Decoder(self.encoder.channels, config.output_resolution, out_ch, config.base_channels)
         self._region = None
+        # what training measured on held-out faces (written to config.json by save_pretrained)
+        self.validation: dict | None = None
 
     # -- forward
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,6 +449,8 @@ class PatchGenerator(nn.Module):
         if self.config.natural and (path / "autoencoder").is_dir():
             cfg["autoencoder"] = "autoencoder"
         meta = {"format": "facepriv-patch-generator", "version": FORMAT_VERSION, "config": cfg}
+        if self.validation is not None:
+            meta["validation"] = {**self.validation, "weights_sha256": weights_digest(path)}
         tmp = path / "config.json.part"
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / "config.json")
@@ -489,7 +496,57 @@ class PatchGenerator(nn.Module):
         gen = gen.to(device).eval()
         for p in gen.parameters():
             p.requires_grad_(False)
+        gen.validation = read_validation(path, meta=meta)
         return gen
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(v.numel() for k, v in self.named_parameters() if not (trainable_only and k.startswith("latent.")))
+
+
+# ----------------------------------------------------------------------------- validation record
+def weights_digest(path: str | os.PathLike) -> str | None:
+    """sha256 of a generator folder's ``generator.safetensors`` (None when it is missing)."""
+    import hashlib
+
+    f = Path(path) / "generator.safetensors"
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_validation(path: str | os.PathLike, *, meta: dict | None = None) -> dict | None:
+    """The ``validation`` record of a generator folder's ``config.json``, or None when there is
+    none, it is unreadable, or it was measured on other weights than the folder now holds (a
+    checkpoint written after it, a generator fine-tuned elsewhere)."""
+    path = Path(path).expanduser()
+    if meta is None:
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    v = meta.get("validation") if isinstance(meta, dict) else None
+    if not isinstance(v, dict):
+        return None
+    want = v.get("weights_sha256")
+    if want is not None and want != weights_digest(path):
+        return None
+    return v
+
+
+def write_validation(path: str | os.PathLike, validation: dict | None) -> None:
+    """Store (or, with None, remove) the validation record in a generator folder's
+    ``config.json`` (atomically), tied to the weights the folder holds now."""
+    path = Path(path).expanduser()
+    cfg_file = path / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    if validation is None:
+        meta.pop("validation", None)
+    else:
+        meta["validation"] = {**validation, "weights_sha256": weights_digest(path)}
+    tmp = path / "config.json.part"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, cfg_file)

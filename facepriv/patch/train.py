@@ -28,6 +28,19 @@ Bookkeeping
     (``train_state.safetensors``: optimiser tensors + RNG; ``train_state.json``: completed
     epochs, batches done in the current epoch, step, history and the current epoch's running
     sums, settings) atomically; ``resume=True`` continues from there, mid-epoch included.
+
+Validation
+    ``val_fraction`` of the data photos (at most ``val_max_photos``; chosen by a hash of the
+    seed and the path, so the same photos on every run and every rank) are held out of
+    training. At the end, :func:`validate_generator` patches each held-out face without any
+    jitter and counts it as *evaded* when its similarity to its own clean photo falls below
+    every surrogate's threshold at FAR ``val_far`` (from
+    :func:`facepriv.attacks.resolve_thresholds`: the model spec, a calibration, else the
+    model's default operating threshold - said so in the record). The record (rate, per
+    surrogate rates and thresholds, a plain grey patch's rate for comparison, and with
+    targets the impersonation rate) goes into the generator's ``config.json``;
+    ``patch apply`` warns when it is below :data:`APPLY_WARN_RATE` or missing. With too few
+    photos to hold any out, the training faces are measured instead (optimistic; noted).
 """
 
 from __future__ import annotations
@@ -53,6 +66,10 @@ from .losses import PatchLossWeights, default_palette, load_latent_prior, load_p
 from .placement import EOTConfig, color_jitter, compose, get_region, photo_to_reference, random_placement_jitter
 
 CACHE_VERSION = 1
+#: validation evasion rate a well-trained generator reaches (what ``patch train`` calls good)
+GOOD_EVASION_RATE = 0.8
+#: below this validation rate ``patch apply`` warns that the patches will probably not protect
+APPLY_WARN_RATE = 0.5
 
 
 @dataclass
@@ -80,8 +97,15 @@ class PatchTrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
+    val_fraction: float = 0.1  # share of the data photos held out to measure the evasion rate
+    val_max_photos: int = 200
+    val_far: str = "1e-2"  # false-accept rate whose threshold decides "evaded"
 
     def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction must be in [0, 1)")
+        if self.val_max_photos < 0:
+            raise ConfigError("val_max_photos must be 0 or more")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
         if self.checkpoint_every < 0:
@@ -106,6 +130,11 @@ class PatchTrainConfig:
                   "latent_shift_factor", "autoencoder"):
             g.pop(k, None)
         keep["generator"] = g
+        # the held-out split changes the training faces; left out at its defaults so that runs
+        # started before validation existed still resume (they keep training on every face)
+        for k, default in (("val_fraction", 0.1), ("val_max_photos", 200)):
+            if d[k] != default:
+                keep[k] = d[k]
         keep["data"] = sorted(str(Path(p).expanduser().resolve()) for p in self.data)
         keep["targets"] = sorted(str(Path(p).expanduser().resolve()) for p in (self.targets or []))
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -134,6 +163,25 @@ class FaceSet:
 
     def landmarks(self, n: int, device=None) -> torch.Tensor:
         return self.template.tensor(device).expand(n, 5, 2)
+
+    def subset(self, keep: list[int]) -> FaceSet:
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        return FaceSet(self.canvases[idx], self.aligned[idx], [self.files[i] for i in keep], self.template)
+
+
+def held_out_photos(files: list[str], *, fraction: float, max_photos: int, seed: int) -> set[str]:
+    """The photos kept out of training for validation: ``floor(fraction * photos)`` (at most
+    ``max_photos``, and never all of them), picked by a hash of ``seed`` and the path - the same
+    on every run, rank and resume, and mostly unchanged when photos are added."""
+    photos = sorted(set(files))
+    n_val = min(int(len(photos) * fraction), int(max_photos), len(photos) - 1)
+    if n_val <= 0:
+        return set()
+    def key(f: str) -> bytes:
+        return hashlib.sha256(f"facepriv-val|{int(seed)}|{Path(f).expanduser().resolve()}".encode()).digest()
+
+    ranked = sorted(photos, key=key)
+    return set(ranked[:n_val])
 
 
 def _cache_key(items, kind: str, cfg: PatchTrainConfig, tpl: Template, one_face: bool) -> str:
@@ -224,6 +272,186 @@ def reference_embeddings(surrogates, faces: FaceSet, device, chunk: int = 16) ->
         for k, v in emb.items():
             out.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- validation
+def _threshold_sources(surrogates, far: str) -> dict[str, tuple[float | None, str]]:
+    """Per surrogate: its threshold at ``far`` (:func:`facepriv.attacks.resolve_thresholds`,
+    in the model's similarity units) and where it came from, in words."""
+    from ..attacks import AttackConfig, resolve_thresholds
+    from ..attacks.linf import _calibrated
+
+    values = resolve_thresholds(surrogates, AttackConfig(far=far), required=False)
+    out = {}
+    for name, m in zip(surrogates.names, surrogates.members):
+        spec_t = dict(getattr(m.spec, "thresholds", {}) or {})
+        t = values.get(name)
+        if t is None:
+            how = "none known"
+        elif far in spec_t:
+            how = f"FAR {far} ({getattr(m.spec, 'threshold_source', None) or 'model spec'})"
+        elif _calibrated(name, far) is not None:
+            how = f"FAR {far} (calibrated with `facepriv audit calibrate`)"
+        else:
+            how = "the model's default operating threshold (FAR unknown)"
+        out[name] = (t, how)
+    return out
+
+
+@torch.no_grad()
+def validate_generator(generator: PatchGenerator, surrogates, faces: FaceSet, *, far: str = "1e-2",
+                       device="cpu", batch_size: int = 16, held_out: bool = True,
+                       targets: FaceSet | None = None) -> dict:
+    """How often the generator's evasion patches defeat the surrogates on ``faces``.
+
+    Each face gets its evasion patch (no target), pasted without jitter exactly as ``patch
+    apply`` pastes it; the face counts as *evaded* when its similarity to its own clean canvas
+    is below the threshold at FAR ``far`` for every surrogate that has one (the strict,
+    self-verification case). A mid-grey patch in the same place gives the baseline an
+    untrained generator would reach. With ``targets``, each face is also patched to look like
+    a target (cycling through them) and counts as *impersonating* when its similarity to that
+    target reaches the threshold for every surrogate.
+
+    Returns the record ``config.json`` stores: ``evasion_rate`` (None when no surrogate has a
+    threshold), ``grey_patch_rate``, ``faces``, ``held_out``, ``far``, ``surrogates`` (per
+    model: threshold, its source, evasion rate, mean similarity before / after), ``notes``
+    and, with targets, ``impersonation_rate``.
+    """
+    from ..models.recognition import similarity
+    from .placement import place_on_canvas
+
+    dev = torch.device(device)
+    region = generator.region
+    P = generator.config.patch_size
+    th = _threshold_sources(surrogates, far)
+    metrics = {n: getattr(m.spec, "metric", None) or "cosine" for n, m in zip(surrogates.names, surrogates.members)}
+    judged = [n for n in surrogates.names if th[n][0] is not None]
+    sims: dict[str, dict[str, list[torch.Tensor]]] = {n: {"patched": [], "grey": [], "clean_tgt": [], "imp": []}
+                                                      for n in surrogates.names}
+    t_ref = None
+    if targets is not None and len(targets):
+        t_ref = reference_embeddings(surrogates, targets, dev)
+    p2r = region.patch_to_reference(P, device=dev)
+    for i in range(0, len(faces), max(1, int(batch_size))):
+        canvas = to_float(faces.canvases[i: i + batch_size], dev)
+        src = to_float(faces.aligned[i: i + batch_size], dev)
+        n = canvas.shape[0]
+        lms = faces.landmarks(n, dev)
+        ii = torch.arange(n, device=dev)
+        mats = compose(invert_affine(photo_to_reference(lms)), p2r.expand(n, 2, 3))
+        ref = surrogates.reference(canvas, lms, image_index=ii)
+        patch = generator(src).clamp(0, 1)
+        grey = torch.full_like(patch, 0.5)
+        for key, pt in (("patched", patch), ("grey", grey)):
+            shown, _ = place_on_canvas(canvas, pt, region, mats)
+            emb = surrogates.embed(shown, lms, image_index=ii)
+            for name in surrogates.names:
+                sims[name][key].append(similarity(emb[name], ref[name], metrics[name]).float().cpu())
+        if t_ref is not None:
+            t_idx = (torch.arange(i, i + n) % len(targets)).long()
+            tgt = to_float(targets.aligned[t_idx], dev)
+            shown, _ = place_on_canvas(canvas, generator(src, tgt).clamp(0, 1), region, mats)
+            emb = surrogates.embed(shown, lms, image_index=ii)
+            for name in surrogates.names:
+                r = t_ref[name][t_idx.to(t_ref[name].device)]
+                sims[name]["imp"].append(similarity(emb[name], r, metrics[name]).float().cpu())
+                sims[name]["clean_tgt"].append(similarity(ref[name], r, metrics[name]).float().cpu())
+
+    N = len(faces)
+    per: dict[str, dict] = {}
+    evaded_all = torch.ones(N, dtype=torch.bool)
+    grey_all = torch.ones(N, dtype=torch.bool)
+    imp_all = torch.ones(N, dtype=torch.bool)
+    clean_all = torch.ones(N, dtype=torch.bool)  # clean faces that already pass for their target
+    for name in surrogates.names:
+        after = torch.cat(sims[name]["patched"]) if N else torch.zeros(0)
+        grey = torch.cat(sims[name]["grey"]) if N else torch.zeros(0)
+        t, how = th[name]
+        row = {"threshold": None if t is None else round(float(t), 6), "threshold_source": how,
+               "metric": metrics[name], "mean_similarity": round(float(after.mean()), 5) if N else None,
+               "mean_similarity_grey": round(float(grey.mean()), 5) if N else None, "evasion_rate": None}
+        if t is not None and N:
+            ev = after < t
+            row["evasion_rate"] = round(float(ev.float().mean()), 5)
+            evaded_all &= ev
+            grey_all &= grey < t
+            if t_ref is not None:
+                imp = torch.cat(sims[name]["imp"])
+                clean = torch.cat(sims[name]["clean_tgt"])
+                row["impersonation_rate"] = round(float((imp >= t).float().mean()), 5)
+                row["impersonation_rate_clean"] = round(float((clean >= t).float().mean()), 5)
+                imp_all &= imp >= t
+                clean_all &= clean >= t
+        per[name] = row
+    notes = []
+    unknown = [n for n in surrogates.names if th[n][0] is None]
+    default_only = [n for n in judged if th[n][1].startswith("the model's default")]
+    if unknown:
+        notes.append(f"no threshold is known for {', '.join(unknown)} (not at FAR {far}, no calibration, no default): "
+                     "left out of the evasion rate" + ("" if judged else "; no rate can be given")
+                     + f" - run `facepriv audit calibrate --pairs PAIRS.csv --models {','.join(unknown)}` on labelled pairs")
+    if default_only:
+        notes.append(f"{', '.join(default_only)}: no FAR {far} threshold known, its default operating threshold "
+                     "is used instead (run `facepriv audit calibrate` for a FAR-calibrated one)")
+    if not held_out:
+        notes.append(f"too few training photos to hold any out: measured on the {N} training face(s) "
+                     "(optimistic; give more photos for a held-out rate)")
+    elif N < 20:
+        notes.append(f"only {N} held-out face(s): the rate is rough")
+    ok = bool(judged) and N > 0
+    if default_only and len(default_only) == len(judged):
+        at = "the surrogates' default thresholds (FAR unknown)"
+    elif default_only:
+        at = f"FAR {far} (default thresholds for {', '.join(default_only)})"
+    else:
+        at = f"FAR {far}"
+    out = {"far": far, "at": at, "faces": N, "held_out": held_out,
+           "evasion_rate": round(float(evaded_all.float().mean()), 5) if ok else None,
+           "grey_patch_rate": round(float(grey_all.float().mean()), 5) if ok else None,
+           "judged_by": judged, "surrogates": per, "notes": notes,
+           "good_rate": GOOD_EVASION_RATE, "warn_below": APPLY_WARN_RATE}
+    if t_ref is not None:
+        out["impersonation_rate"] = round(float(imp_all.float().mean()), 5) if ok else None
+        out["impersonation_rate_clean"] = round(float(clean_all.float().mean()), 5) if ok else None
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.0f} %"
+
+
+def validation_lines(validation: dict | None) -> list[str]:
+    """Human lines on a validation record: the rate with what is good, then its notes.
+
+    e.g. ``validation evasion 74 % at FAR 1e-2 on 40 held-out faces (good: > 80 %; a plain
+    grey patch: 6 %)``.
+    """
+    if not validation:
+        return ["no validation evasion rate was measured"]
+    v = validation
+    where = f"on {v.get('faces', 0)} {'held-out' if v.get('held_out') else 'training'} face(s)"
+    rate = v.get("evasion_rate")
+    good = v.get("good_rate", GOOD_EVASION_RATE)
+    if rate is None:
+        lines = [f"validation evasion: no rate {where} - no surrogate has a known threshold at FAR {v.get('far')}"]
+    else:
+        head = (f"validation evasion {_pct(rate)} at {v.get('at') or 'FAR ' + str(v.get('far'))} {where} "
+                f"(good: > {_pct(good)}"
+                + (f"; a plain grey patch: {_pct(v['grey_patch_rate'])}" if v.get("grey_patch_rate") is not None else "")
+                + ")")
+        if rate < good:
+            head += ": train longer (higher --epochs; --resume continues this run) or on more photos"
+        lines = [head]
+        per = v.get("surrogates") or {}
+        if len(v.get("judged_by") or []) > 1:
+            lines.append("  per surrogate: " + ", ".join(
+                f"{n} {_pct(r['evasion_rate'])}" for n, r in per.items() if r.get("evasion_rate") is not None))
+    if v.get("impersonation_rate") is not None:
+        clean = v.get("impersonation_rate_clean")
+        lines.append(f"  impersonation of a training target reached on {_pct(v['impersonation_rate'])} of them"
+                     + (f" (unpatched: {_pct(clean)})" if clean is not None else ""))
+    lines += [f"  note: {n}" for n in v.get("notes") or []]
+    return lines
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -320,12 +548,17 @@ class TrainResult:
     elapsed: float
     resumed_from: int = 0  # completed epochs when the run was resumed
     resumed_from_step: int = 0
+    validation: dict | None = None  # see validate_generator
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "epochs": self.epochs, "steps": self.steps, "faces": self.faces,
                 "targets": self.targets, "resumed_from_epoch": self.resumed_from,
                 "resumed_from_step": self.resumed_from_step,
-                "elapsed_s": round(self.elapsed, 2), "history": self.history}
+                "elapsed_s": round(self.elapsed, 2), "history": self.history, "validation": self.validation}
+
+    def summary_lines(self) -> list[str]:
+        """What ``patch train`` prints at the end about the validation (see :func:`validation_lines`)."""
+        return validation_lines(self.validation)
 
 
 class PatchTrainer:
@@ -363,7 +596,7 @@ class PatchTrainer:
                 self.targets = build_face_set(cfg.targets, cfg=cfg, detector=detector, cache_dir=cache_dir,
                                               kind="targets", one_face=True, progress=show, device=self.device,
                                               detections=seen)
-        self.source_ref = reference_embeddings(self.surrogates, self.faces, self.device)
+        self.all_faces = self.faces
         self.target_ref = reference_embeddings(self.surrogates, self.targets, self.device) if self.targets else None
         self.palette = (load_palette(cfg.palette) if cfg.palette else default_palette()).to(self.device)
         self.generator = PatchGenerator(cfg.generator, autoencoder=autoencoder).to(self.device)
@@ -378,13 +611,29 @@ class PatchTrainer:
         for p in params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
-        self.sampler = EpochSampler(len(self.faces), cfg.seed)
-        self.loader = DataLoader(list(range(len(self.faces))), batch_size=cfg.batch_size, sampler=self.sampler,
-                                 drop_last=len(self.faces) > cfg.batch_size)
+        self.use_split(held_out_photos(self.all_faces.files, fraction=cfg.val_fraction,
+                                       max_photos=cfg.val_max_photos, seed=cfg.seed))
+        self.validation: dict | None = None
         self.start_epoch, self.step, self.history = 0, 0, []
         self.start_batch, self.partial = 0, {}  # mid-epoch resume: batches already done, running sums
         self.resumed_from = self.resumed_from_step = 0
         self._model = None
+
+    def use_split(self, held_out: set[str]) -> None:
+        """Train on the faces of every photo but ``held_out``; validate on those (or, when
+        there are none, on the training faces)."""
+        train = [i for i, f in enumerate(self.all_faces.files) if f not in held_out]
+        val = [i for i, f in enumerate(self.all_faces.files) if f in held_out]
+        if not train:  # every photo held out (cannot happen with held_out_photos): train on all
+            train, val = list(range(len(self.all_faces))), []
+        self.held_out = set(held_out) if val else set()
+        self.faces = self.all_faces if not val else self.all_faces.subset(train)
+        self.val_faces = self.all_faces.subset(val) if val else None
+        self.source_ref = reference_embeddings(self.surrogates, self.faces, self.device)
+        cfg = self.cfg
+        self.sampler = EpochSampler(len(self.faces), cfg.seed)
+        self.loader = DataLoader(list(range(len(self.faces))), batch_size=cfg.batch_size, sampler=self.sampler,
+                                 drop_last=len(self.faces) > cfg.batch_size)
 
     # -- one step, exposed for tests and for PGD-style use
     def placement_matrices(self, n: int, *, jitter: bool = True) -> torch.Tensor:
@@ -440,6 +689,8 @@ class PatchTrainer:
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("latent.")] or unexpected:
             raise ConfigError(f"{self.out}/generator.safetensors does not match this generator")
+        if self.held_out and "val_fraction" not in (meta.get("config") or {}):
+            self.use_split(set())  # a run started before validation existed: it trains on every face
         meta = load_train_state(self.out, self.optimizer)
         self.start_epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]
         self.start_batch, self.partial = int(meta.get("batch", 0)), meta.get("partial") or {}
@@ -529,8 +780,31 @@ class PatchTrainer:
                 self._checkpoint(gen, opt, epoch=epoch + 1)
         if acc.is_main_process and todo == 0 and not (self.out / "generator.safetensors").is_file():
             acc.unwrap_model(gen).save_pretrained(self.out)
+        if acc.is_main_process:
+            self.validation = self.validate(acc.unwrap_model(gen))
+            self.validation.update(epoch=cfg.epochs, step=self.step)
+            from .generator import write_validation
+
+            write_validation(self.out, self.validation)
+        acc.wait_for_everyone()
         return TrainResult(self.out, cfg.epochs, self.step, len(self.faces), len(self.targets) if self.targets else 0,
-                           self.history, time.perf_counter() - t0, self.resumed_from, self.resumed_from_step)
+                           self.history, time.perf_counter() - t0, self.resumed_from, self.resumed_from_step,
+                           validation=self.validation)
+
+    def validate(self, generator: PatchGenerator | None = None) -> dict:
+        """The evasion rate of ``generator`` (default: the one being trained) on the held-out
+        faces (or the training faces when none are held out); see :func:`validate_generator`."""
+        held_out = self.val_faces is not None
+        faces = self.val_faces if held_out else self.faces
+        gen = generator if generator is not None else self.generator
+        was_training = gen.training
+        gen.eval()
+        try:
+            return validate_generator(gen, self.surrogates, faces, far=self.cfg.val_far, device=self.device,
+                                      batch_size=max(self.cfg.batch_size, 16), held_out=held_out,
+                                      targets=self.targets)
+        finally:
+            gen.train(was_training)
 
 
 def _jsonable(cfg: PatchTrainConfig) -> dict:
@@ -545,5 +819,6 @@ def train_patch_generator(cfg: PatchTrainConfig, *, device: str | torch.device |
     return trainer.fit(resume=resume)
 
 
-__all__ = ["FaceSet", "PatchTrainConfig", "PatchTrainer", "TrainResult", "build_face_set", "context_template",
-           "step_seed", "train_patch_generator"]
+__all__ = ["APPLY_WARN_RATE", "GOOD_EVASION_RATE", "FaceSet", "PatchTrainConfig", "PatchTrainer", "TrainResult",
+           "build_face_set", "context_template", "held_out_photos", "step_seed", "train_patch_generator",
+           "validate_generator", "validation_lines"]
