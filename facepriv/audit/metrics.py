@@ -6,8 +6,13 @@
 * :class:`QualityMeter` - PSNR and SSIM (kornia.metrics) per image, LPIPS (the registry's
   ``lpips-*`` models) per image, FID (the registry's ``fid-inception`` + pytorch-fid's
   Fréchet distance) over the sets. A metric whose weights cannot be had is recorded in
-  ``unavailable`` with the reason; the others still run. Everything runs on the meter's
-  ``device``; :meth:`QualityMeter.add_many` batches the LPIPS and FID forward passes.
+  ``unavailable`` with the reason; the others still run. Weights that are not cached while
+  downloads are off (``FACEPRIV_OFFLINE``, ``download=False``) or fail for want of a network
+  (the registry's :class:`~facepriv.models.NotAvailableError` / ``OfflineError``) are *left
+  out*: a short reason per metric, and :func:`left_out_line` sums them up in one line saying
+  how to enable them (the registry's long error is kept in ``left_out["detail"]``). Everything
+  runs on the meter's ``device``; :meth:`QualityMeter.add_many` batches the LPIPS and FID
+  forward passes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import FaceprivError
 from .thresholds import FARS
 
 # LPIPS and the FID Inception (which resizes to 299 itself) run on images downscaled to at most
@@ -154,6 +160,10 @@ class QualityMeter:
                  download: bool = True, lpips_model=None, fid_model=None):
         self.device = torch.device(device)
         self.unavailable: dict[str, str] = {}
+        # metric -> {"model", "why": offline | no-download | no-network, "detail"}: weights not
+        # cached and not to be had now (see left_out_line)
+        self.left_out: dict[str, dict] = {}
+        self._download_failed = False
         self.rows: list[dict] = []
         self._fid_feats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self.fid_notes: list[str] = []
@@ -169,18 +179,37 @@ class QualityMeter:
         elif not fid:
             self.unavailable["fid"] = "disabled"
 
+    def _leave_out(self, metric: str, name: str, why: str, detail: str | None = None) -> None:
+        reason = {"offline": "the offline switch is on",
+                  "no-download": "downloads are off (--no-download)",
+                  "no-network": "could not be downloaded (no network?)"}[why]
+        self.left_out[metric] = {"model": name, "why": why, **({"detail": detail} if detail else {})}
+        self.unavailable[metric] = (f"{name} weights not cached and {reason}: `facepriv models fetch {name}` "
+                                    f"(or `facepriv models import {name} FILE`)")
+
     def _load(self, name: str, metric: str, download: bool):
-        from ..models import availability, create_model
+        from ..models import NotAvailableError, availability, create_model, get_spec
+        from ..models.hub import OfflineError, is_offline
 
         try:
-            avail = availability(name)
-            if not avail.available and not download:
-                raise RuntimeError(f"weights not on this machine ({avail.where}); run `facepriv models fetch {name}` "
-                                   f"or `facepriv models import {name} FILE`")
+            avail = availability(get_spec(name))
+        except FaceprivError as exc:  # an unknown model name
+            self.unavailable[metric] = f"{name} unavailable: {_first_line(exc)}"
+            return None
+        if not avail.available and (is_offline() or not download):
+            self._leave_out(metric, name, "offline" if is_offline() else "no-download")
+            return None
+        if not avail.available and self._download_failed:  # one failed download is enough to know
+            self._leave_out(metric, name, "no-network")
+            return None
+        try:
             return create_model(name, device=self.device, progress=False)
-        except Exception as exc:  # noqa: BLE001 - any failure to get weights only disables this metric
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.unavailable[metric] = f"{name} unavailable: {msg}"
+        except (NotAvailableError, OfflineError) as exc:  # the download failed: no network
+            self._download_failed = not avail.available
+            self._leave_out(metric, name, "offline" if is_offline() else "no-network", detail=str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - broken weights, a missing package: only this metric is lost
+            self.unavailable[metric] = f"{name} unavailable: {_first_line(exc)}"
             return None
 
     def add(self, protected: torch.Tensor, original: torch.Tensor) -> dict:
@@ -283,7 +312,43 @@ class QualityMeter:
         if out["lpips"] is not None:
             out["lpips_model"] = self.lpips_name
         out["unavailable"] = dict(self.unavailable)
+        if self.left_out:
+            out["left_out"] = {"metrics": list(self.left_out), "models": [v["model"] for v in self.left_out.values()],
+                               "why": sorted({v["why"] for v in self.left_out.values()}),
+                               "line": left_out_line(self.left_out),
+                               "detail": {k: v["detail"] for k, v in self.left_out.items() if v.get("detail")}}
         return out
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_METRIC_NAMES = {"lpips": "LPIPS", "fid": "FID"}
+
+
+def left_out_line(left_out: Mapping[str, Mapping]) -> str | None:
+    """One line for the quality metrics left out for want of cached weights, e.g. ``LPIPS and
+    FID left out: their weights are not cached and the offline switch is on; fetch with
+    `facepriv models fetch lpips-alex fid-inception` or pass --lpips none --no-fid``."""
+    if not left_out:
+        return None
+    metrics = list(left_out)
+    names = [_METRIC_NAMES.get(m, m.upper()) for m in metrics]
+    what = " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+    whys = {v.get("why") for v in left_out.values()}
+    if "offline" in whys:
+        reason = "the offline switch is on"
+    elif "no-download" in whys:
+        reason = "downloads are off (--no-download)"
+    else:
+        reason = "could not be downloaded (no network?)"
+    models = " ".join(str(v.get("model")) for v in left_out.values())
+    skip = " ".join(o for m, o in (("lpips", "--lpips none"), ("fid", "--no-fid")) if m in left_out)
+    their = "their weights are" if len(metrics) > 1 else "its weights are"
+    return (f"{what} left out: {their} not cached and {reason}; fetch with `facepriv models fetch {models}`"
+            f"{' or pass ' + skip if skip else ''}")
 
 
 # ------------------------------------------------------------------------------ utility

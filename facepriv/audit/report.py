@@ -3,6 +3,10 @@ self-contained ``report.html`` (summary tables, similarity histograms against th
 ROC curves, and an original | protected | amplified-difference grid; every figure and
 thumbnail is an embedded base64 PNG/JPEG, nothing is fetched from anywhere).
 
+The HTML page and the terminal summary open with :func:`verdict_line` ("Protection holds for
+37 of 40 faces (93 %) against sface at FAR 1e-2"); the notes and warnings
+(:func:`report_notes`) follow it folded in one ``<details>`` block.
+
 Everything written passes through :func:`facepriv.audit.secrets.redact`.
 """
 
@@ -104,9 +108,95 @@ def exit_code(report: dict) -> int:
     return 1 if report.get("errors") or api_problems(report) else 0
 
 
+#: the false-accept rate the one-line verdict is given at
+VERDICT_FAR = "1e-2"
+
+
+def _pct0(v: float) -> str:
+    return f"{100 * v:.0f} %"
+
+
+def verdict_line(report: dict, far: str = VERDICT_FAR) -> str:
+    """One line saying whether the protection holds, e.g. ``Protection holds for 37 of 40 faces
+    (93 %) against sface at FAR 1e-2``.
+
+    Per face (a face holds when none of its comparisons verifies: the per-face dodging PSR),
+    against the weakest model that has a threshold at ``far`` (the others' rates in brackets);
+    a model judged by its default operating threshold says so. Impersonation, images that could
+    not be audited and failed online APIs are appended.
+    """
+    models = report.get("models") or {}
+    th = report.get("thresholds") or {}
+    judged = []
+    for m, e in models.items():
+        d = e.get("dodging") or {}
+        rate, n = (d.get("psr_faces") or {}).get(far), d.get("n_faces") or 0
+        if rate is not None and n:
+            judged.append((float(rate), m, int(n)))
+    tail = []
+    n_err = len(report.get("errors") or [])
+    if n_err:
+        tail.append(f"{n_err} image(s) could not be audited")
+    problems = api_problems(report)
+    if problems:
+        tail.append(f"{len(problems)} online API(s) failed")
+    if not judged:
+        if not models:
+            text = "No verdict: no face-recognition model judged the faces" + (
+                " (see the online API results)" if report.get("apis") else "")
+        elif not any(((e.get("dodging") or {}).get("n_faces") or 0) for e in models.values()):
+            text = "No verdict: no face was found in the original photos"
+        else:
+            names = ", ".join(models)
+            text = (f"No verdict at FAR {far}: no threshold is known for {names} (run `facepriv audit calibrate` "
+                    "on labelled pairs, or pass --thresholds)")
+        return "; ".join([text, *tail])
+    rate, m, n = min(judged, key=lambda t: (t[0], t[1]))
+    held = int(round(rate * n))
+    kind = (th.get(m) or {}).get("kind")
+    at = "at its default threshold, not FAR-calibrated" if kind == "default" else f"at FAR {far}"
+    text = f"Protection holds for {held} of {n} faces ({_pct0(rate)}) against {m} {at}"
+    others = [(r, o) for r, o, _ in judged if o != m]
+    if others:
+        text += (f" (the weakest of {len(judged)} models; " + ", ".join(f"{o} {_pct0(r)}" for r, o in others) + ")")
+    imp = (models[m].get("impersonation") or {})
+    i_rate, i_n = (imp.get("psr_faces") or {}).get(far), imp.get("n_faces") or 0
+    if i_rate is not None and i_n:
+        text += f"; impersonation works for {int(round(float(i_rate) * i_n))} of {i_n} ({_pct0(float(i_rate))})"
+    return "; ".join([text, *tail])
+
+
+def quality_notes(report: dict) -> list[str]:
+    """The quality section's notes: one line for the metrics left out for want of cached
+    weights (:func:`facepriv.audit.metrics.left_out_line`), the other reasons a metric was not
+    computed (not the ones the user switched off), and the PSNR / FID caveats."""
+    q = report.get("quality") or {}
+    left = (q.get("left_out") or {})
+    out = [left["line"]] if left.get("line") else []
+    for k, v in (q.get("unavailable") or {}).items():
+        if k in (left.get("metrics") or []) or str(v).startswith("disabled"):
+            continue
+        out.append(f"{k.upper() if k in ('lpips', 'fid') else k} not computed: {v}")
+    for k in ("psnr_note", "fid_note"):
+        if q.get(k):
+            out.append(f"{k.split('_')[0].upper()}: {q[k]}")
+    return out
+
+
+def report_notes(report: dict) -> list[str]:
+    """Every note and warning of a report, in the order the HTML lists them under the verdict:
+    the protocol notes, then quality, then utility."""
+    notes = list(report.get("protocol_notes") or [])
+    notes += quality_notes(report)
+    for k, v in ((report.get("utility") or {}).get("unavailable") or {}).items():
+        notes.append(f"utility: {k.replace('_', ' ')} not computed: {v}")
+    return notes
+
+
 def summarize(report: dict) -> dict:
     """The compact summary the CLI prints (and ``--json`` emits)."""
-    out = {"models": {}, "thresholds": report.get("thresholds", {}), "quality": report.get("quality", {}),
+    out = {"verdict": verdict_line(report),
+           "models": {}, "thresholds": report.get("thresholds", {}), "quality": report.get("quality", {}),
            "faces": report.get("faces", {}), "counts": report.get("counts", {}),
            "errors": len(report.get("errors", [])), "notes": report.get("protocol_notes", [])}
     for m, e in report.get("models", {}).items():
@@ -312,6 +402,8 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3
 td.l,th.l{text-align:left}.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.4em .8em;margin:.3em 0}
 .err{color:#b00020}.grid td{vertical-align:top;text-align:center;font-size:11px}.ok{color:#0a7d27}.bad{color:#b00020}
 img{max-width:100%}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+h1.verdict{font-size:1.45em;margin:.2em 0 .3em 0}p.meta{color:#555;margin-top:0}
+details.notes{margin:.6em 0 1em 0}details.notes summary{cursor:pointer;color:#8a6d00}
 """
 
 
@@ -327,14 +419,17 @@ def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
 
 def write_html(report: dict, path: Path, cfg=None) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>facepriv audit</title><style>{_CSS}</style>"
-             "</head><body>", "<h1>facepriv audit report</h1>"]
+             "</head><body>", f"<h1 class='verdict'>{html.escape(verdict_line(report))}</h1>"]
     c = report.get("config", {})
-    parts.append(f"<p>{html.escape(report.get('created', ''))} · protected <code>{html.escape(str(c.get('protected')))}</code>"
+    parts.append(f"<p class='meta'>facepriv audit report · {html.escape(report.get('created', ''))} · protected "
+                 f"<code>{html.escape(str(c.get('protected')))}</code>"
                  f" vs original <code>{html.escape(str(c.get('original')))}</code> · "
                  f"{report.get('counts', {}).get('evaluated', 0)} of {report.get('counts', {}).get('pairs', 0)} images evaluated"
                  f" · facepriv {html.escape(str(report.get('versions', {}).get('facepriv')))}</p>")
-    for n in report.get("protocol_notes", []):
-        parts.append(f"<div class='note'>{html.escape(n)}</div>")
+    notes = report_notes(report)
+    if notes:
+        parts.append(f"<details class='notes'><summary>{len(notes)} note(s) and warning(s)</summary>"
+                     + "".join(f"<div class='note'>{html.escape(n)}</div>" for n in notes) + "</details>")
 
     # thresholds
     parts.append("<h2>Thresholds</h2>")
@@ -385,12 +480,9 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     parts.append(_table(["PSNR (dB)", "identical pairs (infinite PSNR, not in the mean)", "SSIM", "LPIPS", "FID"],
                         [[_fmt(q.get("psnr"), nd=2), q.get("n_identical", 0), _fmt(q.get("ssim"), nd=4),
                           _fmt(q.get("lpips"), nd=4), _fmt(q.get("fid"), nd=2)]], left=0))
-    for k, v in (q.get("unavailable") or {}).items():
-        parts.append(f"<div class='note'>{html.escape(k)}: {html.escape(str(v))}</div>")
-    if q.get("psnr_note"):
-        parts.append(f"<div class='note'>{html.escape(q['psnr_note'])}</div>")
-    if q.get("fid_note"):
-        parts.append(f"<div class='note'>{html.escape(q['fid_note'])}</div>")
+    if quality_notes(report):
+        parts.append("<p>Notes on these figures (metrics left out, caveats): see the notes under the verdict "
+                     "at the top.</p>")
     if "utility" in report:
         u = report["utility"]
         parts.append("<h2>Utility</h2>")
