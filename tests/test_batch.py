@@ -45,6 +45,7 @@ def test_collect_list_file_multi_args_and_exclude(tmp_path):
     multi = collect_inputs([root, other])
     assert {str(i.rel) for i in multi} >= {"in/x.jpg", "other/x.jpg"}  # no collision
     out = root / "a"
+    (out / "manifest.jsonl").write_text("")  # a facepriv output folder inside the input folder: left out
     assert all("a/" not in str(i.rel) for i in collect_inputs([root], exclude=[out]))
     with pytest.raises(ConfigError, match="does not exist"):
         collect_inputs([tmp_path / "missing"])
@@ -200,7 +201,8 @@ def test_out_at_or_above_the_input_folder_excludes_nothing(tmp_path):
     every = sorted(str(i.rel) for i in collect_inputs([root]))
     assert sorted(str(i.rel) for i in collect_inputs([root], exclude=[root])) == every
     assert sorted(str(i.rel) for i in collect_inputs([root], exclude=[tmp_path])) == every
-    # strictly inside: only the files under it are skipped
+    # strictly inside, a facepriv output folder (it has a manifest): only the files under it are skipped
+    (root / "a" / "b" / "manifest.jsonl").write_text("")
     inside = sorted(str(i.rel) for i in collect_inputs([root], exclude=[root / "a" / "b"]))
     assert inside == ["a/y.png", "x.jpg"]
 

@@ -2,11 +2,21 @@
 
 * Inputs: files, folders (recursive, ``glob``), or text lists (``@list.txt`` / ``*.txt``, one
   path per line, ``#`` comments). The output tree mirrors the input tree under ``out``. The
-  output folder is left out of the search only when it lies strictly inside an input folder.
+  output folder is left out of the search only when it lies strictly inside an input folder,
+  and then only if it is empty or a facepriv output folder (it holds a manifest); an --out
+  folder inside the inputs that holds other files is refused.
+* Files a folder holds that are not supported images are skipped and reported in one warning
+  line per folder ("skipped 3 files in photos/ that are not supported images (.gif x2, .txt
+  x1)"); hidden files, manifests and desktop clutter are skipped silently. Files named
+  directly (or listed) are taken as given, except GIFs, which are skipped with the same
+  warning wherever they come from: a GIF holds at most 256 colours (the changes are lost when
+  it is written back) and an animated one would lose every frame but the first.
 * Before any work, the planned outputs (after ``output_suffix``, e.g. ``--format``) are checked:
-  an empty input set, two inputs mapping to one output, or an output that would replace any
-  input of the run is a :class:`ConfigError` (a usage error, exit 2). During the run every
-  input is protected from every writer (:func:`facepriv.core.io.protect_inputs`).
+  an empty input set, two inputs mapping to one output, an output that would replace any
+  input of the run, or an output written into a folder that holds inputs of the run (``--out``
+  at the input folder: outputs beside the originals, which a rerun would take for inputs) is a
+  :class:`ConfigError` (a usage error, exit 2). During the run every input is protected from
+  every writer (:func:`facepriv.core.io.protect_inputs`).
 * One bad file never stops the batch: its error is recorded and reported at the end.
 * A JSONL manifest (``out/manifest.jsonl``; ``manifest.rankN.jsonl`` per process under
   accelerate) gets one line per input as soon as it is done: input, output, status, faces,
@@ -27,22 +37,121 @@ import os
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, FaceprivError
 from .io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, protect_inputs
-from .progress import make_progress, stderr_console
+from .progress import is_quiet, make_progress, stderr_console
 
 OK_STATUSES = ("ok", "copied", "skipped")
 LIST_SUFFIXES = (".txt", ".lst")
+#: never inputs and never worth a word: facepriv's own manifests and desktop clutter
+QUIET_SKIPS = ("manifest*.jsonl", "thumbs.db", "desktop.ini", "icon\r")
+#: unsupported even when named directly: suffix -> why, and what to do instead
+UNSUPPORTED = {
+    ".gif": "GIF is not supported (at most 256 colours, and an animated GIF would keep only its first "
+            "frame): convert it to PNG, or an animation to MP4 for facepriv deid",
+}
 
 
 @dataclass(frozen=True)
 class InputItem:
     path: Path  # absolute input path
     rel: Path  # relative path under the output folder
+    root: Path | None = field(default=None, compare=False)  # the input folder it was found in
+
+
+@dataclass
+class SkippedFiles:
+    """Files :func:`collect_inputs` left out: in an input folder (``where``, as the user gave
+    it) because they are not supported images, or named directly (``where`` None) as GIF."""
+
+    where: str | None
+    suffixes: Counter = field(default_factory=Counter)
+    examples: list[Path] = field(default_factory=list)
+    supported: tuple[str, ...] = IMAGE_SUFFIXES  # what the command reads
+
+    @property
+    def count(self) -> int:
+        return sum(self.suffixes.values())
+
+    def add(self, path: Path) -> None:
+        self.suffixes[path.suffix.lower() or "(no suffix)"] += 1
+        if len(self.examples) < 3:
+            self.examples.append(path)
+
+    def message(self) -> str:
+        kinds = ", ".join(f"{suf} x{n}" for suf, n in sorted(self.suffixes.items(), key=lambda kv: (-kv[1], kv[0])))
+        n = self.count
+        files = "file" if n == 1 else "files"
+        if self.where is None:
+            names = ", ".join(p.name for p in self.examples) + (", ..." if n > len(self.examples) else "")
+            head = f"skipped {n} {files} named directly ({names}): "
+            return head + "; ".join(UNSUPPORTED.get(suf, f"{suf} is not a supported image")
+                                    for suf in sorted(self.suffixes))
+        where = self.where if self.where.endswith(("/", os.sep)) else self.where + "/"
+        video = bool(set(self.supported) & set(VIDEO_SUFFIXES))
+        what = ("is not a supported image" + (" or video" if video else "") if n == 1
+                else "are not supported images" + (" or videos" if video else ""))
+        text = f"skipped {n} {files} in {where} that {what} ({kinds}); supported: {' '.join(self.supported)}"
+        extra = [why for suf, why in UNSUPPORTED.items() if suf in self.suffixes]
+        return text + ("; " + "; ".join(extra) if extra else "")
+
+
+def warn(text: str) -> None:
+    """``warning: TEXT`` on stderr, unless quiet (``--quiet`` / ``--json``)."""
+    if is_quiet():
+        return
+    from rich.text import Text
+
+    stderr_console.print(Text.assemble(("warning:", "yellow"), " ", text), soft_wrap=True)
+
+
+def _quietly_skipped(p: Path) -> bool:
+    name = p.name.lower()
+    return name.startswith(".") or any(fnmatch.fnmatch(name, pat) for pat in QUIET_SKIPS)
+
+
+def _walk(root: Path, recursive: bool, inside: Sequence[Path]) -> Iterable[Path]:
+    """Files under ``root`` (sorted; not in hidden folders nor in the ``inside`` folders)."""
+    walker = root.rglob("*") if recursive else root.glob("*")
+    for f in sorted(walker):
+        if any(f == e or e in f.parents for e in inside):
+            continue
+        if any(part.startswith(".") for part in f.relative_to(root).parts[:-1]):
+            continue
+        if f.is_file():
+            yield f
+
+
+def unsupported_in_folders(inputs: Sequence[str | os.PathLike], *, supported: Iterable[str],
+                           glob: str | None = None, recursive: bool = True,
+                           exclude: Iterable[Path] = ()) -> list[SkippedFiles]:
+    """Per input folder, the files a command that reads ``supported`` suffixes leaves out
+    (none with a ``glob``: the user chose the files). For commands that filter
+    :func:`collect_inputs`' results themselves (deid keeps photos and videos)."""
+    if glob:
+        return []
+    supported = tuple(s.lower() for s in supported)
+    keep = set(supported)
+    excl = [Path(e).resolve() for e in exclude]
+    out = []
+    for raw in inputs:
+        s = str(raw)
+        p = Path(s).expanduser()
+        if s.startswith("@") or not p.is_dir():
+            continue
+        root = p.resolve()
+        rep = SkippedFiles(s, supported=supported)
+        for f in _walk(root, recursive, [e for e in excl if root in e.parents]):
+            if not _quietly_skipped(f) and f.suffix.lower() not in keep:
+                rep.add(f)
+        if rep.count:
+            out.append(rep)
+    return out
 
 
 @dataclass
@@ -111,16 +220,27 @@ def _read_list(path: Path) -> list[Path]:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], *, glob: str | None = None, recursive: bool = True,
-                   exclude: Iterable[Path] = ()) -> list[InputItem]:
+                   exclude: Iterable[Path] = (), report: bool = True,
+                   skipped: list[SkippedFiles] | None = None) -> list[InputItem]:
     """Expand files, folders and list files into input items with output-relative paths.
 
     With one folder the outputs mirror its tree; with several arguments each one's outputs go
     under a sub-folder named after it, so names never collide. ``exclude``: folders (the output
     folder) whose files are skipped, but only where such a folder lies strictly inside an input
-    folder; an exclude that is an input folder itself, or above it, excludes nothing.
+    folder; an exclude that is an input folder itself, or above it, excludes nothing (the
+    planned outputs are refused later, by :func:`check_outputs`). An exclude strictly inside an
+    input folder that holds files but no facepriv manifest is refused (:class:`ConfigError`):
+    those files would silently drop out of the inputs and mix with the outputs.
+
+    Files left out because they are not supported images (in folders, without a ``glob``), and
+    GIFs wherever they come from, are appended to ``skipped`` and, with ``report``, printed as
+    one warning line per folder (not with ``--quiet``). When they leave nothing to do, the
+    :class:`ConfigError` says so.
     """
     excl = [Path(e).resolve() for e in exclude]
-    groups: list[tuple[Path, list[tuple[Path, Path]]]] = []
+    groups: list[tuple[Path, list[tuple[Path, Path]], Path | None]] = []
+    reports: list[SkippedFiles] = []
+    named = SkippedFiles(None)
     for raw in inputs:
         s = str(raw)
         is_list = s.startswith("@")
@@ -128,35 +248,84 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], *, glob: str | None = No
         if not p.exists():
             raise ConfigError(f"input {p} does not exist")
         if is_list or (p.is_file() and p.suffix.lower() in LIST_SUFFIXES):
-            files = _read_list(p)
-            groups.append((p, [(f, Path(f.name)) for f in files]))
+            files = []
+            for f in _read_list(p):
+                if f.suffix.lower() in UNSUPPORTED:
+                    named.add(f)
+                else:
+                    files.append(f)
+            groups.append((p, [(f, Path(f.name)) for f in files], None))
         elif p.is_dir():
             root = p.resolve()
             inside = [e for e in excl if root in e.parents]  # strictly inside this input folder
+            for e in inside:
+                _check_out_inside(e, root, s, glob)
             found = []
-            walker = root.rglob("*") if recursive else root.glob("*")
-            for f in sorted(walker):
-                if any(f == e or e in f.parents for e in inside):
-                    continue
-                if any(part.startswith(".") for part in f.relative_to(root).parts[:-1]):
-                    continue
-                if f.is_file() and _is_image(f, glob):
+            rep = SkippedFiles(s)
+            for f in _walk(root, recursive, inside):
+                if _is_image(f, glob):
                     found.append((f, f.relative_to(root)))
-            groups.append((p, found))
+                elif not glob and not _quietly_skipped(f):
+                    rep.add(f)
+            if rep.count:
+                reports.append(rep)
+            groups.append((p, found, root))
+        elif p.suffix.lower() in UNSUPPORTED:
+            named.add(p)
         else:
-            groups.append((p, [(p, Path(p.name))]))
+            groups.append((p, [(p, Path(p.name))], None))
+    if named.count:
+        reports.insert(0, named)
     multi = len(groups) > 1
     items: list[InputItem] = []
     seen: dict[Path, Path] = {}
-    for arg, files in groups:
+    for arg, files, root in groups:
         prefix = Path(arg.stem if arg.is_file() and arg.suffix.lower() in LIST_SUFFIXES else arg.name)
         for f, rel in files:
             rel = (prefix / rel) if (multi and arg.is_dir()) else rel
             if rel in seen and seen[rel] != f.resolve():
                 raise ConfigError(f"two inputs map to the same output {rel}: {seen[rel]} and {f}")
             seen[rel] = f.resolve()
-            items.append(InputItem(f.resolve(), rel))
+            items.append(InputItem(f.resolve(), rel, root))
+    if skipped is not None:
+        skipped.extend(reports)
+    if reports and not items:
+        raise ConfigError("no input files to process: " + "; ".join(r.message() for r in reports))
+    if report:
+        for r in reports:
+            warn(r.message())
     return items
+
+
+def _outside_suggestion(folders: Iterable[Path]) -> str:
+    """``, e.g. FOLDER-out`` next to the outermost of ``folders`` (input folders), or ``""``."""
+    folders = [Path(f) for f in folders]
+    if not folders:
+        return ""
+    top = min(folders, key=lambda f: len(f.parts))
+    if top.parent == top:
+        return ""
+    cand = top.parent / f"{top.name}-out"
+    if any(cand == f or f in cand.parents for f in folders):
+        return ""
+    return f", e.g. {cand}"
+
+
+def _check_out_inside(out: Path, root: Path, shown: str, glob: str | None) -> None:
+    """``out`` lies strictly inside the input folder ``root``: fine when it does not exist, is
+    empty of photos and videos, or is a facepriv output folder (it holds a manifest); otherwise
+    those files would silently drop out of the inputs and mix with the outputs."""
+    if not out.is_dir() or any(out.glob("manifest*.jsonl")):
+        return
+    media = set(IMAGE_SUFFIXES) | set(VIDEO_SUFFIXES)
+    files = [f for f in _walk(out, True, ()) if not _quietly_skipped(f) and f.suffix.lower() in media
+             and (not glob or _is_image(f, glob))]
+    if files:
+        raise ConfigError(
+            f"--out {out} lies inside the input folder {shown} and already holds {len(files)} photo(s) or "
+            f"video(s) that facepriv did not write (e.g. {files[0].relative_to(out)}): they would be left out of "
+            f"the inputs and mixed with the outputs. Choose an --out folder outside {shown}"
+            f"{_outside_suggestion([root])}")
 
 
 def config_hash(config: dict) -> str:
@@ -253,9 +422,30 @@ def check_outputs(items: Sequence[InputItem], out_dir: Path, output_suffix: str 
         hit = inputs.match(dst)
         if hit is not None:
             raise ConfigError(f"the output {dst} would overwrite the input {hit}; choose an --out folder "
-                              "that does not hold the inputs (or another --format)")
+                              f"outside the input folders{_outside_suggestion(_input_folders(items))}")
         planned[it.path] = dst
+    # no output may land in a folder that holds inputs of the run: beside the originals (--out
+    # at the input folder with another --format), where a rerun would take it for an input
+    holding: dict[str, Path] = {}
+    for it in items:
+        holding.setdefault(os.path.normcase(str(it.path.parent)), it.path)
+    resolved: dict[Path, str] = {}
+    for it in items:
+        dst = planned[it.path]
+        if dst.parent not in resolved:
+            resolved[dst.parent] = os.path.normcase(str(dst.parent.resolve()))
+        beside = holding.get(resolved[dst.parent])
+        if beside is not None:
+            raise ConfigError(
+                f"--out {out_dir} would write the outputs beside the inputs (e.g. {dst} next to {beside}), "
+                "mixing them with the originals (a rerun would take them for inputs); choose an --out folder "
+                f"outside the input folders{_outside_suggestion(_input_folders(items))}")
     return planned
+
+
+def _input_folders(items: Sequence[InputItem]) -> list[Path]:
+    """The input folders of ``items`` (the folder each was found in, or that holds a named file)."""
+    return list({(it.root or it.path.parent) for it in items})
 
 
 def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], ItemResult], *,
