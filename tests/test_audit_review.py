@@ -86,7 +86,7 @@ def test_missing_api_key_fails_before_any_model_or_embedding(tmp_path, monkeypat
     monkeypatch.setattr(runner.FaceEmbeddingCache, "process", no_embedding)
     orig, prot = _photo_dirs(tmp_path)
     out = tmp_path / "report"
-    res = CliRunner().invoke(app, ["audit", "-p", str(prot), "-o", str(orig), "-m", "sface", "--out", str(out),
+    res = CliRunner().invoke(app, ["audit", "-p", str(prot), "--original", str(orig), "-m", "sface", "--out", str(out),
                                    "--api", "facepp", "--no-quality"])
     assert res.exit_code == 2, res.output
     assert "FACEPP_API_KEY" in res.output
@@ -113,7 +113,7 @@ def test_bad_key_exits_1_with_the_reason_and_never_the_key(tmp_path, monkeypatch
         out = tmp_path / "report"
 
         def args(out: Path, cache: str = "cache", retries: str = "2") -> list[str]:
-            return ["audit", "-p", str(prot), "-o", str(orig), "-m", "sface", "--out", str(out), "--api", "facepp",
+            return ["audit", "-p", str(prot), "--original", str(orig), "-m", "sface", "--out", str(out), "--api", "facepp",
                     "--api-endpoint", server.url, "--api-cache", str(tmp_path / cache), "--api-rate", "0",
                     "--api-retries", retries, "--no-quality"]
 

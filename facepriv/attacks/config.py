@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,25 +26,61 @@ METHODS: dict[str, dict] = {
 NATURALNESS = ("hf", "mmd")
 
 
-def parse_epsilon(value: str | float | int) -> float:
-    """An L-inf budget from user text: ``"8/255"``, ``"8"`` (8-bit levels) or ``"0.03"``."""
+#: the largest L-inf budget accepted anywhere (64 of 255 levels: already a visible change)
+EPSILON_MAX = 64 / 255
+EPSILON_RANGE_TEXT = "must be in (0, 64/255] (e.g. 8/255 = about 3 % of the pixel range)"
+EPSILON_FORMS_TEXT = ("give a fraction of the pixel range such as 0.03, a ratio such as 8/255, or whole "
+                      "8-bit levels such as 8 (each pixel changes by at most 8 of 255 levels)")
+
+
+def epsilon_in_range(v: float) -> bool:
+    """``v`` (in [0, 1] units) is a budget :func:`parse_epsilon` and ``AttackConfig`` accept."""
+    return math.isfinite(v) and 0.0 < v <= EPSILON_MAX * (1 + 1e-9)
+
+
+def parse_epsilon(value: str | float | int, name: str = "--epsilon") -> float:
+    """An L-inf budget in [0, 1] units from user text or a number, the one parser of every command.
+
+    Accepted forms: a ratio ``"8/255"``; whole 8-bit levels ``"8"`` (any whole number >= 1 counts
+    levels: 8 -> 8/255); a fraction of the pixel range ``"0.03"`` (below 1). The result must lie in
+    (0, 64/255]. Zero denominators, non-numbers, values <= 0, non-whole values >= 1 (``1.5``: 1.5
+    levels or 150 %?) and anything above 64/255 raise :class:`ConfigError` with a message that
+    starts with ``"{name} {value}:"``.
+    """
+    shown = str(value).strip() if not isinstance(value, float) else f"{value:g}"
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{name} {shown}: {why}")
+
+    if isinstance(value, bool):
+        raise bad(f"not a number; {EPSILON_FORMS_TEXT}")
+    ratio = False
     if isinstance(value, (int, float)):
         v = float(value)
     else:
         text = str(value).strip()
         try:
             if "/" in text:
-                num, den = text.split("/", 1)
-                v = float(num) / float(den)
+                num, den = (float(t) for t in text.split("/", 1))
+                if den == 0:
+                    raise bad(f"the denominator is zero; {EPSILON_FORMS_TEXT}")
+                v, ratio = num / den, True
             else:
                 v = float(text)
         except ValueError:
-            raise ConfigError(f"epsilon {value!r}: use a number such as 8/255, 8 or 0.03") from None
-    if v >= 1.0:  # whole 8-bit levels
+            raise bad(f"not a number; {EPSILON_FORMS_TEXT}") from None
+    if not math.isfinite(v):
+        raise bad(f"not a finite number; {EPSILON_FORMS_TEXT}")
+    if v <= 0:
+        raise bad(f"{EPSILON_RANGE_TEXT}; 0 or less would change nothing")
+    if not ratio and v >= 1.0:  # whole 8-bit levels
+        if v != int(v):
+            raise bad(f"{EPSILON_RANGE_TEXT}; a value of 1 or more counts whole 8-bit levels "
+                      "(8 = 8/255), so it must be a whole number")
         v = v / 255.0
-    if not 0.0 < v <= 1.0:
-        raise ConfigError(f"epsilon {value!r} must be > 0")
-    return v
+    if not epsilon_in_range(v):
+        raise bad(f"{EPSILON_RANGE_TEXT}; that is {v * 255:.4g} of 255 levels")
+    return min(v, EPSILON_MAX)
 
 
 @dataclass
@@ -54,7 +91,8 @@ class AttackConfig:
     (see :data:`METHODS`): ``pgd`` | ``mifgsm`` | ``tidim`` | ``tipim``.
 
     epsilon
-        L-inf budget in [0, 1] units (default 8/255); it holds in the quantised output.
+        L-inf budget in [0, 1] units, in (0, 64/255] (default 8/255: each pixel changes by at
+        most 8 of 255 levels); it holds in the quantised output.
     step_size
         per-step change; ``None`` = ``min(eps, 2.5 * eps / steps)`` (Madry et al.'s rule).
     momentum
@@ -119,8 +157,9 @@ class AttackConfig:
             raise ConfigError(f"unknown attack method {self.method!r}; use one of {', '.join(METHODS)}")
         defaults = METHODS[self.method]
         cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        if not 0.0 < cfg.epsilon <= 1.0:
-            raise ConfigError(f"epsilon must be in (0, 1] (e.g. 8/255), not {cfg.epsilon}")
+        if not epsilon_in_range(float(cfg.epsilon)):
+            raise ConfigError(f"epsilon {float(cfg.epsilon):.4g} (= {float(cfg.epsilon) * 255:.4g}/255) "
+                              f"{EPSILON_RANGE_TEXT}")
         if int(cfg.steps) != cfg.steps or cfg.steps < 0:
             raise ConfigError(f"steps must be a whole number >= 0, not {cfg.steps}")
         if cfg.step_size is None:

@@ -38,7 +38,7 @@ def _version(value: bool):
 def _global(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N] | mps")] = "auto",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed every random generator (reproducible runs).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no progress bars, notes, warnings or summaries (--json still prints its JSON).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail, tracebacks on errors.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,

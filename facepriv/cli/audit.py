@@ -20,6 +20,11 @@ HELP = """Audit protected photos: verification (dodging), impersonation and iden
 model at FAR 1e-1/1e-2/1e-3, image quality (PSNR, SSIM, LPIPS, FID), optional utility and online APIs.
 Writes OUT/report.json, report.csv and a self-contained report.html.
 
+Dodging: the protected face should no longer match other photos of the same person. Impersonation
+(--target): it should match the target person instead. FAR (false-accept rate) 1e-3: each model's
+threshold is set so that 1 in 1000 pairs of different people would be taken for the same person.
+The protection success rate (PSR) is the share of comparisons that defeat recognition.
+
 Examples:
   facepriv audit --protected protected/ --original photos/ --gallery gallery/ --models dlib-resnet,sface --out report/
   facepriv audit --protected p/ --original o/ --target target/ --target-used target/used.jpg --out report/
@@ -41,13 +46,13 @@ AlignedTemplate = Annotated[str, typer.Option(
 def audit(
     ctx: typer.Context,
     protected: Annotated[Path | None, typer.Option("--protected", "-p", help="Protected photos (folder or file).")] = None,
-    original: Annotated[Path | None, typer.Option("--original", "-o", help="Clean originals; matched by relative path.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("audit-report"),
+    original: Annotated[Path | None, typer.Option("--original", help="Clean originals (folder or file); matched to the protected photos by relative path.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (report.json, report.csv, report.html).")] = Path("audit-report"),
     models: Models = "dlib-resnet,facenet-casia,sface",
     gallery: Annotated[Path | None, typer.Option("--gallery", help="Identity gallery: GALLERY/<identity>/*.jpg.")] = None,
     target: Annotated[Path | None, typer.Option("--target", help="Photo(s) of the impersonation target (file or folder).")] = None,
     target_used: Annotated[list[Path] | None, typer.Option(
-        "--target-used", help="Target photo used when protecting (excluded from impersonation; repeatable). "
+        "--target-used", metavar="PATH", help="Target photo used when protecting (excluded from impersonation; repeatable). "
                               "Required with --target unless --allow-target-reuse.")] = None,
     allow_target_reuse: Annotated[bool, typer.Option(
         "--allow-target-reuse", help="With --target but no --target-used: measure impersonation against every target "
@@ -67,14 +72,14 @@ def audit(
         "--max-refs", min=0, help="Other clean photos of the person each face is compared with (a fixed-seed "
                                   "sample per image when there are more; 0 = all).")] = 20,
     batch_size: BatchSize = 32,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: CUDA only, checked per model).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision: faster on a GPU, checked per model against full precision. \\[default: on with CUDA, else off]", show_default=False)] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads reading/detecting/aligning images.")] = 2,
-    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Image-quality metrics.")] = True,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="Image-quality metrics (PSNR, SSIM, LPIPS, FID): how much the photos changed.")] = True,
     lpips: Annotated[str, typer.Option("--lpips", help="LPIPS model: lpips-alex | lpips-vgg | lpips-squeeze | none.")] = "lpips-alex",
-    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID between the protected and original sets.")] = True,
-    download: Annotated[bool, typer.Option("--download/--no-download", help="May quality metrics download weights.")] = True,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="FID (distance between the protected and original sets as a whole; needs many images).")] = True,
+    download: Annotated[bool, typer.Option("--download/--no-download", help="Let quality metrics (LPIPS, FID) download their weights.")] = True,
     utility: Annotated[bool, typer.Option("--utility", help="Also check expression kept and face still detected (with --aligned: by --detector on padded crops).")] = False,
-    api: Annotated[list[str] | None, typer.Option("--api", help="Online API: facepp | rekognition | azure (repeatable).")] = None,
+    api: Annotated[list[str] | None, typer.Option("--api", metavar="NAME", help="Online face-comparison service: facepp | rekognition | azure (repeatable).")] = None,
     api_endpoint: Annotated[list[str] | None, typer.Option(
         "--api-endpoint", metavar="NAME=URL", help="Endpoint of one API: NAME=URL (repeatable), or a plain URL with a single --api.")] = None,
     api_threshold: Annotated[list[str] | None, typer.Option(
@@ -85,7 +90,7 @@ def audit(
                                              help="Retries of a rate-limited / failed API request.")] = 4,
     api_config: Annotated[Path | None, typer.Option("--api-config", help="JSON/TOML file with API keys (never printed).")] = None,
     api_concurrency: Annotated[int, typer.Option("--api-concurrency", min=1, help="Requests in flight per API.")] = 2,
-    api_rate: Annotated[float, typer.Option("--api-rate", help="Requests per second per API (0 = unlimited).")] = 2.0,
+    api_rate: Annotated[float, typer.Option("--api-rate", min=0.0, help="Requests per second per API (0 = unlimited).")] = 2.0,
     api_max_refs: Annotated[int, typer.Option("--api-max-refs", min=1, help="Reference photos per image sent to APIs.")] = 1,
     api_cache: Annotated[Path | None, typer.Option("--api-cache", help="Response cache folder (default FACEPRIV_HOME/api-cache).")] = None,
     glob: common.Glob = None,
@@ -120,6 +125,8 @@ def audit(
         common.emit_json(json_safe(summary))
         for line in api_problems(report):
             common.print_error(line)
+    elif state.quiet:  # errors only
+        print_problems(report)
     else:
         print_summary(report)
     raise typer.Exit(exit_code(report))
@@ -165,6 +172,19 @@ def psr_table(report: dict) -> Table:
                       _pct((i.get("psr_faces") or {}).get("1e-3")), _pct(i["before"]["psr"].get("1e-3")),
                       _num(i["mean_similarity"]))
     return t
+
+
+def print_problems(report: dict) -> None:
+    """``--quiet``: only what went wrong, as errors on stderr (stopped or failing APIs, images that
+    could not be audited)."""
+    from ..audit.report import api_problems
+    from ..audit.secrets import redact
+
+    report = redact(report)
+    for line in api_problems(report):
+        common.print_error(line)
+    for e in report.get("errors", []):
+        common.print_error(f"{e.get('file')}: {e.get('error')}")
 
 
 def print_summary(report: dict) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -91,6 +90,25 @@ USAGE_EXIT = 2  # a usage error: bad option, bad setting, nothing to do (ConfigE
 FAILURE_EXIT = 1  # the run itself failed (a model, a file, a bug)
 
 
+def _click_passthrough() -> tuple[type[BaseException], ...]:
+    """Exceptions click/typer report themselves (usage errors exit 2, Exit its code): those of
+    the click typer bundles (typer >= 0.2x, ``typer._click``) and of click itself (older typer;
+    installed or not: facepriv does not depend on it)."""
+    import importlib
+
+    kinds: list = [typer.Exit, typer.BadParameter]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        kinds += [getattr(mod, k, None) for k in ("ClickException", "Abort", "Exit")]
+    return tuple(dict.fromkeys(k for k in kinds if isinstance(k, type) and issubclass(k, BaseException)))
+
+
+_CLICK_PASSTHROUGH = _click_passthrough()
+
+
 def _redactor():
     """:func:`facepriv.audit.secrets.redact_text`, imported when an error is printed (not at
     start-up: importing it loads the ``facepriv.audit`` package). Secrets are only ever
@@ -142,7 +160,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except _CLICK_PASSTHROUGH:
             raise
         except ConfigError as exc:
             print_error(_redactor()(str(exc)))
@@ -423,9 +441,9 @@ def split_list(text: str | None) -> list[str]:
 Inputs = Annotated[list[Path], typer.Argument(
     help="Image files, folders (searched recursively) or text files listing paths (@list.txt).",
     show_default=False)]
-OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; mirrors the input tree.")]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder; mirrors the input tree. Never the input folder itself: outputs are not written beside the originals.")]
 Glob = Annotated[str | None, typer.Option("--glob", help="Only files whose name matches this pattern, e.g. '*.jpg'.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Skip inputs already done with the same settings (manifest).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Skip inputs already done with the same settings (from the manifest in --out).")]
 Quality = Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality of outputs.")]
 KeepMetadata = Annotated[bool, typer.Option(
     "--keep-metadata", help="Keep EXIF (never GPS). By default all metadata is stripped.")]
@@ -449,12 +467,12 @@ def resolve_max_pixels_option(value: int | None) -> int:
 # a usage error naming the variable); the command's default applies only when neither is set.
 MaxPixels = Annotated[int | None, typer.Option(
     "--max-pixels", envvar=MAX_PIXELS_ENV, callback=_max_pixels_value,
-    help=f"Refuse images with more pixels (decompression bombs); 0 = no limit. [default: {DEFAULT_MAX_PIXELS}]",
+    help=f"Refuse images with more pixels (decompression bombs); 0 = no limit. \\[default: {DEFAULT_MAX_PIXELS}]",
     show_default=False)]
 Format = Annotated[str | None, typer.Option("--format", help="Output format for all files: jpg, png, webp, tiff, bmp.")]
-OnNoFace = Annotated[str, typer.Option("--on-no-face", help="No face found: skip | copy (unchanged) | error.")]
+OnNoFace = Annotated[str, typer.Option("--on-no-face", help="When no face is found: skip (write nothing) | copy (write it unchanged, metadata stripped) | error (the file fails).")]
 MaxFaces = Annotated[int | None, typer.Option("--max-faces", min=1, help="Only the N largest faces per image.")]
-MinFaceSize = Annotated[float, typer.Option("--min-face-size", help="Ignore faces smaller than this (pixels).")]
+MinFaceSize = Annotated[float, typer.Option("--min-face-size", min=0.0, help="Ignore faces smaller than this (pixels).")]
 Detector = Annotated[str, typer.Option("--detector", help="Face detector from the model registry: mtcnn, yunet, centerface.")]
 
 
@@ -466,3 +484,101 @@ def suffix_of(fmt: str | None) -> str | None:
     if fmt not in table:
         raise ConfigError(f"--format {fmt}: use one of jpg, png, webp, tiff, bmp")
     return table[fmt]
+
+
+# ----------------------------------------------------------------- checked numeric options
+class OptionValueError(typer.BadParameter):
+    """A bad option value, reported as its message alone and exit 2: ``Error: --epsilon 1.5:
+    must be in (0, 64/255] ...`` (click's "Invalid value for ..." prefix would repeat the name)."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def epsilon_callback(value: str | float | None) -> float | None:
+    """``--epsilon`` text -> the budget in [0, 1] units (:func:`facepriv.attacks.config.parse_epsilon`,
+    the one parser of every command), or a usage error (exit 2) with its range message."""
+    if value is None:
+        return None
+    from ..attacks.config import parse_epsilon  # lazily: the attacks package imports the models
+
+    try:
+        return parse_epsilon(value, "--epsilon")
+    except ConfigError as exc:
+        raise OptionValueError(str(exc)) from None
+
+
+EPSILON_HELP = ("L-inf budget: the most any pixel may change. 8/255 means each pixel changes by at most 8 of "
+                "255 levels (about 3 % of the range: invisible on most photos). Write 8/255, 8 (whole levels) "
+                "or 0.03 (a fraction); at most 64/255.")
+
+
+def epsilon_option(help: str = EPSILON_HELP, **kwargs) -> Any:
+    """The ``--epsilon`` option of every command (protect, deid): parsed and range-checked at
+    parse time; the command receives a float in [0, 1] units, or None when it was not given.
+
+    Use it as ``epsilon: Annotated[str | None, common.epsilon_option(help=..., rich_help_panel=...)] = None``
+    or, with the default help, ``epsilon: common.Epsilon = None``."""
+    kwargs.setdefault("show_default", False)
+    kwargs.setdefault("metavar", "EPS")
+    return typer.Option("--epsilon", callback=epsilon_callback, help=help, **kwargs)
+
+
+#: ``--epsilon`` with the default help; the value the command sees is a float (or None)
+Epsilon = Annotated[str | None, epsilon_option()]
+
+
+def positive(value: float | int | None, param: typer.CallbackParam) -> float | int | None:
+    """Callback of numeric options that must be > 0 (typer's ``min`` cannot exclude 0)."""
+    if value is not None and not value > 0:
+        name = (param.opts or [f"--{param.name}"])[0]
+        raise OptionValueError(f"{name} {value:g}: must be > 0")
+    return value
+
+
+# ----------------------------------------------------------------- help rendering
+def _hide_flag_types() -> None:
+    """Typer's rich help prints a type after every option, ``<bool>`` after flags too, which
+    reads as if ``--utility`` took a value; flags (``--x`` or ``--x/--no-x``) get none."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # an older typer, which never printed it
+        return
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_facepriv_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    display_type_rich._facepriv_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+# ----------------------------------------------------------------- quiet output
+def warn(text: object) -> None:
+    """``warning: TEXT`` on stderr, except with ``--quiet`` (which prints errors only)."""
+    if not state.quiet:
+        print_warning(text)
+
+
+def info(text: object) -> None:
+    """A cyan note on stderr, except with ``--quiet`` or ``--json``."""
+    if not (state.quiet or state.json):
+        err_console.print(Text(str(text), style="cyan"), soft_wrap=True)
+
+
+def finish_batch(summary, title: str) -> None:
+    """The end of a batch command: the summary (:func:`print_batch_summary`), or with
+    ``--quiet`` only the failed files, as errors on stderr (``--json`` still prints its JSON)."""
+    if state.json or not state.quiet:
+        print_batch_summary(summary, title)
+        return
+    for path, err in summary.failures:
+        first = err.splitlines()[0] if err else "failed"
+        print_error(f"{path}: {first}")

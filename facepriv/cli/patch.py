@@ -11,13 +11,14 @@ from ..core.device import resolve_device
 from ..core.faces import FacePolicy
 from ..core.pipeline import SaveOptions
 from . import common
-from .common import emit_json, err_console, handle_errors, out_console, state
+from .common import emit_json, handle_errors, out_console, state
 
 app = typer.Typer(
     help=(
         "Adversarial patches made in one pass by a trained generator.\n\n"
-        "Train once against surrogate face-recognition models, then patch any number of photos "
-        "without per-image optimisation (evasion, or impersonation of a --target)."
+        "Train once against surrogates (face-recognition models the patch is optimised against), then "
+        "patch any number of photos without per-image optimisation: evasion (also called dodging: the face "
+        "is no longer recognised as its owner), or impersonation (it is recognised as the --target person)."
     ),
     no_args_is_help=True,
 )
@@ -50,24 +51,24 @@ def train(
     data: Annotated[list[Path], typer.Option("--data", help="Photos (files, folders or @lists) whose faces to train on; repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Generator folder (config, weights, checkpoints, cache).")] = Path("patch-generator"),
     targets: Annotated[list[Path] | None, typer.Option("--targets", help="Target identity photos (one face each); omit for evasion only.")] = None,
-    surrogates: Annotated[str, typer.Option("--surrogates", help="Differentiable FR models to attack, comma-separated.")] = "dlib-resnet,facenet-casia",
+    surrogates: Annotated[str, typer.Option("--surrogates", help="Surrogates: the face-recognition models the patch is optimised against (comma list; they must be differentiable).")] = "dlib-resnet,facenet-casia",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training faces.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per training step.")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=common.positive, help="Learning rate of the optimiser (Adam; > 0).")] = 1e-3,
     region: Annotated[str, typer.Option("--region", help="forehead | eyeglass | cheek | path of a mask image (aligned ArcFace-112 frame, white = patch).")] = "forehead",
-    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side in pixels (power of two).")] = 64,
-    base_channels: Annotated[int, typer.Option("--channels", help="Width of the generator (channels of its first layer).")] = 16,
+    patch_size: Annotated[int, typer.Option("--patch-size", min=8, help="Patch side in pixels (a power of two, 8 or more).")] = 64,
+    base_channels: Annotated[int, typer.Option("--channels", min=4, help="Width of the generator (channels of its first layer).")] = 16,
     fusion: Annotated[str, typer.Option("--fusion", help="concat | attention: how source and target features are fused.")] = "concat",
-    pull: Annotated[float, typer.Option("--pull", help="Weight of the pull towards the target.")] = 1.0,
-    push: Annotated[float, typer.Option("--push", help="Weight of the push away from the source.")] = 1.0,
-    tv: Annotated[float, typer.Option("--tv", help="Weight of the total-variation (smoothness) term.")] = 0.05,
-    nps: Annotated[float, typer.Option("--nps", help="Weight of the non-printability term (0 = off).")] = 0.0,
+    pull: Annotated[float, typer.Option("--pull", min=0.0, help="Weight of the pull towards the target (impersonation).")] = 1.0,
+    push: Annotated[float, typer.Option("--push", min=0.0, help="Weight of the push away from the face's own identity (evasion).")] = 1.0,
+    tv: Annotated[float, typer.Option("--tv", min=0.0, help="Weight of the total-variation (smoothness) term: higher = a smoother patch.")] = 0.05,
+    nps: Annotated[float, typer.Option("--nps", min=0.0, help="Weight of the non-printability term: keeps colours a printer can make (0 = off).")] = 0.0,
     palette: Annotated[Path | None, typer.Option("--palette", help="Printable colours: R,G,B lines (0-255) or a swatch image.")] = None,
-    evasion_prob: Annotated[float, typer.Option("--evasion-share", help="With --targets: share of samples trained for evasion.")] = 0.25,
+    evasion_prob: Annotated[float, typer.Option("--evasion-share", min=0.0, max=1.0, help="With --targets: share of samples trained for evasion (0-1).")] = 0.25,
     natural: Annotated[bool, typer.Option("--natural", help="Decode patches through a pretrained latent autoencoder.")] = False,
     autoencoder: Annotated[str, typer.Option("--autoencoder", help="Natural mode: registry name, hub id or diffusers folder.")] = "taesd",
     prior_unet: Annotated[str | None, typer.Option("--prior-unet", help="Natural mode: diffusers UNet2DModel or UNet2DConditionModel (run with a null conditioning) folder/hub id trained on the autoencoder's latents (score-distillation prior).")] = None,
-    prior: Annotated[float, typer.Option("--prior", help="Weight of the latent prior.")] = 0.0,
+    prior: Annotated[float, typer.Option("--prior", min=0.0, help="Weight of the latent prior (0 = off).")] = 0.0,
     eot: Annotated[bool, typer.Option("--eot/--no-eot", help="Random placement / colour jitter while training.")] = True,
     max_steps_per_epoch: Annotated[int | None, typer.Option("--max-steps-per-epoch", min=1, help="Cap the steps of each epoch (default: one pass over the faces).")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Also checkpoint every N steps inside an epoch (0 = after each epoch only).")] = 0,
@@ -93,6 +94,8 @@ def train(
     res = train_patch_generator(cfg, device=device, resume=resume, progress=not (state.quiet or state.json))
     if state.json:
         emit_json(res.to_json())
+        return
+    if state.quiet:
         return
     last = res.history[-1] if res.history else {}
     out_console.print(f"trained {res.epochs} epochs ({res.steps} steps) on {res.faces} faces"
@@ -126,8 +129,8 @@ def apply(
 
     cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=detector,
                            batch_size=batch_size, photo_batch=photo_batch)
-    if target is None and not (state.quiet or state.json):
-        err_console.print("[cyan]no --target: evasion patches")
+    if target is None:
+        common.info("no --target: evasion patches (the faces stop matching their owners)")
     summary = run_patch_apply(
         inputs, out, cfg,
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
@@ -135,5 +138,5 @@ def apply(
         device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
         progress=not (state.quiet or state.json), verbose=state.verbose,
     )
-    common.print_batch_summary(summary, f"patch apply ({'impersonation' if target else 'evasion'})")
+    common.finish_batch(summary, f"patch apply ({'impersonation' if target else 'evasion'})")
     raise typer.Exit(summary.exit_code)
