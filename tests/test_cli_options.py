@@ -251,12 +251,19 @@ def test_quiet_deid_still_prints_the_failures_as_errors(tmp_path, photo_dir, fak
 def test_quiet_patch_apply_prints_nothing_when_all_went_well(tmp_path, photo_dir, monkeypatch):
     import facepriv.patch as patch_pkg
 
-    monkeypatch.setattr(patch_pkg, "run_patch_apply", lambda *a, **k: _fake_summary(tmp_path))
+    warned = []
+
+    def run(*a, warn=True, **k):
+        warned.append(warn)  # the generator's "will probably not protect" warning
+        return _fake_summary(tmp_path)
+
+    monkeypatch.setattr(patch_pkg, "run_patch_apply", run)
     args = ("patch", "apply", photo_dir, "--generator", tmp_path, "--out", tmp_path / "o")
     loud = invoke(*args)
     assert loud.exit_code == 0 and "no --target" in loud.output and "processed" in loud.output
     quiet = invoke("-q", *args)
     assert quiet.exit_code == 0 and quiet.output.strip() == ""
+    assert warned == [True, False]
 
 
 def test_quiet_audit_prints_only_errors(tmp_path, photo_dir, monkeypatch):

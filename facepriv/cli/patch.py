@@ -136,7 +136,7 @@ def apply(
         policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
         save=SaveOptions(quality=quality, keep_metadata=keep_metadata, max_pixels=max_pixels),
         device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
-        progress=not (state.quiet or state.json), verbose=state.verbose,
+        progress=not (state.quiet or state.json), verbose=state.verbose, warn=not state.quiet,
     )
     common.finish_batch(summary, f"patch apply ({'impersonation' if target else 'evasion'})")
     raise typer.Exit(summary.exit_code)
