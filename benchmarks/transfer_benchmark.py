@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 OFFLINE = ("dlib-resnet", "facenet-casia", "sface")
-HELDOUT = "mobileface-heldout"
+HELDOUT = "heldout-mobileface-v2"
 FARS = ("1e-2", "1e-3")
 
 # name -> (method, options); transfer options are TransferOptions fields, attack = TransferConfig fields
@@ -86,37 +86,23 @@ def read_pairs(lfw: Path) -> list[tuple[Path, Path, bool]]:
 
 
 # ----------------------------------------------------------------------------- judges
-class OnnxJudge:
-    """The held-out recogniser: 112x112 ArcFace-aligned RGB, raw 0-255, cosine."""
+def heldout_judge(path: Path):
+    """The held-out recogniser (112x112 ArcFace-aligned RGB, raw 0-255, cosine) through onnxruntime."""
+    from facepriv.models.recognition import OnnxFaceRecognizer
+    from facepriv.models.registry import ModelSpec
 
-    metric = "cosine"
-
-    def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def embed(self, x, lm):
-        import torch
-        from facepriv.core.align import align_faces
-
-        crops = align_faces(x, lm, "arcface-112", size=(112, 112)).crops
-        e = self.sess.run(None, {"data": (crops * 255).cpu().numpy().astype(np.float32)})[0]
-        return torch.nn.functional.normalize(torch.from_numpy(e), dim=-1)
+    spec = ModelSpec(name=HELDOUT, task="recognition", architecture="MobileFace V2", description="held-out judge",
+                     license="MIT", sources=(), loader=lambda ctx: None, input_size=(112, 112),
+                     template="arcface-112", embedding_size=256, metric="cosine", differentiable=False,
+                     runtime="onnxruntime")
+    return OnnxFaceRecognizer(spec, str(path), lambda x: x * 255.0)
 
 
-class TorchJudge:
-    def __init__(self, name: str):
-        from facepriv.models import create_model
+def recognisers(heldout: Path) -> dict:
+    """Every judge: the offline recognisers and the held-out model."""
+    from facepriv.models import create_model
 
-        self.model = create_model(name)
-        self.metric = self.model.spec.metric or "cosine"
-
-    def embed(self, x, lm):
-        from facepriv.core.align import align_faces
-
-        s = self.model.spec
-        return self.model(align_faces(x, lm, s.template, size=tuple(s.input_size)).crops)
+    return {**{n: create_model(n) for n in OFFLINE}, HELDOUT: heldout_judge(heldout)}
 
 
 def similarity(metric, a, b) -> np.ndarray:
@@ -129,17 +115,18 @@ def similarity(metric, a, b) -> np.ndarray:
 
 class Judges:
     def __init__(self, heldout: Path):
-        self.models = {n: TorchJudge(n) for n in OFFLINE}
-        self.models[HELDOUT] = OnnxJudge(heldout)
+        self.models = recognisers(heldout)
 
     def embed(self, x, lm) -> dict:
         import torch
+        from facepriv.core.align import align_faces
 
         with torch.no_grad():
-            return {n: m.embed(x, lm) for n, m in self.models.items()}
+            return {n: m(align_faces(x, lm, m.spec.template, size=tuple(m.spec.input_size)).crops)
+                    for n, m in self.models.items()}
 
     def sim(self, name, a, b) -> float:
-        return float(similarity(self.models[name].metric, a, b)[0])
+        return float(similarity(self.models[name].spec.metric or "cosine", a, b)[0])
 
 
 # ----------------------------------------------------------------------------- images
@@ -204,40 +191,28 @@ def torch_zeros_like_mask(x):
 
 # ----------------------------------------------------------------------------- calibrate
 def calibrate(args) -> dict:
-    """FAR thresholds of every judge on LFW's standard pairs (cached in --cache/thresholds.json)."""
-    from facepriv.audit.thresholds import calibrate_scores
-    from facepriv.core.align import landmarks_tensor
-    from facepriv.core.progress import make_progress
-    from facepriv.models import create_model
-
+    """FAR thresholds of every judge on LFW's standard pairs, through ``facepriv audit calibrate``'s
+    engine (:func:`facepriv.audit.calibrate.run_calibration`, MTCNN, largest face); cached in
+    ``--cache/thresholds.json``. ``--from FILE`` reads a JSON that engine already wrote."""
     out = args.cache / "thresholds.json"
     if out.is_file() and not args.force:
         return json.loads(out.read_text())
-    pairs = read_pairs(args.lfw)
-    files = sorted({p for a, b, _ in pairs for p in (a, b)})
-    det, judges = create_model("mtcnn"), Judges(args.heldout)
-    emb: dict[str, dict] = {}
-    with make_progress() as bar:
-        task = bar.add_task("embedding LFW pairs", total=len(files))
-        for f in files:
-            img, x = load(f)
-            face = largest(det, img.rgb)
-            if face is not None:
-                emb[str(f)] = judges.embed(x, landmarks_tensor([face]))
-            bar.advance(task)
-    res = {"pairs": len(pairs), "images": len(files), "no_face": len(files) - len(emb), "models": {}}
-    for name, m in judges.models.items():
-        g, i = [], []
-        for a, b, same in pairs:
-            if str(a) in emb and str(b) in emb:
-                s = float(similarity(m.metric, emb[str(a)][name], emb[str(b)][name])[0])
-                (g if same else i).append(s)
-        cal = calibrate_scores(g, i, fars=FARS)
-        res["models"][name] = {"thresholds": cal["thresholds"], "tar_at_far": cal["tar_at_far"],
-                               "n_genuine": cal["n_genuine"], "n_impostor": cal["n_impostor"]}
+    if args.from_file is not None:
+        res = json.loads(Path(args.from_file).read_text())
+    else:
+        from facepriv.audit.calibrate import CalibrationConfig, run_calibration
+
+        models = recognisers(args.heldout)
+        cfg = CalibrationConfig(pairs=args.lfw / "pairs.txt", root=args.lfw / "images", models=list(models),
+                                store=False, detector="mtcnn", device="cpu")
+        res = run_calibration(cfg, recognizers=models)
+    keep = {m: {"thresholds": {f: r["thresholds"][f] for f in FARS},
+                "tar_at_far": {f: r.get("tar_at_far", {}).get(f) for f in FARS},
+                "n_genuine": r.get("n_genuine"), "n_impostor": r.get("n_impostor")}
+            for m, r in res.items() if isinstance(r, dict) and "thresholds" in r}
     args.cache.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    return res
+    out.write_text(json.dumps({"source": "LFW pairs.txt, run_calibration (mtcnn)", "models": keep}, indent=2))
+    return json.loads(out.read_text())
 
 
 # ----------------------------------------------------------------------------- protect
@@ -383,6 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=Path, default=SHARED / "models" / "heldout" / "mobileface_v2.onnx")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "facepriv-bench" / "transfer")
     ap.add_argument("--force", action="store_true", help="recalibrate")
+    ap.add_argument("--from", dest="from_file", type=Path, help="calibrate: read run_calibration's JSON output")
     args = ap.parse_args(argv)
     if not (args.lfw / "pairs.txt").is_file() or not args.heldout.is_file():
         print(f"skipped: needs {args.lfw}/pairs.txt and {args.heldout} (../shared)")

@@ -53,6 +53,8 @@ class TransferConfig:
     min_psnr / start_psnr / psnr_step: the quality floor of each face region (dB), the level the
     budget starts at, and how much it is raised per escalation (start = floor: no escalation).
     steps / level_steps: optimisation steps at the first level / at each further level.
+    person_steps / refine_steps: steps of a person's shared pattern (:func:`person_pattern`) and
+    first-level steps of a photo warm-started from it.
     copies: random views per step (EOT); ``eot`` None = views are the plain crop.
     hardest: softmax temperature of the hardest-model weighting (0 = plain mean).
     dropout: feature-dropout probability in the surrogates (0 = off).
@@ -67,6 +69,8 @@ class TransferConfig:
     psnr_step: float = 2.0
     steps: int = 16
     level_steps: int = 8
+    person_steps: int = 24  # steps of the per-person pattern (OPOM-style warm start)
+    refine_steps: int = 6  # first-level steps of a photo that starts from its person's pattern
     copies: int = 2
     eot: EOTConfig | None = field(default_factory=EOTConfig)
     hardest: float = 0.05
@@ -278,13 +282,15 @@ def _reference(own: dict[str, torch.Tensor], person: dict[str, torch.Tensor] | N
 
 def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: TransferConfig | None = None, *,
                     checkers=None, person: dict[str, torch.Tensor] | None = None,
-                    anchor: dict[str, torch.Tensor] | None = None, progress=None) -> AttackResult:
+                    anchor: dict[str, torch.Tensor] | None = None, pattern: PersonPattern | None = None,
+                    progress=None) -> AttackResult:
     """Protect ``faces`` of ``image`` (3, H, W) in [0, 1]; see the module docstring.
 
     ensemble: the surrogates (:class:`~facepriv.attacks.SurrogateEnsemble`); checkers: held-out
     recognisers (same interface, used without gradients) that decide the escalation and the
     verdict; person: ``{model: (M, D)}`` embeddings of the person's other photos, for every
-    surrogate and checker; anchor: ``{surrogate: (1, D)}`` identity to pull towards.
+    surrogate and checker; anchor: ``{surrogate: (1, D)}`` identity to pull towards; pattern:
+    the person's shared pattern (:func:`person_pattern`) to start from, then ``refine_steps``.
     """
     from .linf import _ensemble_device, resolve_thresholds
 
@@ -309,11 +315,18 @@ def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: Trans
     st = _State(crop, torch.zeros_like(crop.x), torch.zeros_like(crop.x), cap,
                 torch.ones(n, dtype=torch.bool, device=dev), [cfg.levels()[0]] * n, [0] * n)
     gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    # start a hair away from the clean photo: there the dodging loss is at its maximum and its
+    # gradient can be exactly zero (views without jitter); a quarter level of seeded noise breaks it
+    st.delta = (torch.rand(crop.x.shape, generator=gen) * 2 - 1).to(dev) * (0.25 / 255.0) * crop.union
+    if pattern is not None:
+        d = torch.maximum(torch.minimum(pattern.render(crop), cap), -cap)
+        st.delta = project_psnr((crop.x + d).clamp(0, 1) - crop.x, crop.masks, crop.owner, cfg.levels()[0])
+        cfg = dataclasses.replace(cfg, steps=cfg.refine_steps)
     judge, jthr = (checkers, thr_chk) if checkers is not None else (ensemble, thr)
     jref = _reference(own_chk if checkers is not None else own, person)
     q = _escalate(st, ensemble, centres, cosine_thresholds(ensemble, thr), cfg, anchor, gen, judge, jref, jthr,
                   progress)
-    rows = _report(rows, st, q, ensemble, checkers, own, own_chk, person, {**thr, **thr_chk})
+    rows = _report(rows, st, q, ensemble, checkers, person, {**thr, **thr_chk})
     out = crop.paste(x_full, q)
     return AttackResult(out.to(image.device, image.dtype), rows, float((q - crop.x).abs().max()), cfg.to_json())
 
@@ -335,6 +348,8 @@ def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, 
         for k in torch.nonzero(st.active).flatten().tolist():
             st.level[k] = psnr
         for _ in range(cfg.steps if li == 0 else cfg.level_steps):
+            if cfg.steps == 0 and li == 0:
+                break
             _step(st, ensemble, centres, cthr, cfg, psnr, anchor, gen)
             if task is not None:
                 progress.advance(task)
@@ -348,35 +363,125 @@ def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, 
 
 
 @torch.no_grad()
-def _report(rows, st: _State, q, ensemble, checkers, own, own_chk, person, thresholds) -> list[dict]:
+def face_verdicts(groups, x: torch.Tensor, q: torch.Tensor, lm: torch.Tensor, thresholds: dict,
+                  person: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Per face: every model's similarity to the original (``similarity``) and to the person's
+    other photos (``person_similarity``), before and after, with the verdict at its threshold.
+
+    groups: ``[(role, models)]`` (role "surrogate" or "held-out"); x / q: original and protected
+    image (the same crop or photo); lm (N, 5, 2) landmarks in it. ``passed`` is True when the
+    model no longer matches, None when no threshold is known for it.
+    """
+    out = [{"similarity": {}, "person_similarity": {}} for _ in range(lm.shape[0])]
+    for role, models in groups:
+        before, after = models.embed(x, lm), models.embed(q, lm)
+        for name, m in zip(models.names, models.members):
+            t = thresholds.get(name)
+            metric = getattr(m.spec, "metric", None) or "cosine"
+            refs = [("similarity", before[name])]
+            if person is not None and name in person and person[name].numel():
+                refs.append(("person_similarity", person[name].to(before[name]).mean(0, keepdim=True)))
+            for key, ref in refs:
+                for k in range(lm.shape[0]):
+                    r = ref[k: k + 1] if key == "similarity" else ref
+                    b = float(_similarity(m, before[name][k: k + 1], r)) + 0.0  # no -0.0
+                    a = float(_similarity(m, after[name][k: k + 1], r)) + 0.0
+                    out[k][key][name] = {"role": role, "before": round(b, 5), "after": round(a, 5), "threshold": t,
+                                         "passed": None if t is None else a < t, "metric": metric}
+    return out
+
+
+def _report(rows, st: _State, q, ensemble, checkers, person, thresholds) -> list[dict]:
     """Per-face rows: similarity of every surrogate and checker before/after, verdicts, PSNR, level."""
     c = st.crop
-    after = ensemble.embed(q, c.lm)
-    after_chk = checkers.embed(q, c.lm) if checkers is not None else {}
-    groups = [("surrogate", ensemble, own, after)]
-    if checkers is not None:
-        groups.append(("held-out", checkers, own_chk, after_chk))
+    groups = [("surrogate", ensemble)] + ([("held-out", checkers)] if checkers is not None else [])
+    verdicts = face_verdicts(groups, c.x, q, c.lm, thresholds, person)
     for k, i in enumerate(c.ids):
-        sim, psim = {}, {}
-        for role, models, before, aft in groups:
-            for name, m in zip(models.names, models.members):
-                t = thresholds.get(name)
-                s_after = float(_similarity(m, aft[name][k: k + 1], before[name][k: k + 1]))
-                sim[name] = {"role": role, "before": round(float(_similarity(m, before[name][k: k + 1],
-                                                                                 before[name][k: k + 1])), 5) + 0.0,
-                             "after": round(s_after, 5), "threshold": t,
-                             "passed": None if t is None else s_after < t,
-                             "metric": getattr(m.spec, "metric", None) or "cosine"}
-                if person is not None and name in person and person[name].numel():
-                    ref = person[name].to(aft[name]).mean(0, keepdim=True)
-                    pa = float(_similarity(m, aft[name][k: k + 1], ref))
-                    psim[name] = {"role": role, "before": round(float(_similarity(m, before[name][k: k + 1], ref)), 5),
-                                  "after": round(pa, 5), "threshold": t, "passed": None if t is None else pa < t}
-        face_pix = c.masks[k] > 0
-        row = {"face": i, "status": "attacked", "method": "transfer", "mode": "dodging", "steps": st.steps[k],
-               "psnr_level": st.level[k], "face_psnr": round(masked_psnr(q, c.x, c.masks[k]), 3),
-               "linf": float(((q - c.x).abs() * face_pix).amax()), "similarity": sim}
-        if psim:
-            row["person_similarity"] = psim
+        moved = any(v["after"] != v["before"] for v in verdicts[k]["similarity"].values())
+        linf = float(((q - c.x).abs() * (c.masks[k] > 0)).amax())
+        row = {"face": i, "status": "attacked" if linf > 0 and moved else "failed", "method": "transfer",
+               "mode": "dodging", "steps": st.steps[k], "psnr_level": st.level[k],
+               "face_psnr": round(masked_psnr(q, c.x, c.masks[k]), 3), "linf": linf, **verdicts[k]}
+        if row["status"] == "failed":
+            row["reason"] = "the attack changed no pixel of this face" if linf == 0 else "no model moved"
+        if not row["person_similarity"]:
+            del row["person_similarity"]
         rows[i] = row
     return rows
+
+
+# ----------------------------------------------------------------------------- per person
+@dataclass
+class PersonPattern:
+    """One perturbation pattern shared by all photos of a person (OPOM, Zhong & Deng 2022),
+    kept in an aligned face frame (``template`` at ``size`` px) and warped into each photo."""
+
+    delta: torch.Tensor  # (3, size, size)
+    template: str = "facenet-160"
+    size: int = 128
+
+    def render(self, crop: FaceCrop, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The pattern in the crop's pixels (3, h, w), inside the faces' regions (differentiable)."""
+        from kornia.geometry.transform import warp_affine
+
+        from ..core.align import get_template, invert_affine, similarity_transform
+
+        p = self.delta if delta is None else delta
+        tpl = get_template(self.template)
+        dst = tpl.tensor(crop.x.device) * torch.tensor([self.size / tpl.size[1], self.size / tpl.size[0]],
+                                                       device=crop.x.device)
+        inv = invert_affine(similarity_transform(crop.lm, dst))  # aligned frame -> crop pixels
+        h, w = crop.x.shape[-2:]
+        out = torch.zeros_like(crop.x)
+        for k in range(crop.lm.shape[0]):
+            warped = warp_affine(p[None], inv[k: k + 1], dsize=(h, w), mode="bilinear", padding_mode="zeros",
+                                 align_corners=True)[0]
+            out = out + warped * (crop.owner == k)[None]
+        return out * crop.union
+
+
+def person_pattern(samples: list[tuple[torch.Tensor, Face]], ensemble, cfg: TransferConfig | None = None, *,
+                   batch: int = 4, progress=None) -> PersonPattern:
+    """Optimise one pattern over ``samples`` (photo (3, H, W), the person's face) for
+    ``cfg.person_steps`` steps, pushing every photo from the centre of the person's embeddings
+    at the ``min_psnr`` budget; a few per-photo steps from it then finish each photo."""
+    cfg = (cfg or TransferConfig()).validate()
+    dev = next((p.device for p in ensemble.parameters()), torch.device("cpu"))
+    e = cfg.eot
+    grow = (e.scale + e.shift + math.sin(math.radians(e.rotate)) + 3 * e.jitter) if e is not None else 0.0
+    crops = [c for c in (face_crop(x.to(dev), [f], ensemble, region=cfg.region, feather=cfg.feather, grow=grow)
+                         for x, f in samples) if c is not None]
+    if not crops:
+        raise ConfigError("no usable face among the person's photos")
+    from .linf import resolve_thresholds
+
+    with torch.no_grad():
+        embs = [ensemble.embed(c.x, c.lm) for c in crops]
+    centre = {k: F.normalize(torch.cat([F.normalize(e_[k], dim=-1) for e_ in embs]).mean(0, keepdim=True), dim=-1)
+              for k in ensemble.names}
+    cthr = cosine_thresholds(ensemble, resolve_thresholds(ensemble, _far_cfg(cfg), required=False))
+    pat = PersonPattern(torch.zeros(3, 128, 128, device=dev))
+    acc = torch.zeros_like(pat.delta)
+    rms = math.sqrt(allowed_mse(cfg.min_psnr))
+    gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    task = progress.add_task("person pattern", total=cfg.person_steps) if progress is not None else None
+    for step in range(cfg.person_steps):
+        p = pat.delta.clone().requires_grad_(True)
+        loss = 0.0
+        for c in (crops[(step * batch + j) % len(crops)] for j in range(min(batch, len(crops)))):
+            xin = (c.x + torch.clamp(pat.render(c, p), -cfg.linf_cap, cfg.linf_cap)).clamp(0, 1)
+            views = random_views(xin, c.lm, c.sizes, cfg.copies, cfg.eot, gen)
+            with feature_dropout(list(ensemble.members), cfg.dropout, gen):
+                emb = embed_views(ensemble, views)
+            loss = loss + transfer_loss(emb, {k: v.expand(len(c.ids), -1) for k, v in centre.items()}, cthr,
+                                        cfg.hardest).sum() / len(views)
+        g = torch.autograd.grad(loss, p)[0]
+        acc = cfg.momentum * acc + g / g.pow(2).mean().sqrt().clamp_min(1e-12)
+        d = pat.delta - cfg.step_scale * rms * acc / acc.pow(2).mean().sqrt().clamp_min(1e-12)
+        d = d.clamp(-cfg.linf_cap, cfg.linf_cap)
+        pat.delta = (d * min(1.0, 1.5 * rms / float(d.pow(2).mean().sqrt().clamp_min(1e-12)))).detach()
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.update(task, visible=False)
+    return pat

@@ -21,7 +21,7 @@ import torch
 from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
 from ..attacks.reference import target_images
 from ..attacks.config import METHODS, parse_epsilon
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import LoadedImage, load_image
 
@@ -108,6 +108,7 @@ class BaselineEditor:
         res = attack_faces(x, faces, self.ensemble, self.cfg.attack_config(levels), target_ref=self.target_ref,
                            progress=self.progress)
         self.last_result = res
+        ProtectionFailed.check(res.per_face, f"protect {self.cfg.method}")  # an unprotected face fails the photo
         return res.image
 
 

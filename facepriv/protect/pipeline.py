@@ -450,9 +450,12 @@ def _transfer_report(row: dict, roles) -> dict:
     keep = ("face", "status", "reason", "steps", "psnr_level", "face_psnr", "linf")
     out = {k: row[k] for k in keep if k in row}
     out["surrogates"], out["held_out"] = list(roles[0]), list(roles[1])
-    for key in ("similarity", "person_similarity"):
+    for key in ("similarity", "person_similarity", "verified_on"):
         if row.get(key):
             out[key] = row[key]
+    # the verdict per model (None: no threshold known): against the person's other photos when given
+    verdict = row.get("person_similarity") or row.get("similarity") or {}
+    out["passed"] = {m: v.get("passed") for m, v in verdict.items()}
     return out
 
 
@@ -490,13 +493,14 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
 
         topts = cfg.transfer_options()
         detector = create_model(cfg.detector, device=dev)
-        edit = build_transfer_editor(topts, dev, detector)
+        edit = build_transfer_editor(topts, dev, detector, output_suffix=output_suffix, quality=save.quality)
         details["transfer"] = topts.to_json()
 
         def process(item, dst):
             edit.last_result = None
             res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
             if edit.last_result is not None:
+                edit.verify_saved(res.output)
                 res.extra["attack"] = [_transfer_report(r, edit.last_roles) for r in edit.last_result.per_face]
                 res.extra["linf"] = round(float(edit.last_result.linf), 6)
             return res

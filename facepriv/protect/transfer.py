@@ -32,7 +32,7 @@ import torch
 
 from ..attacks import SurrogateEnsemble
 from ..attacks.transfer import TransferConfig, transfer_attack
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import IMAGE_SUFFIXES, LoadedImage, load_image
 
@@ -47,6 +47,7 @@ class TransferOptions:
     verify_with: str | list[str] = "loo"
     person: str | None = None
     identity_folders: bool = False
+    shared_pattern: bool = True  # per-person mode: start every photo from the person's shared pattern
     attack: TransferConfig = field(default_factory=TransferConfig)
 
     def __post_init__(self):
@@ -103,8 +104,10 @@ def _group(models: dict, names: list[str]) -> SurrogateEnsemble | None:
 class TransferEditor:
     """The ``EditFn`` of ``--method transfer``; ``last_result`` keeps the latest report."""
 
-    def __init__(self, opts: TransferOptions, device, detector: FaceDetector | None, progress=None):
+    def __init__(self, opts: TransferOptions, device, detector: FaceDetector | None, progress=None, *,
+                 output_suffix: str | None = None, quality: int = 95):
         self.opts = opts
+        self.output_suffix, self.quality = output_suffix, quality
         self.rotation = opts.roles()
         names = sorted({n for s, j in self.rotation for n in (*s, *j)})
         self.models = _load(names, device)
@@ -118,26 +121,119 @@ class TransferEditor:
         self.turn = 0
         self.last_result = None
         self.last_roles: tuple[list[str], list[str]] | None = None
-        self._person_cache: dict[str, dict[str, list]] = {}
+        self._person_cache: dict[str, dict[str, dict]] = {}
+        self._patterns: dict[tuple, object] = {}
+        self._faces: dict[str, list] = {}
 
     def __call__(self, x: torch.Tensor, faces: list[Face], loaded: LoadedImage | None = None) -> torch.Tensor:
         path = getattr(loaded, "path", None)
-        # a stable choice per file name: the same photo gets the same judge on a rerun or a shard
-        turn = zlib.crc32(Path(path).name.encode()) if path is not None else self.turn
+        folder = self.person_folder(path)
+        # a stable choice per file name (per person in person mode, so that the person's shared
+        # pattern never saw the judge): the same photo gets the same judge on a rerun or a shard
+        key = folder.name if folder is not None else (Path(path).name if path is not None else None)
+        turn = zlib.crc32(key.encode()) if key is not None else self.turn
         self.turn += 1
         surr, judges = self.rotation[turn % len(self.rotation)]
         levels = 65535 if loaded is not None and loaded.bit_depth > 8 else 255
         cfg = dataclasses.replace(self.opts.attack, quantize=levels)
         person = self.person_embeddings(path)
+        pattern = self.pattern_for(folder, surr) if folder is not None and self.opts.shared_pattern else None
         res = transfer_attack(x, faces, _group(self.models, surr), cfg, checkers=_group(self.models, judges),
-                              person=person, progress=self.progress)
+                              person=person, pattern=pattern, progress=self.progress)
         self.last_result, self.last_roles = res, (surr, judges)
-        return res.image
+        self._last = (x.detach(), faces, person)
+        ProtectionFailed.check(res.per_face, "protect transfer")  # an unprotected face fails the photo
+        return self.fit_codec(x, res.image, faces, loaded)
+
+    def fit_codec(self, x: torch.Tensor, y: torch.Tensor, faces: list[Face], loaded: LoadedImage | None) -> torch.Tensor:
+        """Keep the face-region PSNR floor in a lossy output: a JPEG / WebP encoding adds its own
+        error, so the change is shrunk (3 % at a time) until the *encoded* faces hold the floor."""
+        import io as _io
+
+        import numpy as np
+        from PIL import Image
+
+        from ..attacks.budget import masked_psnr
+        from ..core.io import encode_image, output_format
+        from ..core.regions import region_mask
+
+        if loaded is None or loaded.path is None:
+            return y
+        fmt = output_format(Path("out" + (self.output_suffix or Path(loaded.path).suffix)), fallback=loaded.format)
+        if fmt not in ("JPEG", "WEBP"):
+            return y
+        cfg = self.opts.attack
+        masks = []
+        for f in faces:
+            r = region_mask(f, tuple(x.shape[-2:]), region=cfg.region, feather=cfg.feather, device=x.device)
+            if r is not None:
+                m = torch.zeros(1, *x.shape[-2:], device=x.device)
+                m[:, r.y0:r.y1, r.x0:r.x1] = r.mask
+                masks.append(m)
+        for _ in range(12):
+            data = encode_image(loaded.with_pixels(y), fmt, quality=self.quality)
+            dec = np.asarray(Image.open(_io.BytesIO(data)).convert("RGB"))
+            z = torch.from_numpy(dec.copy()).to(x.device).permute(2, 0, 1).float() / 255.0
+            if all(masked_psnr(z, x, m) >= cfg.min_psnr for m in masks):
+                return y
+            y = x + (y - x) * 0.97
+        return y
+
+    def verify_saved(self, path: str | Path) -> None:
+        """Re-measure the last photo's verdicts and face PSNR on the file as saved (after its
+        encoding) and update ``last_result.per_face`` in place (``verified_on: "saved file"``)."""
+        from ..attacks.budget import masked_psnr
+        from ..attacks.linf import resolve_thresholds
+        from ..attacks.transfer import _far_cfg, face_verdicts
+        from ..core.align import landmarks_tensor
+        from ..core.regions import region_mask
+
+        x, faces, person = self._last
+        rows = [r for r in self.last_result.per_face if r.get("status") in ("attacked", "failed")]
+        if not rows:
+            return
+        saved = load_image(path).to_tensor(x.device)
+        if saved.shape != x.shape:
+            return  # resized on save: the verdict stays the one measured before saving
+        surr, judges = self.last_roles
+        groups = [("surrogate", _group(self.models, surr))] + ([("held-out", _group(self.models, judges))]
+                                                              if judges else [])
+        thr: dict = {}
+        for _role, g in groups:
+            thr.update(resolve_thresholds(g, _far_cfg(self.opts.attack), required=False))
+        chosen = [faces[r["face"]] for r in rows]
+        verdicts = face_verdicts(groups, x, saved, landmarks_tensor(chosen, x.device), thr, person)
+        for r, v, f in zip(rows, verdicts, chosen):
+            reg = region_mask(f, tuple(x.shape[-2:]), region=self.opts.attack.region,
+                              feather=self.opts.attack.feather, device=x.device)
+            mask = torch.zeros(1, *x.shape[-2:], device=x.device)
+            mask[:, reg.y0:reg.y1, reg.x0:reg.x1] = reg.mask
+            r.update(v if v["person_similarity"] else {"similarity": v["similarity"]})
+            r["face_psnr"] = round(masked_psnr(saved, x, mask), 3)
+            r["verified_on"] = "saved file"
+
+    def person_folder(self, path: Path | None) -> Path | None:
+        """The folder of the person's photos: ``--person``, or the photo's own with identity folders."""
+        if self.opts.person:
+            return Path(self.opts.person).expanduser()
+        return Path(path).parent if self.opts.identity_folders and path is not None else None
+
+    def pattern_for(self, folder: Path, surrogates: list[str]):
+        """The person's shared pattern (computed once per person, against this photo's surrogates)."""
+        from ..attacks.transfer import person_pattern
+
+        key = (str(folder.resolve()), tuple(surrogates))
+        if key not in self._patterns:
+            samples = [(load_image(p).to_tensor(self.device), f) for p, f in self._faces_in(folder)[:8]]
+            if not samples:
+                return None
+            self._patterns[key] = person_pattern(samples, _group(self.models, list(surrogates)), self.opts.attack,
+                                                 progress=self.progress)
+        return self._patterns[key]
 
     def person_embeddings(self, path: Path | None) -> dict[str, torch.Tensor] | None:
         """Embeddings of the person's *other* photos (``--person`` or the photo's folder), per model."""
-        folder = Path(self.opts.person).expanduser() if self.opts.person else (
-            Path(path).parent if self.opts.identity_folders and path is not None else None)
+        folder = self.person_folder(path)
         if folder is None:
             return None
         key = str(folder.resolve())
@@ -150,31 +246,38 @@ class TransferEditor:
             return None
         return {n: torch.cat([r[n] for r in rows], 0) for n in self.models}
 
+    def _faces_in(self, folder: Path) -> list[tuple[Path, Face]]:
+        """(photo, its largest face) for every readable photo of the folder with a face (cached)."""
+        key = str(folder.resolve())
+        if key not in self._faces:
+            if self.detector is None:
+                raise ConfigError("a face detector is needed to read the person's photos")
+            found = []
+            for p in sorted(q for q in folder.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                            and not q.name.startswith(".")):
+                try:
+                    faces = self.detector.detect(load_image(p).rgb)
+                except Exception:  # noqa: BLE001 - a bad reference photo is left out, not fatal
+                    continue
+                if faces:
+                    found.append((p, max(faces, key=lambda f: f.width * f.height)))
+            self._faces[key] = found
+        return self._faces[key]
+
     @torch.no_grad()
     def _embed_folder(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         from ..core.align import landmarks_tensor
 
-        if self.detector is None:
-            raise ConfigError("a face detector is needed to read the person's photos")
         out = {}
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith("."))
-        for p in files:
-            try:
-                img = load_image(p)
-            except Exception:  # noqa: BLE001 - a bad reference photo is left out, not fatal
-                continue
-            found = self.detector.detect(img.rgb)
-            if not found:
-                continue
-            face = max(found, key=lambda f: f.width * f.height)
-            x = img.to_tensor(self.device)
-            lm = landmarks_tensor([face], x.device)
-            grp = _group(self.models, list(self.models))
-            out[str(p.resolve())] = {k: v.detach() for k, v in grp.embed(x, lm).items()}
+        grp = _group(self.models, list(self.models))
+        for p, face in self._faces_in(folder):
+            x = load_image(p).to_tensor(self.device)
+            out[str(p.resolve())] = {k: v.detach() for k, v in grp.embed(x, landmarks_tensor([face], x.device)).items()}
         return out
 
 
-def build_transfer_editor(opts: TransferOptions, device, detector: FaceDetector | None, progress=None) -> TransferEditor:
-    """Load every surrogate and judge once; return the per-photo edit function."""
-    return TransferEditor(opts, device, detector, progress=progress)
+def build_transfer_editor(opts: TransferOptions, device, detector: FaceDetector | None, progress=None, *,
+                          output_suffix: str | None = None, quality: int = 95) -> TransferEditor:
+    """Load every surrogate and judge once; return the per-photo edit function (``output_suffix``
+    and ``quality``: how photos will be saved, so a lossy output still holds the PSNR floor)."""
+    return TransferEditor(opts, device, detector, progress=progress, output_suffix=output_suffix, quality=quality)
