@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -314,7 +313,7 @@ def summarise(records: list[dict], thr: dict) -> dict:
         d = {"faces": len(rows)}
         for far in FARS:
             t = m["thresholds"][far]
-            def psr(variant, key, rows=rows, t=t):
+            def psr(variant, key, rows=rows, t=t, name=name):
                 ok = [r[variant].get("no_face") or r[variant][name][key] < t for r in rows]
                 return 100.0 * float(np.mean(ok))
             d[far] = {"other": psr("plain", "other"), "self": psr("plain", "self"),

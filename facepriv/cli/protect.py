@@ -108,10 +108,9 @@ def protect(
                                    "of the perturbed region for the baselines (default: 0.1).",
         rich_help_panel=_MAP)] = None,
     # ---- baselines
-    epsilon: Annotated[str | None, typer.Option(
-        "--epsilon", help="L-inf budget, the most any pixel may change: 8/255 (= 8 of 255 levels), 8 or 0.03 "
-                          "(default: 8/255 for the baselines; for transfer the cap 16/255, inside --min-psnr).",
-        show_default=False, rich_help_panel=_BASE)] = None,
+    epsilon: Annotated[str | None, common.epsilon_option(
+        help="L-inf budget, the most any pixel may change: 8/255 (= 8 of 255 levels), 8 or 0.03 (default: 8/255 "
+             "for the baselines; for transfer a cap of 16/255, inside --min-psnr).", rich_help_panel=_BASE)] = None,
     attack_steps: Annotated[int, typer.Option("--attack-steps", min=0, help="Attack iterations.",
                                               rich_help_panel=_BASE)] = 50,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Per-step change (default: from the "
@@ -202,7 +201,6 @@ def protect(
     keep_metadata: common.KeepMetadata = False,
     max_pixels: common.MaxPixels = None,
 ):
-    from ..attacks.config import parse_epsilon
     from ..protect import ProtectConfig, run_protect
 
     given = {"steps": steps, "lr": lr, "optimizer": optimizer, "t0": t0, "n_inv": n_inv, "n_gen": n_gen,
@@ -230,7 +228,7 @@ def protect(
         detector=detector, map=map_options, score_model=score_model, model=str(model) if model else None,
         save_model=str(save_model) if save_model else None, expression_model=expression_model,
         expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces,
-        feather=0.12 if feather is None else feather, epsilon=parse_epsilon(epsilon or "8/255"),
+        feather=0.12 if feather is None else feather, epsilon=8 / 255 if epsilon is None else epsilon,
         attack_steps=attack_steps,
         step_size=step_size, baseline_options=baseline_options,
     )
@@ -260,7 +258,6 @@ def protect(
 def _transfer_options(method, min_psnr, start_psnr, verify_with, person, identity_folders, copies, eot,
                       steps, epsilon, feather, seed) -> dict:
     """The transfer method's options, only where they apply (auto / transfer)."""
-    from ..attacks.config import parse_epsilon
     from ..core.errors import ConfigError
 
     if method not in ("auto", "transfer"):
@@ -274,7 +271,7 @@ def _transfer_options(method, min_psnr, start_psnr, verify_with, person, identit
         if value is not None:
             attack[key] = value
     if epsilon is not None:
-        attack["linf_cap"] = parse_epsilon(epsilon)
+        attack["linf_cap"] = float(epsilon)
     if not eot:
         attack["eot"] = None
     return {"verify_with": verify_with, "person": str(person) if person else None,
