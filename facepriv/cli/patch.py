@@ -102,6 +102,8 @@ def train(
                       f"{f' with {res.targets} targets' if res.targets else ' (evasion only)'} in {res.elapsed:.1f} s")
     if last:
         out_console.print("last epoch: " + ", ".join(f"{k} {v}" for k, v in last.items() if k not in ("epoch", "step")))
+    for line in res.summary_lines():
+        out_console.print(line, markup=False, highlight=False)
     out_console.print(f"generator: {res.out}  (facepriv patch apply PHOTOS --generator {res.out} --out DIR)", markup=False)
 
 
