@@ -329,3 +329,10 @@ def test_transfer_moves_a_held_out_real_recogniser(obama):
     assert row["face_psnr"] >= 32.0 and row["steps"] == 8
     assert sface["role"] == "held-out" and sface["after"] < sface["before"] - 0.3
     assert row["similarity"]["facenet-casia"]["after"] < 0.5
+
+
+def test_map_without_its_network_names_the_offline_method(tmp_path, isolated_home, monkeypatch):
+    monkeypatch.setenv("FACEPRIV_OFFLINE", "1")
+    src = _photos(tmp_path, ("obama.jpg",))
+    with pytest.raises(ConfigError, match="--method transfer"):
+        run_protect([src], tmp_path / "out", ProtectConfig(method="map"), progress=False)

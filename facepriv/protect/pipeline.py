@@ -260,6 +260,8 @@ class _MapRun:
     def __init__(self, cfg: ProtectConfig, device: torch.device, progress: bool, rank: int, world: int):
         from ..attacks.identity import IdentityReference, SurrogateEnsemble
         from ..models import create_model
+        from ..models.hub import OfflineError
+        from ..models.sources import NotAvailableError
         from .map.loading import load_base_score_model
 
         self.cfg = cfg
@@ -268,7 +270,13 @@ class _MapRun:
         self.progress = progress
         self.rank, self.world = rank, world
         self.score_ref = score_model_reference(cfg.score_model or DEFAULT_SCORE_MODEL)
-        self.score = load_base_score_model(self.score_ref, device=device)
+        try:
+            self.score = load_base_score_model(self.score_ref, device=device)
+        except (OSError, NotAvailableError, OfflineError) as exc:  # hub / URL unreachable, not cached, offline
+            raise ConfigError(f"MAP cannot load its score network {self.score_ref}: {str(exc)[:300]}\n"
+                              "Without the network, `--method transfer` protects photos offline (the default "
+                              "on a machine without a GPU); `facepriv models fetch ddpm-celebahq-256` caches the "
+                              "network where a connection exists.") from None
         self.ensemble = SurrogateEnsemble(cfg.surrogate_names(), device=device)
         self.detector = create_model(cfg.detector, device=device)
         wants_exp = self.mcfg.w_exp > 0 and (self.mcfg.expression is not None or cfg.expression_ref)
