@@ -52,6 +52,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "no-blur-jpeg": ("transfer", {"attack": {"start_psnr": 32.0, "eot": {"blur_prob": 0.0, "jpeg_prob": 0.0}}}),
     "fixed35": ("transfer", {"attack": {"start_psnr": 35.0, "min_psnr": 35.0}}),
     "fixed29": ("transfer", {"attack": {"start_psnr": 29.0, "min_psnr": 29.0}}),
+    # per-person mode: --faces counts people; each has --per-person photos protected (copied to a folder of
+    # their own, so the comparison photo is never among the photos the pattern and the centre use)
+    "person": ("transfer", {"identity_folders": True}),
+    "person-scratch": ("transfer", {}),
     "pgd-8": ("pgd", {"epsilon": 8 / 255, "steps": 50}),
     "tidim-8": ("tidim", {"epsilon": 8 / 255, "steps": 50}),
     "tidim-12": ("tidim", {"epsilon": 12 / 255, "steps": 50}),
@@ -68,6 +72,25 @@ def people(lfw: Path, n: int) -> list[tuple[Path, Path]]:
     for p in multi[::step][:n]:
         files = sorted(p.glob("*.jpg"))
         out.append((files[0], files[1]))
+    return out
+
+
+def person_sets(lfw: Path, n: int, k: int, cache: Path) -> list[tuple[Path, Path]]:
+    """(copied photo to protect, the person's comparison photo) for ``k`` photos of ``n`` people
+    who have more than ``k`` photos; the copies sit in ``cache/people/<name>/``."""
+    import shutil
+
+    names = sorted(p for p in (lfw / "images").iterdir() if p.is_dir() and len(list(p.glob("*.jpg"))) > k)
+    step = max(1, len(names) // n)
+    out = []
+    for p in names[::step][:n]:
+        files = sorted(p.glob("*.jpg"))
+        folder = cache / "people" / p.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in files[:k]:
+            if not (folder / f.name).is_file():
+                shutil.copy(f, folder / f.name)
+            out.append((folder / f.name, files[k]))
     return out
 
 
@@ -198,6 +221,7 @@ def calibrate(args) -> dict:
         return json.loads(out.read_text())
     if args.from_file is not None:
         res = json.loads(Path(args.from_file).read_text())
+        res = res.get("models", res)  # the --out file of `facepriv audit calibrate` nests them
     else:
         from facepriv.audit.calibrate import CalibrationConfig, run_calibration
 
@@ -275,7 +299,9 @@ def run(args) -> None:
     out = args.cache / f"run-{args.config}-{args.faces}.jsonl"
     done = {json.loads(line)["photo"] for line in out.read_text().splitlines()} if out.is_file() else set()
     with make_progress() as bar, out.open("a") as fh:
-        todo = [p for p in people(args.lfw, args.faces) if str(p[0]) not in done]
+        chosen = (person_sets(args.lfw, args.faces, args.per_person, args.cache) if args.config.startswith("person")
+                  else people(args.lfw, args.faces))
+        todo = [p for p in chosen if str(p[0]) not in done]
         task = bar.add_task(f"protect {args.config}", total=len(todo))
         for a, b in todo:
             img_a, xa = load(a)
@@ -353,6 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="default", choices=sorted(CONFIGS))
     ap.add_argument("--faces", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-person", type=int, default=6, help="person configs: photos protected per person")
     ap.add_argument("--lfw", type=Path, default=SHARED / "data" / "lfw")
     ap.add_argument("--heldout", type=Path, default=SHARED / "models" / "heldout" / "mobileface_v2.onnx")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "facepriv-bench" / "transfer")
