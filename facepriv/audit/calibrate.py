@@ -1,6 +1,9 @@
 """``facepriv audit calibrate``: FAR thresholds, ROC, AUC and EER from labelled clean pairs.
 
-Each image of the pairs file is read once; its largest face is embedded by every model.
+The pairs file is LFW's ``pairs.txt`` as distributed (images under ``--root``/<Name>/<Name>_NNNN.jpg)
+or a list of labelled pairs (``file_x,file_y,label``, comma/semicolon/tab/space separated);
+see :func:`~facepriv.audit.inputs.read_pairs`. Each image is read once; its largest face is
+embedded by every model.
 Pairs where either image has no detected face are left out (and counted); when that leaves no
 genuine or no impostor pair, calibration stops with a :class:`ConfigError` saying what to add
 (exit 2 on the command line). The thresholds are
@@ -39,15 +42,31 @@ class CalibrationConfig:
     progress: bool = True
 
 
-def pair_scores(cfg: CalibrationConfig, models: dict, cache: FaceEmbeddingCache) -> tuple[dict, dict]:
+def checked_pairs(cfg: CalibrationConfig) -> list:
+    """The pairs of ``cfg.pairs``; a :class:`ConfigError` naming the first missing image (and its
+    line) and the image root the file's format expects when any image does not exist."""
+    pairs = read_pairs(cfg.pairs, cfg.root)
+    missing: dict[Path, int] = {}  # file -> first line naming it
+    for lp in pairs:
+        for p in (lp.a, lp.b):
+            if p not in missing and not p.is_file():
+                missing[p] = lp.line
+    if missing:
+        first, line = next(iter(missing.items()))
+        where = f"line {line} of {Path(cfg.pairs).name}" if line else Path(cfg.pairs).name
+        hint = getattr(pairs, "root_hint", "") or "use --root to say where the pairs' relative paths start"
+        raise ConfigError(f"{len(missing)} image(s) named by the pairs file do not exist, e.g. {first} ({where}); "
+                          f"{hint}")
+    return pairs
+
+
+def pair_scores(cfg: CalibrationConfig, models: dict, cache: FaceEmbeddingCache,
+                pairs: list | None = None) -> tuple[dict, dict]:
     """Genuine / impostor similarity lists per model, and counts of skipped pairs."""
     from ..models.recognition import similarity
 
-    pairs = read_pairs(cfg.pairs, cfg.root)
-    missing = sorted({str(p) for lp in pairs for p in (lp.a, lp.b) if not p.is_file()})
-    if missing:
-        raise ConfigError(f"{len(missing)} file(s) of the pairs file do not exist, e.g. {missing[0]} "
-                          "(use --root to say where the pairs' relative paths start)")
+    if pairs is None:
+        pairs = checked_pairs(cfg)
     res = cache.process([p for lp in pairs for p in (lp.a, lp.b)], progress=cfg.progress,
                         description="calibration photos")
     scores = {m: {"genuine": [], "impostor": []} for m in models}
@@ -80,6 +99,7 @@ def run_calibration(cfg: CalibrationConfig, *, recognizers: dict | None = None, 
     """Calibrate every model on the pairs; returns {model: calibration record} (+ stored paths)."""
     from .runner import load_recognizers
 
+    pairs = checked_pairs(cfg)  # a bad pairs file fails before any model loads
     device = resolve_device(cfg.device)
     models = dict(recognizers) if recognizers is not None else load_recognizers(cfg.models, device)
     if detector is None and not cfg.aligned:
@@ -89,7 +109,7 @@ def run_calibration(cfg: CalibrationConfig, *, recognizers: dict | None = None, 
     cache = FaceEmbeddingCache(models, detector=detector, device=device, batch_size=cfg.batch_size,
                                aligned=cfg.aligned, aligned_template=cfg.aligned_template, workers=cfg.workers,
                                min_face_size=cfg.min_face_size)
-    scores, skipped = pair_scores(cfg, models, cache)
+    scores, skipped = pair_scores(cfg, models, cache, pairs)
     out: dict = {}
     for m, model in models.items():
         spec = getattr(model, "spec", None)

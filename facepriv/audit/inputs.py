@@ -9,7 +9,8 @@
   (connected components of its "same" pairs). Only the identities CSV may fall back to the
   bare file name (a row ``1.jpg,bob`` for ``photos/x/1.jpg``); galleries and pairs files
   match by path or content only, since two people's photos often share a name.
-* :func:`read_pairs` reads a labelled pairs CSV (``file_x,file_y,label``; label yes/no,
+* :func:`read_pairs` reads a labelled pairs file: LFW's ``pairs.txt`` as distributed, or a
+  list ``file_x,file_y,label`` (comma, semicolon, tab or space separated; label yes/no,
   same/different, 1/0, true/false, genuine/impostor, match/mismatch; header optional).
 """
 
@@ -26,7 +27,7 @@ from ..core.errors import ConfigError
 from ..core.io import IMAGE_SUFFIXES
 
 _SAME = {"yes", "y", "same", "1", "true", "t", "genuine", "match", "matched", "positive", "pos"}
-_DIFF = {"no", "n", "different", "diff", "0", "false", "f", "impostor", "imposter", "mismatch",
+_DIFF = {"no", "n", "different", "diff", "0", "-1", "false", "f", "impostor", "imposter", "mismatch",
          "mismatched", "negative", "neg"}
 
 
@@ -126,6 +127,19 @@ class LabelledPair:
     a: Path
     b: Path
     same: bool
+    line: int = field(default=0, compare=False)  # line of the pairs file (1-based; 0 = unknown)
+
+
+class PairsList(list):
+    """The pairs of a pairs file (a plain list of :class:`LabelledPair`), plus what was read:
+    ``format`` (``"lfw"`` or ``"list"``), ``root`` (the folder relative names start from) and
+    ``root_hint`` (what that folder must hold, for error messages)."""
+
+    def __init__(self, pairs=(), *, format: str = "list", root: Path | None = None, root_hint: str = ""):
+        super().__init__(pairs)
+        self.format = format
+        self.root = root
+        self.root_hint = root_hint
 
 
 def _label(value: str) -> bool | None:
@@ -137,26 +151,111 @@ def _label(value: str) -> bool | None:
     return None
 
 
-def read_pairs(path: str | Path, root: str | Path | None = None) -> list[LabelledPair]:
-    """Labelled pairs from a CSV (``file_x,file_y,label``; comma, semicolon or tab separated).
+def _is_int(s: str) -> bool:
+    return s.isdigit()
 
-    Relative file names are resolved against ``root`` (default: the pairs file's folder).
-    A first row whose label is not a known label is taken as a header; columns named
-    file_x/file_y/decision (or img1/img2/label, ...) are found by name when present.
+
+def _lfw_header(fields: list[str]) -> bool:
+    """LFW's first line: ``FOLDS PAIRS_PER_FOLD`` (pairs.txt: ``10 300``) or ``N`` (pairsDevTrain.txt)."""
+    return 1 <= len(fields) <= 2 and all(_is_int(f) for f in fields)
+
+
+def _lfw_row(fields: list[str]) -> bool:
+    """``name n1 n2`` (same person) or ``name1 n1 name2 n2`` (different people)."""
+    return ((len(fields) == 3 and not _is_int(fields[0]) and _is_int(fields[1]) and _is_int(fields[2]))
+            or (len(fields) == 4 and not _is_int(fields[0]) and _is_int(fields[1]) and not _is_int(fields[2])
+                and _is_int(fields[3])))
+
+
+LFW_SUBFOLDERS = ("images", "lfw")  # tried below --root when it does not hold the person folders
+
+
+def _lfw_image(root: Path, name: str, number: str) -> Path:
+    return root / name / f"{name}_{int(number):04d}.jpg"
+
+
+def _read_lfw(path: Path, lines: list[tuple[int, str]], root: Path) -> PairsList:
+    """LFW's pairs.txt (see :func:`read_pairs`)."""
+    start = 1 if _lfw_header(lines[0][1].split()) else 0
+    body = lines[start:]
+    if not body:
+        raise ConfigError(f"LFW pairs file {path} has no pairs (only the header line {lines[0][1].strip()!r})")
+    pairs = []
+    for no, text in body:
+        f = text.split()
+        if not _lfw_row(f):
+            raise ConfigError(
+                f"{path}: line {no}: {text.strip()!r} is not an LFW pair: expected 'name n1 n2' (same person) or "
+                "'name1 n1 name2 n2' (different people), tab or space separated, image numbers as integers")
+        if len(f) == 3:
+            pairs.append((no, f[0], f[1], f[0], f[2], True))
+        else:
+            pairs.append((no, f[0], f[1], f[2], f[3], False))
+    # The image root: --root (default: the pairs file's folder), or its images/ or lfw/ sub-folder
+    # when the person folders are there (the LFW download keeps pairs.txt beside lfw/).
+    names = [p[1] for p in pairs[:20]]
+    candidates = [root] + [root / s for s in LFW_SUBFOLDERS]
+    img_root = next((c for c in candidates if any((c / n).is_dir() for n in names)), root)
+    hint = (f"LFW pairs name images as ROOT/<Name>/<Name>_NNNN.jpg: --root must be the folder that holds the person "
+            f"folders (ROOT/{names[0]}/{names[0]}_0001.jpg; its {' or '.join(f'{s}/' for s in LFW_SUBFOLDERS)} "
+            f"sub-folder is also tried); it was {root}")
+    return PairsList((LabelledPair(_lfw_image(img_root, a, na), _lfw_image(img_root, b, nb), same, no)
+                      for no, a, na, b, nb, same in pairs), format="lfw", root=img_root, root_hint=hint)
+
+
+def _split_row(line: str, delim: str | None) -> list[str]:
+    if delim is None:
+        return line.split()
+    return next(csv.reader([line], delimiter=delim), [])
+
+
+def read_pairs(path: str | Path, root: str | Path | None = None) -> PairsList:
+    """Labelled pairs from a pairs file; relative image names start at ``root`` (default: the
+    pairs file's folder). Accepted formats, recognised from the content:
+
+    * **LFW** ``pairs.txt`` (also ``pairsDevTrain.txt`` / ``pairsDevTest.txt``): an optional
+      first line ``FOLDS N`` (``10 300``) or ``N``, then one pair per line, tab or space
+      separated: ``name n1 n2`` (same person) or ``name1 n1 name2 n2`` (different people). The
+      images are ``ROOT/<name>/<name>_<NNNN>.jpg`` (4-digit zero-padded number). ``root`` must
+      hold the person folders; when it does not but its ``images/`` or ``lfw/`` sub-folder does,
+      that one is used. The header's pair count is not checked, so a cut-down file works.
+    * **A list of labelled pairs**: ``file_x,file_y,label`` per line, comma, semicolon, tab or
+      space separated (space: paths without spaces, e.g. a flattened CFP-FP / CFP-FF protocol
+      ``img1 img2 1``); label yes/no, same/different, 1/0 (or -1), true/false,
+      genuine/impostor, match/mismatch. A first row whose third column is not a label is a
+      header; columns named file_x/file_y/decision (or img1/img2/label, ...) are found by name.
+
+    Blank lines and lines starting with ``#`` are skipped. Errors name the line and what was
+    expected.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--pairs {path} is a folder: give the pairs file itself (e.g. LFW's pairs.txt)")
     if not path.is_file():
         raise ConfigError(f"pairs file {path} does not exist")
     root = Path(root) if root is not None else path.parent
-    text = path.read_text(encoding="utf-8-sig")
-    first = text.splitlines()[0] if text.strip() else ""
-    delim = "\t" if "\t" in first else (";" if first.count(";") > first.count(",") else ",")
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r and any(c.strip() for c in r)]
-    if not rows:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"pairs file {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    lines = [(no, ln) for no, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
         raise ConfigError(f"pairs file {path} is empty")
+    first = lines[0][1]
+    if _lfw_header(first.split()) or _lfw_row(first.split()):
+        return _read_lfw(path, lines, root)
+    if "\t" in first:
+        delim: str | None = "\t"
+    elif ";" in first or "," in first:
+        delim = ";" if first.count(";") > first.count(",") else ","
+    else:
+        delim = None  # whitespace
+    rows = [(no, _split_row(ln, delim)) for no, ln in lines]
     cols = (0, 1, 2)
-    if len(rows[0]) >= 3 and _label(rows[0][2]) is None:
-        header = [h.strip().lower() for h in rows[0]]
+    header_no = None
+    if len(rows[0][1]) >= 3 and _label(rows[0][1][2]) is None:
+        header_no, hdr = rows[0]
+        header = [h.strip().lower() for h in hdr]
         rows = rows[1:]
 
         def find(names, default):
@@ -166,17 +265,27 @@ def read_pairs(path: str | Path, root: str | Path | None = None) -> list[Labelle
                 find(("file_y", "img2", "image2", "file2", "b", "path2"), 1),
                 find(("decision", "label", "same", "match", "is_same", "issame", "y"), 2))
     if not rows:
-        raise ConfigError(f"pairs file {path} has no pairs (a header only?)")
-    out = []
-    for i, r in enumerate(rows, 1):
+        raise ConfigError(f"pairs file {path} has no pairs (a header only, line {header_no})")
+    sep = {"\t": "tab", ",": "comma", ";": "semicolon", None: "space"}[delim]
+    out = PairsList(format="list", root=root,
+                    root_hint=f"the pairs' relative paths start at --root (default: the pairs file's folder); it was {root}")
+    for no, r in rows:
         if len(r) <= max(cols):
-            raise ConfigError(f"{path}: row {i} has {len(r)} columns, expected file_x,file_y,label")
+            raise ConfigError(
+                f"{path}: line {no} has {len(r)} {sep}-separated column(s), expected file_x{_SEP[sep]}file_y"
+                f"{_SEP[sep]}label (or an LFW pairs.txt: 'name n1 n2' / 'name1 n1 name2 n2')")
         lab = _label(r[cols[2]])
         if lab is None:
-            raise ConfigError(f"{path}: row {i}: unknown label {r[cols[2]]!r} (use yes/no, same/different, 1/0)")
+            raise ConfigError(f"{path}: line {no}: unknown label {r[cols[2]]!r} "
+                              "(use yes/no, same/different, 1/0, true/false)")
         a, b = (Path(r[c].strip()) for c in cols[:2])
-        out.append(LabelledPair(a if a.is_absolute() else (root / a), b if b.is_absolute() else (root / b), lab))
+        if not str(a).strip() or str(a) == "." or str(b) == ".":
+            raise ConfigError(f"{path}: line {no}: an empty file name")
+        out.append(LabelledPair(a if a.is_absolute() else (root / a), b if b.is_absolute() else (root / b), lab, no))
     return out
+
+
+_SEP = {"tab": "<tab>", "comma": ",", "semicolon": ";", "space": " "}
 
 
 def pair_components(pairs: Iterable[LabelledPair]) -> dict[Path, str]:

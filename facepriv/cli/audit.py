@@ -281,10 +281,15 @@ def calibration_tables(result: dict, name: str) -> list[Table]:
 @app.command("calibrate", no_args_is_help=True)
 @handle_errors
 def calibrate(
-    pairs: Annotated[Path, typer.Option("--pairs", help="Labelled clean pairs CSV: file_x,file_y,same/different.")],
+    pairs: Annotated[Path, typer.Option(
+        "--pairs", help="Labelled clean pairs: LFW's pairs.txt as distributed (name n1 n2 / name1 n1 name2 n2), or "
+                        "one pair per line file_x,file_y,label (comma, semicolon, tab or space separated; label "
+                        "same/different, yes/no, 1/0).")],
     models: Models = "dlib-resnet,facenet-casia,sface",
-    root: Annotated[Path | None, typer.Option("--root", help="Folder the pairs' paths are relative to "
-                                                               "(default: the pairs file's folder).")] = None,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Where the pairs' images are (default: the pairs file's folder). LFW: the folder holding "
+                       "the person folders <Name>/<Name>_0001.jpg (its images/ or lfw/ sub-folder is also tried); "
+                       "a list: the folder its relative paths start at.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write every model's calibration to this JSON "
                                                            "(usable with `audit --thresholds`).")] = None,
     store: Annotated[bool, typer.Option("--store/--no-store", help="Store under FACEPRIV_HOME/thresholds for later "
