@@ -4,6 +4,7 @@ end-to-end audits on real photos with real recognition models, reports and the C
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -75,13 +76,18 @@ def test_threshold_sources_in_order(tmp_path):
     # published protocol thresholds
     t = resolve_thresholds("facenet-vggface2")
     assert t.kind == "protocol" and t.values["1e-3"] == pytest.approx(0.591191) and "protocol" in t.source
-    # a model without protocol thresholds falls back loudly to its default operating point
+    # the offline default recognisers ship FAR thresholds calibrated on LFW (spec values, taken as is)
+    sface = get_spec("sface")
     t = resolve_thresholds("sface")
+    assert t.kind == "protocol" and t.values == {f: sface.thresholds[f] for f in FARS} and "LFW" in t.source
+    # a model with only a default operating point (here a stand-in spec) falls back to it loudly
+    toy = type("S", (), {"name": "toy-fr", "thresholds": {"default": 0.363}, "threshold_source": "toy default"})()
+    t = resolve_thresholds("toy-fr", spec=toy)
     assert t.kind == "default" and set(t.values.values()) == {0.363} and "NOT FAR-calibrated" in t.note
     # a stored calibration is used automatically
-    rec = {"model": "sface", "thresholds": {"1e-1": 0.2, "1e-2": 0.3, "1e-3": 0.4}, "source": "calibrated on x.csv"}
-    store_calibration("sface", rec)
-    t = resolve_thresholds("sface")
+    rec = {"model": "toy-fr", "thresholds": {"1e-1": 0.2, "1e-2": 0.3, "1e-3": 0.4}, "source": "calibrated on x.csv"}
+    store_calibration("toy-fr", rec)
+    t = resolve_thresholds("toy-fr", spec=toy)
     assert t.kind == "calibrated" and t.values == rec["thresholds"] and t.source == "calibrated on x.csv"
     assert resolve_thresholds("facenet-vggface2").kind == "protocol"  # protocol values win over calibration
     # an explicit file overrides everything
@@ -418,7 +424,9 @@ def test_clean_vs_clean_is_not_protected(tmp_path, photo_sets, real_models, mtcn
     assert rows["obama.jpg"]["identity"] == "obama" and rows["obama.jpg"]["identity_source"] == "gallery"
     f0 = rows["obama.jpg"]["models"]["sface"]["faces"][0]
     assert f0["protocol"] == "other-photos" and rows["obama.jpg"]["references"] == ["obama2.jpg"]  # never itself
-    assert rep["thresholds"]["sface"]["kind"] == "default" and any("NOT FAR" in n for n in rep["protocol_notes"])
+    # sface ships FAR thresholds calibrated on LFW: no "NOT FAR-calibrated" fallback
+    assert rep["thresholds"]["sface"]["kind"] == "protocol" and "LFW" in rep["thresholds"]["sface"]["source"]
+    assert not any("NOT FAR" in n for n in rep["protocol_notes"])
 
 
 @pytest.mark.realmodels
@@ -516,20 +524,27 @@ def test_cli_calibrate_then_audit_uses_the_calibration(tmp_path, photo_sets):
     stored = json.loads((tmp_path / "thresholds" / "dlib-resnet.json").read_text())
     assert stored["n_genuine"] == 1 and stored["n_impostor"] == 2 and stored["auc"] == 1.0
     assert json.loads((tmp_path / "cal.json").read_text())["models"]["dlib-resnet"]["thresholds"]
+    # dlib-resnet ships FAR thresholds (calibrated on LFW), which win over the stored calibration;
+    # the calibration is used when passed with --thresholds
     res = runner.invoke(app, ["--json", "audit", "--protected", str(orig), "--original", str(orig), "--models",
                               "dlib-resnet", "--gallery", str(gal), "--out", str(tmp_path / "rep"), "--no-fid",
-                              "--lpips", "none"])
+                              "--lpips", "none", "--thresholds", str(tmp_path / "cal.json")])
     assert res.exit_code == 0, res.output
     # strict JSON: the infinite PSNR of this clean-vs-clean run is the string "inf", never Infinity
     summary = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert summary["quality"]["psnr"] == "inf" and summary["quality"]["n_identical"] == 3
     th = summary["thresholds"]["dlib-resnet"]
-    assert th["kind"] == "calibrated" and th["1e-3"] == pytest.approx(stored["thresholds"]["1e-3"])
+    assert th["kind"] == "file" and th["1e-3"] == pytest.approx(stored["thresholds"]["1e-3"])
     assert summary["models"]["dlib-resnet"]["dodging"]["psr"]["1e-3"] == 0.0
-    # human output and usage errors
+    # human output (shipped LFW thresholds, the stored calibration said to be unused) and usage errors
+    res = runner.invoke(app, ["--json", "audit", "--protected", str(orig), "--original", str(orig), "--models",
+                              "dlib-resnet", "--out", str(tmp_path / "rep2"), "--no-quality"])
+    th = json.loads(res.stdout)["thresholds"]["dlib-resnet"]
+    assert res.exit_code == 0 and th["kind"] == "protocol" and "LFW" in th["source"] and "not used" in th["note"]
+    assert th["1e-3"] == pytest.approx(-0.475815)
     res = runner.invoke(app, ["audit", "--protected", str(orig), "--original", str(orig), "--models", "dlib-resnet",
-                              "--out", str(tmp_path / "rep2"), "--no-quality"])
-    assert res.exit_code == 0 and "dodging" in res.stdout and "calibrated" in res.stdout
+                              "--out", str(tmp_path / "rep3"), "--no-quality"])
+    assert res.exit_code == 0 and "dodging" in res.stdout and "LFW" in " ".join(res.stdout.split())
     assert runner.invoke(app, ["audit", "--protected", str(orig)]).exit_code == 2
     assert runner.invoke(app, ["audit", "--protected", str(orig), "--original", str(tmp_path / "nope"),
                                "--models", "sface"]).exit_code == 2
@@ -544,8 +559,7 @@ def test_model_without_any_threshold_still_reports_similarities(monkeypatch, tmp
     from facepriv.models import get_spec
 
     monkeypatch.setenv("FACEPRIV_THRESHOLDS_DIR", str(tmp_path))
-    spec = get_spec("facenet-casia")
-    assert not spec.thresholds
-    ts = resolve_thresholds("facenet-casia", spec=spec)
+    spec = dataclasses.replace(get_spec("arcface-r100"), name="no-threshold-fr", thresholds={})
+    ts = resolve_thresholds("no-threshold-fr", spec=spec)
     assert ts.kind == "none" and all(v is None for v in ts.values.values()) and "calibrate" in ts.note
     assert psr([0.1, 0.9, None], ts.values) == {"1e-1": None, "1e-2": None, "1e-3": None}

@@ -126,14 +126,19 @@ def test_thresholds_file_without_the_model_says_which_source_is_used(tmp_path):
 
     f = tmp_path / "th_other.json"
     f.write_text(json.dumps({"dlib-resnet": {"1e-1": -0.7, "1e-2": -0.6, "1e-3": -0.5}}))
-    ts = resolve_thresholds("sface", file=f)  # sface: no protocol values -> its default threshold
+    toy = MeanColour("toy-fr")
+    toy.spec.thresholds = {"default": 0.363}  # no FAR values -> its default threshold
+    ts = resolve_thresholds("toy-fr", spec=toy.spec, file=f)
     assert ts.kind == "default"
-    assert ts.note.startswith("the thresholds file th_other.json has no entry for sface (it has: dlib-resnet), so "
+    assert ts.note.startswith("the thresholds file th_other.json has no entry for toy-fr (it has: dlib-resnet), so "
                               "the default thresholds are used instead (default:")
     assert "NOT FAR-calibrated" in ts.note  # the fallback's own warning is kept
     # the runner passes the parsed file as file_data too: same note
-    same = resolve_thresholds("sface", file=f, file_data=_read_threshold_file(f))
+    same = resolve_thresholds("toy-fr", spec=toy.spec, file=f, file_data=_read_threshold_file(f))
     assert same.note == ts.note
+    # sface ships FAR thresholds (calibrated on LFW): those are named instead
+    sf = resolve_thresholds("sface", file=f)
+    assert sf.kind == "protocol" and "so the protocol thresholds are used instead (protocol:" in sf.note
     # no thresholds at all for a model the file lacks: still said, and why
     none = resolve_thresholds("mean-colour", spec=MeanColour().spec, file=f)
     assert none.kind == "none" and "no entry for mean-colour" in none.note and "no thresholds are used" in none.note

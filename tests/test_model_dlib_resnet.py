@@ -131,6 +131,8 @@ def test_spec_and_module(model):
     assert (spec.name, spec.metric, spec.input_size, spec.embedding_size) == (
         "dlib-resnet", "euclidean", (150, 150), 128)
     assert spec.thresholds["default"] == -0.6
+    # FAR thresholds calibrated on LFW, as negative distances: stricter FAR = closer pairs only
+    assert spec.thresholds["1e-1"] < spec.thresholds["1e-2"] < spec.thresholds["1e-3"] < 0
     assert model.template == "dlib-150"
     assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 29
 

