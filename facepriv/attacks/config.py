@@ -83,6 +83,12 @@ def parse_epsilon(value: str | float | int, name: str = "--epsilon") -> float:
     return min(v, EPSILON_MAX)
 
 
+def levels_for(loaded) -> int:
+    """Output levels (``AttackConfig.quantize``) for a loaded photo: 65535 for a file deeper
+    than 8 bits (16-bit PNG/TIFF), else 255 (also for ``None``: video frames, plain tensors)."""
+    return 65535 if loaded is not None and getattr(loaded, "bit_depth", 8) > 8 else 255
+
+
 @dataclass
 class AttackConfig:
     """One configurable L-inf attack on the pixels of the original photo.

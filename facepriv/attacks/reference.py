@@ -29,17 +29,22 @@ def _as_rgb(image) -> tuple[np.ndarray, str]:
 
 
 def target_images(target: str | Path) -> list[Path]:
-    """The image(s) a ``--target`` names: the file itself, or the images in a folder (sorted)."""
+    """The photo(s) a ``--target`` names, for every command and method: the file itself, or the
+    images in a folder and its sub-folders (suffixes :data:`facepriv.core.io.IMAGE_SUFFIXES`),
+    sorted, leaving out dotfiles and anything inside a hidden folder (``.thumbnails/``)."""
     from ..core.io import IMAGE_SUFFIXES
 
-    target = Path(target)
+    target = Path(target).expanduser()
     if target.is_dir():
-        files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in target.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(target).parts))
         if not files:
-            raise ConfigError(f"target folder {target} has no images")
+            raise ConfigError(f"--target folder {target} has no images ({', '.join(IMAGE_SUFFIXES)}; "
+                              "dotfiles and hidden folders are left out)")
         return files
     if not target.is_file():
-        raise ConfigError(f"target {target} does not exist")
+        raise ConfigError(f"--target {target} does not exist")
     return [target]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
 from ..attacks.reference import target_images
-from ..attacks.config import METHODS, parse_epsilon
+from ..attacks.config import METHODS, levels_for, parse_epsilon
 from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face
 from .base import DeidMethod, register_method
@@ -32,6 +32,9 @@ class Adversarial(DeidMethod):
 
     name = "adversarial"
     default_feather = 0.1
+    #: :func:`facepriv.deid.deidentify` passes the loaded photo (``loaded=``): its bit depth sets
+    #: the output levels, as in ``facepriv protect`` (:func:`facepriv.attacks.config.levels_for`)
+    takes_loaded = True
 
     def __init__(self, *, attack: str = "pgd", surrogates: Sequence[str] | str = ("dlib-resnet", "facenet-casia"),
                  epsilon: float | str = 8 / 255, steps: int = 20, step_size: float | None = None,
@@ -59,9 +62,10 @@ class Adversarial(DeidMethod):
             raise ConfigError("adversarial: the tipim attack needs a target image")
         self.config().resolved()  # validate the options now
 
-    def config(self) -> AttackConfig:
+    def config(self, loaded=None) -> AttackConfig:
+        """The attack for one photo: quantised to its levels (65535 for a 16-bit file, else 255)."""
         return AttackConfig(method=self.attack, epsilon=self.epsilon, steps=self.steps, step_size=self.step_size,
-                            region=self.region, feather=self.feather, seed=self.seed)
+                            region=self.region, feather=self.feather, seed=self.seed, quantize=levels_for(loaded))
 
     def _ensemble_on(self, device: torch.device) -> SurrogateEnsemble:
         if self._ensemble is None:
@@ -89,11 +93,13 @@ class Adversarial(DeidMethod):
         self._target(ensemble)
         return self
 
-    def apply(self, image: torch.Tensor, faces: list[Face]) -> torch.Tensor:
+    def apply(self, image: torch.Tensor, faces: list[Face], loaded=None) -> torch.Tensor:
+        """``loaded``: the :class:`~facepriv.core.io.LoadedImage` ``image`` came from, if any
+        (a 16-bit file keeps 16-bit levels); without it the output is on the 8-bit grid."""
         if not faces:
             return image.clone()
         ensemble = self._ensemble_on(image.device)
-        res = attack_faces(image, faces, ensemble, self.config(), target_ref=self._target(ensemble))
+        res = attack_faces(image, faces, ensemble, self.config(loaded), target_ref=self._target(ensemble))
         self.last_result = res
         # what goes into the batch manifest: per face, steps and similarity after the attack
         self.last_info = {"attack": self.attack, "linf": round(res.linf, 6), "far": res.config.get("far"), "faces": [

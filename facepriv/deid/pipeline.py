@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, run_batch
+from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import Face, FaceDetector, FacePolicy
 from ..core.io import IMAGE_SUFFIXES
@@ -83,11 +84,15 @@ def strength_warnings(methods: list[DeidMethod], strength: float) -> list[str]:
             f"{', '.join(m.name for m in methods if m.uses_strength)}"]
 
 
-def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]) -> torch.Tensor:
-    """Apply ``methods`` in sequence to the faces of one image (3, H, W) in [0, 1]."""
+def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod], loaded=None) -> torch.Tensor:
+    """Apply ``methods`` in sequence to the faces of one image (3, H, W) in [0, 1].
+
+    ``loaded``: the :class:`~facepriv.core.io.LoadedImage` the image came from, passed on to
+    the methods that use it (``takes_loaded``: the adversarial noise keeps a 16-bit file's levels).
+    """
     out = image
     for m in methods:
-        out = m.apply(out, faces)
+        out = m.apply(out, faces, loaded=loaded) if getattr(m, "takes_loaded", False) else m.apply(out, faces)
     return out
 
 
@@ -196,17 +201,21 @@ def _prepare_ksame(methods: list[DeidMethod], items: list[InputItem], detector: 
 def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, policy: FacePolicy | None = None,
              save: SaveOptions | None = None, device: str | torch.device = "cpu", glob: str | None = None,
              resume: bool = False, output_suffix: str | None = None, progress: bool = True,
-             verbose: bool = False, detector: FaceDetector | None = None) -> BatchSummary:
+             verbose: bool = False, detector: FaceDetector | None = None,
+             rank: int | None = None, world_size: int | None = None) -> BatchSummary:
     """De-identify every face in every input photo and video, mirroring the inputs under ``out``.
 
     ``detector``: a ready :class:`FaceDetector` to use instead of creating ``cfg.detector``.
+    ``rank``/``world_size``: this process's share of the inputs (default: from ``accelerate
+    launch`` / torchrun / MPI, see :func:`facepriv.core.distributed.distributed_context`); each
+    process writes ``manifest.rankN.jsonl``. A k-Same pool made of the inputs still holds all of them.
     """
     from ..models import create_model
 
     policy = policy or FacePolicy()
     save = save or SaveOptions()
     out = Path(out)
-    device = torch.device(device)
+    rank, world, device = distributed_context(rank, world_size, torch.device(device))
     items = collect_media(inputs, glob=glob, exclude=[out])
     check_outputs(items, out, output_suffix)  # collisions and outputs over inputs: before any model loads
     methods = build_methods(cfg)
@@ -233,7 +242,7 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
                              faces=info.get("faces", 0), timings=info.pop("timings", {}), extra={"video": info})
         else:
             res = process_photo(item, dst, detector=detector, policy=policy, save=save, device=device,
-                                edit=lambda x, faces, _img: deidentify(x, faces, methods))
+                                edit=lambda x, faces, img: deidentify(x, faces, methods, loaded=img))
             decided = {m.name: m.last_info for m in methods if m.last_info}
             if decided:
                 res.extra["deid"] = decided
@@ -247,4 +256,4 @@ def run_deid(inputs: list[str | Path], out: str | Path, cfg: DeidConfig, *, poli
               "warnings": warnings}
     return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
                      description=f"deid {'+'.join(cfg.methods)}", progress=progress, verbose=verbose,
-                     command="deid")
+                     command="deid", rank=rank, world_size=world)

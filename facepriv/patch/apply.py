@@ -7,8 +7,8 @@ resampling straight from patch pixels to photo pixels; everything outside the pa
 left bit-for-bit unchanged).
 
 :func:`run_patch_apply` drives folders of photos through :func:`facepriv.core.batch.run_batch`
-(per-file errors, manifest, ``--resume``, ``RANK``/``WORLD_SIZE`` sharding under
-``accelerate launch`` / torchrun). It reads ``photo_batch`` photos ahead (load + detect, each
+(per-file errors, manifest, ``--resume``, sharding by rank under ``accelerate launch`` /
+torchrun / MPI, see :func:`facepriv.core.distributed.distributed_context`). It reads ``photo_batch`` photos ahead (load + detect, each
 photo on its own, so a bad file only fails itself), patches the faces of all of them with one
 :meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size`` faces), and writes
 each photo through the same steps as :func:`facepriv.core.pipeline.process_photo` (face policy,
@@ -32,6 +32,7 @@ import torch
 
 from ..core.align import align_faces, landmarks_tensor
 from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
 from ..core.io import LoadedImage, load_image, save_image
@@ -204,12 +205,6 @@ def _stamp(path: str | os.PathLike | None) -> list | None:
     return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def _dist_rank() -> tuple[int | None, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    return (rank if world > 1 else None), world
-
-
 class _Prepared:
     """One photo read ahead: loaded and detected (or the error that stopped it), then patched."""
 
@@ -333,12 +328,12 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
         raise ConfigError(f"--target {cfg.target}: no such image")
     items = collect_inputs(inputs, glob=glob, exclude=[out])
     check_outputs(items, out, output_suffix)  # before any model loads
-    rank, world = _dist_rank()
-    if warn and not rank:
+    # accelerate / torchrun / MPI, the same rule as protect and deid
+    rank, world, device = distributed_context(None, None, torch.device(device))
+    if warn and rank == 0:
         text = generator_warning(read_validation(gen_dir), mode="impersonation" if cfg.target else "evasion")
         if text:
             _print_warning(text)
-    device = torch.device(device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))  # one GPU per process
     if detector is None:
@@ -351,7 +346,7 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
               "target_file": _stamp(cfg.target), "policy": asdict(policy), "save": asdict(save),
               "suffix": output_suffix}
     # the items run_batch will ask for, in its order (its sharding and resume rules), for reading ahead
-    order = list(items)[(rank or 0)::world] if world > 1 else list(items)
+    order = list(items)[rank::world] if world > 1 else list(items)
     if resume:
         done = done_inputs(out, config_hash(config))
         order = [it for it in order if str(it.path) not in done]

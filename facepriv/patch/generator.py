@@ -84,8 +84,15 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
+        """The ``"config"`` of a generator's ``config.json`` (``save_pretrained`` writes exactly the
+        fields; ``format``/``version``/``validation`` sit beside it). An unknown key is a
+        :class:`ConfigError`: a typo must not silently fall back to a default."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown patch generator setting(s) {', '.join(map(str, unknown))}; "
+                              f"known: {', '.join(sorted(known))}")
+        return cls(**d)
 
     @property
     def output_resolution(self) -> int:

@@ -91,8 +91,13 @@ class MAPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MAPConfig:
+        """A config from saved or given settings; an unknown key (a typo) is a :class:`ConfigError`.
+        (``save`` writes exactly the fields, under ``"map"`` in ``facepriv.json``.)"""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown MAP setting(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(names))}")
+        return cls(**d)
 
 
 def _tuning_autocast(device: torch.device, enabled: bool):
