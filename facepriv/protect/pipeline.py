@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +28,10 @@ import torch
 
 from ..core.align import landmarks_tensor
 from ..core.batch import BatchSummary, check_outputs, InputItem, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.distributed import distributed_context  # also importable from here, as before
 from ..core.errors import ConfigError
 from ..core.faces import Face, FaceDetector, FacePolicy
-from ..core.io import IMAGE_SUFFIXES, load_image
+from ..core.io import load_image
 from ..core.pipeline import SaveOptions, process_photo
 from ..core.progress import make_progress
 from .map.loading import score_model_reference
@@ -134,44 +134,6 @@ class ProtectSummary(BatchSummary):
         return {**super().to_json(), "details": self.details}
 
 
-_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-
-
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    for n in names:
-        v = os.environ.get(n, "").strip()
-        if v.lstrip("-").isdigit():
-            return int(v)
-    return default
-
-
-def distributed_context(rank: int | None, world_size: int | None, device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): explicit values, else accelerate's when launched by it.
-
-    Under ``accelerate launch`` (torchrun or MPI environment variables) accelerate's
-    ``PartialState`` gives the process index and, on GPUs, this process's device. On a CPU
-    run ``PartialState`` must be told so (``cpu=True``, gloo), otherwise it sees no
-    distributed setup; if it still disagrees with the launcher's variables those are used.
-    """
-    if rank is not None or (world_size or 1) > 1:
-        return int(rank or 0), int(world_size or 1), device
-    env_world = _env_int(_WORLD_VARS, 1)
-    if env_world > 1:
-        from accelerate import PartialState
-
-        st = PartialState(cpu=device.type != "cuda")
-        if st.num_processes == env_world:
-            dev = st.device if device.type == st.device.type else device
-            return st.process_index, st.num_processes, dev
-        env_rank = _env_int(_RANK_VARS, -1)
-        if 0 <= env_rank < env_world:
-            return env_rank, env_world, device
-        raise ConfigError(f"launched as one of {env_world} processes but this process's rank is unknown "
-                          f"(none of {', '.join(_RANK_VARS)} is set)")
-    return 0, 1, device
-
-
 class _CachedDetector(FaceDetector):
     """Returns the faces found in the first pass for the photo being processed."""
 
@@ -184,22 +146,14 @@ class _CachedDetector(FaceDetector):
         return list(self.faces)
 
 
-def _image_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    return [path]
-
-
 @torch.no_grad()
 def target_reference(target: str | Path, ensemble, detector) -> dict[str, torch.Tensor]:
     """Embeddings ``{surrogate: (1, D)}`` of the target identity (image or folder, averaged)."""
     import torch.nn.functional as F
 
-    from ..attacks.reference import reference_from_images
+    from ..attacks.reference import reference_from_images, target_images
 
-    files = _image_files(Path(target).expanduser())
-    if not files:
-        raise ConfigError(f"--target {target}: no images found")
+    files = target_images(target)  # the same photos as the noise baselines' --target
     refs = reference_from_images(ensemble, [str(f) for f in files], detector)
     return {k: F.normalize(v, dim=-1).mean(0, keepdim=True) for k, v in refs.items()}
 
