@@ -267,7 +267,9 @@ def test_map_config_validation():
                 {"w_exp": -1}, {"batch_size": 0}):
         with pytest.raises(ConfigError):
             MAPConfig(**bad)
-    assert MAPConfig.from_dict({"steps": 3, "unknown": 1}).steps == 3
+    assert MAPConfig.from_dict({"steps": 3}).steps == 3
+    with pytest.raises(ConfigError, match="unknown"):  # a typo in a saved config is an error
+        MAPConfig.from_dict({"steps": 3, "unknown": 1})
 
 
 def test_score_model_loading_by_path_name_and_hub_id(tiny_score, tmp_path, monkeypatch):

@@ -86,18 +86,22 @@ def _calibrated(name: str, far: str) -> float | None:
 def resolve_thresholds(ensemble: SurrogateEnsemble, cfg: AttackConfig, *, required: bool) -> dict[str, float | None]:
     """Per-surrogate thresholds in the model's similarity units.
 
-    Order: ``cfg.thresholds[name]``, the spec's threshold at FAR ``cfg.far``, a calibration
-    stored by ``facepriv audit calibrate``, the spec's ``default`` operating threshold.
+    Order: ``cfg.thresholds[name]``, the spec's published protocol threshold at FAR ``cfg.far``,
+    a calibration stored by ``facepriv audit calibrate``, the spec's shipped (LFW) threshold at
+    that FAR, the spec's ``default`` operating threshold.
     """
     out: dict[str, float | None] = {}
     missing = []
     for name, m in zip(ensemble.names, ensemble.members):
         spec_t = dict(getattr(m.spec, "thresholds", {}) or {})
         t = (cfg.thresholds or {}).get(name)
-        if t is None:
+        shipped = getattr(m.spec, "threshold_kind", "protocol") == "shipped"
+        if t is None and not shipped:  # published protocol values win over a stored calibration
             t = spec_t.get(cfg.far)
         if t is None:
             t = _calibrated(name, cfg.far)
+        if t is None:  # values facepriv ships (LFW) give way to the user's own calibration
+            t = spec_t.get(cfg.far)
         if t is None:
             t = spec_t.get("default")
         out[name] = None if t is None else float(t)

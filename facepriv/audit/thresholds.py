@@ -14,6 +14,9 @@ Sources, in the order :func:`resolve_thresholds` uses them:
 3. thresholds calibrated earlier on your labelled clean pairs
    (``FACEPRIV_HOME/thresholds/<model>.json`` or ``$FACEPRIV_THRESHOLDS_DIR/<model>.json``,
    written by ``facepriv audit calibrate``);
+3b. the FAR thresholds facepriv ships for its offline recognisers (calibrated on LFW's
+   pairs.txt; ``ModelSpec.threshold_kind == "shipped"``): reported like protocol values, but a
+   calibration of your own (3) takes precedence;
 4. the spec's single "default" operating threshold for every FAR, with a loud note that it is
    not FAR-specific.
 
@@ -167,7 +170,8 @@ def _builtin_thresholds(model: str, spec=None) -> ThresholdSet:
         spec = get_spec(model)
     th = dict(getattr(spec, "thresholds", {}) or {})
     cal = load_calibrated(model)
-    if all(f in th for f in FARS):
+    shipped = getattr(spec, "threshold_kind", "protocol") == "shipped"
+    if all(f in th for f in FARS) and not (shipped and cal is not None):
         note = None
         if cal is not None:
             note = (f"a stored calibration of {model} ({calibrated_path(model)}) is not used: the published protocol "

@@ -188,12 +188,13 @@ def print_problems(report: dict) -> None:
 
 
 def print_summary(report: dict) -> None:
-    from ..audit.report import api_problems, psnr_text, thresholds_seen_text
+    from ..audit.report import api_problems, psnr_text, quality_notes, thresholds_seen_text, verdict_line
     from ..audit.secrets import redact
     from ..audit.thresholds import FARS
 
     report = redact(report)
     th = report.get("thresholds", {})
+    out_console.print(verdict_line(report), markup=False, highlight=False, style="bold")
     out_console.print(psr_table(report))
     tt = Table(title="thresholds (similarity, higher = same person)", header_style="bold")
     for c in ("model", *[f"FAR {f}" for f in FARS], "source"):
@@ -213,11 +214,8 @@ def print_summary(report: dict) -> None:
     q = report.get("quality", {})
     out_console.print(f"quality: PSNR {psnr_text(q)} · SSIM {_num(q.get('ssim'), 4)} · "
                       f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
-    for k, v in (q.get("unavailable") or {}).items():
-        out_console.print(common.labelled(f"  {k} not computed:", "yellow", v), soft_wrap=True)
-    for k in ("psnr_note", "fid_note"):
-        if q.get(k):
-            out_console.print(common.labelled(f"  {k.split('_')[0].upper()}:", "yellow", q[k]), soft_wrap=True)
+    for note in quality_notes(report):
+        out_console.print(common.labelled("  note:", "yellow", note), soft_wrap=True)
     f = report.get("faces", {})
     out_console.print(f"faces: {f.get('original', 0)} in originals, {f.get('not_detected', 0)} no longer detected after "
                       "protection (counted as protected for dodging)")

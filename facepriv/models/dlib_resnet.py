@@ -162,6 +162,7 @@ SPEC = register(ModelSpec(
     # "higher = same": negative Euclidean distances. "default" is dlib's own 0.6 distance.
     thresholds={"1e-1": -0.663799, "1e-2": -0.566364, "1e-3": -0.475815, "default": -0.6},
     threshold_source=LFW_THRESHOLD_SOURCE,
+    threshold_kind="shipped",
     differentiable=True,
     runtime="torch",
     size_bytes=WEIGHTS.size,

@@ -396,6 +396,7 @@ register(
         # see CASIA_THRESHOLD_SOURCE above: calibrated on LFW, cosine, no published default
         thresholds={"1e-1": 0.335716, "1e-2": 0.468751, "1e-3": 0.655976},
         threshold_source=CASIA_THRESHOLD_SOURCE,
+        threshold_kind="shipped",
         size_bytes=94022009,
         **_COMMON,
     )

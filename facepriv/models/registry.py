@@ -102,6 +102,10 @@ class ModelSpec:
     # keyed by false-accept rate ("1e-1", "1e-2", "1e-3") or "default".
     thresholds: Mapping[str, float] = field(default_factory=dict)
     threshold_source: str | None = None
+    # "protocol": published values that define a benchmark protocol (they win over a stored
+    # calibration); "shipped": calibrated by facepriv on a public set (LFW) as a default, so a
+    # user's own `facepriv audit calibrate` takes precedence
+    threshold_kind: str = "protocol"
     labels: tuple[str, ...] = ()
     differentiable: bool = True
     runtime: str = "torch"  # "torch" or "onnxruntime"

@@ -86,6 +86,7 @@ _COMMON: dict[str, Any] = {
     # hold for ``sface-onnx`` too (same graph, parity 3.8e-6). "default": OpenCV zoo's 0.363.
     "thresholds": {"1e-1": 0.209944, "1e-2": 0.294732, "1e-3": 0.352676, "default": 0.363},
     "threshold_source": SFACE_THRESHOLD_SOURCE,
+    "threshold_kind": "shipped",
     "size_bytes": SFACE_FILE.size,
     "reference": "Zhong et al., SFace: Sigmoid-Constrained Hypersphere Loss for Robust Face "
                  "Recognition, IEEE TIP 2021; https://github.com/opencv/opencv_zoo",

@@ -21,6 +21,7 @@ import torch
 from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
 from ..attacks.reference import target_images
 from ..attacks.config import METHODS, parse_epsilon
+from ..attacks.config import levels_for
 from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import LoadedImage, load_image
@@ -104,7 +105,7 @@ class BaselineEditor:
         cfg.attack_config()  # validate now, not at the first photo
 
     def __call__(self, x: torch.Tensor, faces: list[Face], loaded: LoadedImage | None = None) -> torch.Tensor:
-        levels = 65535 if loaded is not None and loaded.bit_depth > 8 else 255
+        levels = levels_for(loaded)
         res = attack_faces(x, faces, self.ensemble, self.cfg.attack_config(levels), target_ref=self.target_ref,
                            progress=self.progress)
         self.last_result = res

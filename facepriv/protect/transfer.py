@@ -32,6 +32,7 @@ import torch
 
 from ..attacks import SurrogateEnsemble
 from ..attacks.transfer import TransferConfig, transfer_attack
+from ..attacks.config import levels_for
 from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import IMAGE_SUFFIXES, LoadedImage, load_image
@@ -134,7 +135,7 @@ class TransferEditor:
         turn = zlib.crc32(key.encode()) if key is not None else self.turn
         self.turn += 1
         surr, judges = self.rotation[turn % len(self.rotation)]
-        levels = 65535 if loaded is not None and loaded.bit_depth > 8 else 255
+        levels = levels_for(loaded)
         cfg = dataclasses.replace(self.opts.attack, quantize=levels)
         person = self.person_embeddings(path)
         pattern = self.pattern_for(folder, surr) if folder is not None and self.opts.shared_pattern else None
