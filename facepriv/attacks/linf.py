@@ -34,11 +34,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.align import get_template, invert_affine, landmarks_tensor, similarity_transform, transform_points
+from ..core.align import get_template, invert_affine, similarity_transform, transform_points
 from ..core.errors import ConfigError
 from ..core.faces import Face
-from ..core.regions import region_mask
 from .config import AttackConfig, AttackResult
+from .crop import face_crop
 from .identity import IdentityReference, SurrogateEnsemble, identity_loss
 from .naturalness import naturalness_loss
 from .transforms import diversify, scaled_kernel, ti_smooth
@@ -190,38 +190,21 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
         raise ConfigError("tipim is a targeted method: give a target identity (target image)")
     dev = _ensemble_device(ensemble, image.device)
     x_full = image.detach().to(dev, torch.float32)
-    H, W = x_full.shape[-2:]
     mode = "impersonation" if target_ref is not None else "dodging"
     per_face: list[dict] = [{"face": i, "status": "skipped", "reason": "region outside the image", "mode": mode,
                              "steps": 0, "early_stopped": False} for i in range(len(faces))]
-    regions = [region_mask(f, (H, W), region=cfg.region, feather=cfg.feather, device=dev) for f in faces]
-    act_ids = [i for i, r in enumerate(regions) if r is not None and float(r.mask.max()) > 0]
-    if not act_ids:
+    grow = (cfg.diversity_scale + cfg.diversity_shift + math.sin(math.radians(cfg.diversity_rotate))) \
+        if cfg.diversity_prob > 0 else 0.0
+    crop = face_crop(x_full, faces, ensemble, region=cfg.region, feather=cfg.feather, grow=grow)
+    if crop is None:
         return AttackResult(image.detach().clone(), per_face, 0.0, cfg.to_json())
     thresholds = resolve_thresholds(ensemble, cfg, required=cfg.early_stop)
     metrics = {n: getattr(m.spec, "metric", None) or "cosine" for n, m in zip(ensemble.names, ensemble.members)}
 
-    # --- the working crop
-    lm_full = landmarks_tensor([faces[i] for i in act_ids], dev)
-    grow = (cfg.diversity_scale + cfg.diversity_shift + math.sin(math.radians(cfg.diversity_rotate))) \
-        if cfg.diversity_prob > 0 else 0.0
-    ext = _read_extents(ensemble, lm_full, grow)
-    regs = [regions[i] for i in act_ids]
-    x0 = int(max(0, min(math.floor(float(ext[:, 0].min())), min(r.x0 for r in regs))))
-    y0 = int(max(0, min(math.floor(float(ext[:, 1].min())), min(r.y0 for r in regs))))
-    x1 = int(min(W, max(math.ceil(float(ext[:, 2].max())) + 1, max(r.x1 for r in regs))))
-    y1 = int(min(H, max(math.ceil(float(ext[:, 3].max())) + 1, max(r.y1 for r in regs))))
-    x = x_full[:, y0:y1, x0:x1]
-    h, w = x.shape[-2:]
-    lm = lm_full - torch.tensor([x0, y0], dtype=torch.float32, device=dev)
+    # --- the working crop (see facepriv.attacks.crop)
+    x, lm, masks, union, owner, sizes, act_ids = crop.x, crop.lm, crop.masks, crop.union, crop.owner, crop.sizes, crop.ids
     n = len(act_ids)
-    masks = torch.zeros(n, 1, h, w, device=dev)
-    for k, r in enumerate(regs):
-        masks[k, :, r.y0 - y0: r.y1 - y0, r.x0 - x0: r.x1 - x0] = r.mask
-    union = masks.amax(0)
     budget = cfg.epsilon * union
-    owner = torch.where(union[0] > 0, masks[:, 0].argmax(0), torch.full_like(union[0], -1, dtype=torch.long))
-    sizes = torch.tensor([faces[i].size for i in act_ids], dtype=torch.float32, device=dev)
     ti_k = scaled_kernel(cfg.ti_kernel, float(sizes.median()))
 
     # --- references
@@ -336,8 +319,7 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
 
     # --- final image (quantised inside the budget) and report
     q = quantize_within(x, x + delta, budget, cfg.quantize)
-    out = x_full.clone()
-    out[:, y0:y1, x0:x1] = q
+    out = crop.paste(x_full, q)
     with torch.no_grad():
         emb_after = ensemble.embed(q, lm)
     linf_faces = [float(((q - x).abs() * (masks[k] > 0)).amax()) for k in range(n)]
