@@ -14,6 +14,14 @@ photo on its own, so a bad file only fails itself), patches the faces of all of 
 each photo through the same steps as :func:`facepriv.core.pipeline.process_photo` (face policy,
 atomic outputs that never replace an input).
 
+After a photo's faces are patched, each face is measured against every surrogate the
+generator was trained with (named by its ``config.json``): the clean face against the patched
+face (evasion) or the patched face against the target (impersonation), in the model's own
+similarity units, at the thresholds of FAR :data:`VERIFY_FAR`. The manifest row gets
+``attack`` (per face ``passed`` per model, None = no threshold known), which the batch summary
+prints as per-face lines and a one-line verdict, as it does for ``protect``. ``verify=False``
+in :class:`PatchApplyConfig` turns it off.
+
 Before the first photo it warns once (:func:`generator_warning`) when the generator's own
 validation rate, measured at the end of training and stored in its ``config.json``, is below
 :data:`facepriv.patch.train.APPLY_WARN_RATE` or missing: an under-trained generator pastes
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +56,111 @@ class PatchApplyConfig:
     detector: str = "mtcnn"
     batch_size: int = 32  # faces per generator forward pass
     photo_batch: int = 8  # photos read ahead and patched with one apply_many call
+    verify: bool = True  # measure every patched face against the generator's surrogates
 
     def __post_init__(self):
         if self.batch_size < 1 or self.photo_batch < 1:
             raise ConfigError("batch_size and photo_batch must be at least 1")
+
+
+VERIFY_FAR = "1e-2"  # the false-accept rate of the thresholds the per-face verification uses
+
+
+@dataclass
+class PatchApplySummary(BatchSummary):
+    """A batch summary plus what the per-face verification used (FAR, surrogates, thresholds)."""
+
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "details": self.details}
+
+
+def generator_surrogates(path: str | os.PathLike) -> list[str]:
+    """The surrogates a generator folder was trained with: its validation record's models
+    (``config.json``), else the training config in ``train_state.json``; [] when neither says."""
+    import json
+
+    path = Path(path).expanduser()
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    v = meta.get("validation") if isinstance(meta, dict) else None
+    if isinstance(v, dict) and isinstance(v.get("surrogates"), dict) and v["surrogates"]:
+        return [str(n) for n in v["surrogates"]]
+    try:
+        state = json.loads((path / "train_state.json").read_text())
+        names = (state.get("config") or {}).get("surrogates")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _load_surrogates(names: list[str], device):
+    from ..attacks import SurrogateEnsemble
+
+    return SurrogateEnsemble(names, device=device)
+
+
+class PatchVerifier:
+    """Per-face verification of patched photos against a surrogate ensemble (one forward per
+    model per photo: the clean and the patched faces together)."""
+
+    def __init__(self, ensemble, *, far: str = VERIFY_FAR, target_aligned: torch.Tensor | None = None):
+        from ..attacks import AttackConfig
+        from ..attacks.linf import resolve_thresholds
+
+        self.ensemble = ensemble.eval()
+        self.far = far
+        self.thresholds = resolve_thresholds(ensemble, AttackConfig(far=far), required=False)
+        self.metrics = {n: getattr(m.spec, "metric", None) or "cosine"
+                        for n, m in zip(ensemble.names, ensemble.members)}
+        self.target = None
+        if target_aligned is not None:  # (1, 3, S, S) aligned to the ArcFace template at S
+            from ..core.align import get_template
+
+            tpl = get_template("arcface-112")
+            S = target_aligned.shape[-1]
+            pts = tpl.tensor(target_aligned.device) * torch.tensor([S / tpl.size[1], S / tpl.size[0]],
+                                                                     device=target_aligned.device)
+            with torch.no_grad():
+                self.target = ensemble.reference(target_aligned, pts[None])
+
+    @property
+    def mode(self) -> str:
+        return "impersonation" if self.target is not None else "dodging"
+
+    @torch.no_grad()
+    def __call__(self, clean: torch.Tensor, patched: torch.Tensor, landmarks: torch.Tensor) -> list[dict]:
+        """Per face of one photo: ``{"face", "status", "mode", "passed": {model: bool | None}}``."""
+        from ..models.recognition import similarity
+
+        n = landmarks.shape[0]
+        dev = patched.device
+        lms = landmarks.to(dev, torch.float32).reshape(-1, 5, 2)
+        if self.target is None:  # clean and patched faces in one batch per model
+            imgs = torch.stack([clean.to(dev), patched])
+            emb = self.ensemble.embed(imgs, torch.cat([lms, lms]),
+                                      image_index=torch.arange(2, device=dev).repeat_interleave(n))
+        else:
+            emb = self.ensemble.embed(patched, lms)
+        passed: dict[str, list] = {}
+        for name, e in emb.items():
+            t = self.thresholds.get(name)
+            if t is None:
+                passed[name] = [None] * n
+                continue
+            if self.target is None:
+                sim = similarity(e[n:], e[:n], self.metrics[name])
+                passed[name] = (sim < t).tolist()
+            else:
+                ref = self.target[name].to(e.device)
+                sim = similarity(e, ref.expand_as(e), self.metrics[name])
+                passed[name] = (sim >= t).tolist()
+        return [{"face": i, "status": "attacked", "mode": self.mode,
+                 "passed": {name: (None if v[i] is None else bool(v[i])) for name, v in passed.items()}}
+                for i in range(n)]
 
 
 class PatchApplier:
@@ -208,7 +317,7 @@ def _stamp(path: str | os.PathLike | None) -> list | None:
 class _Prepared:
     """One photo read ahead: loaded and detected (or the error that stopped it), then patched."""
 
-    __slots__ = ("error", "faces", "img", "result", "timings")
+    __slots__ = ("attack", "error", "faces", "img", "result", "timings")
 
     def __init__(self):
         self.error: BaseException | None = None
@@ -216,6 +325,7 @@ class _Prepared:
         self.faces: list = []
         self.result: LoadedImage | None = None
         self.timings: dict[str, float] = {}
+        self.attack: list[dict] | None = None
 
 
 class _BatchedPatcher:
@@ -229,8 +339,10 @@ class _BatchedPatcher:
     """
 
     def __init__(self, applier: PatchApplier, detector, *, policy: FacePolicy, save: SaveOptions,
-                 device: torch.device, order: list[InputItem], photo_batch: int):
+                 device: torch.device, order: list[InputItem], photo_batch: int,
+                 verifier: PatchVerifier | None = None):
         self.applier, self.detector, self.policy, self.save = applier, detector, policy, save
+        self.verifier = verifier
         self.device = device
         self.order = order
         self.pos = {str(it.path): k for k, it in enumerate(order)}
@@ -264,21 +376,39 @@ class _BatchedPatcher:
                 outs = self.applier.apply_many(xs, lms)
                 for (_, p), y in zip(todo, outs):
                     p.result = p.img.with_pixels(y)
-                del xs, outs
                 n_faces = sum(len(p.faces) for _, p in todo)
                 dt = time.perf_counter() - t
                 for _, p in todo:  # the batch's time, shared by faces
                     p.timings["edit_s"] = round(dt * len(p.faces) / n_faces, 4)
+                for (_, p), x, y, lm in zip(todo, xs, outs, lms):
+                    self._verify(p, x, y, lm)
+                del xs, outs
             except Exception:  # noqa: BLE001 - the batch failed (e.g. out of memory): photo by photo
                 for _, p in todo:
                     t = time.perf_counter()
                     try:
-                        y = self.applier.apply(p.img.to_tensor(self.device), landmarks_tensor(p.faces, self.device))
+                        x = p.img.to_tensor(self.device)
+                        lm = landmarks_tensor(p.faces, self.device)
+                        y = self.applier.apply(x, lm)
                         p.result = p.img.with_pixels(y)
                     except Exception as exc:  # noqa: BLE001
                         p.error = exc
                     p.timings["edit_s"] = round(time.perf_counter() - t, 4)
+                    if p.error is None:
+                        self._verify(p, x, y, lm)
         self.ready.update(preps)
+
+    def _verify(self, prep: _Prepared, x: torch.Tensor, y: torch.Tensor, lm: torch.Tensor) -> None:
+        """The per-face verification of one patched photo; a failure here never loses the photo."""
+        if self.verifier is None:
+            return
+        t = time.perf_counter()
+        try:
+            prep.attack = self.verifier(x, y, lm)
+        except Exception as exc:  # noqa: BLE001 - the photo is patched; only its verdict is missing
+            prep.attack = [{"face": i, "status": "skipped", "mode": self.verifier.mode,
+                            "reason": f"verification failed: {exc}"} for i in range(len(prep.faces))]
+        prep.timings["verify_s"] = round(time.perf_counter() - t, 4)
 
     def __call__(self, item: InputItem, dst: Path) -> ItemResult:
         key = str(item.path)
@@ -301,20 +431,24 @@ class _BatchedPatcher:
         t = time.perf_counter()
         save_image(prep.result, dst, quality=self.save.quality, keep_metadata=self.save.keep_metadata)
         timings["save_s"] = round(time.perf_counter() - t, 4)
-        return ItemResult(status="ok", output=dst, faces=len(prep.faces), timings=timings,
-                          extra={**extra, "boxes": [f.to_json()["box"] for f in prep.faces]})
+        extra["boxes"] = [f.to_json()["box"] for f in prep.faces]
+        if prep.attack is not None:
+            extra["attack"] = prep.attack
+        return ItemResult(status="ok", output=dst, faces=len(prep.faces), timings=timings, extra=extra)
 
 
 def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyConfig, *,
                     policy: FacePolicy | None = None, save: SaveOptions | None = None,
                     device: str | torch.device = "cpu", glob: str | None = None, resume: bool = False,
                     output_suffix: str | None = None, progress: bool = True, verbose: bool = False,
-                    detector=None, warn: bool = True) -> BatchSummary:
+                    detector=None, warn: bool = True, surrogates=None) -> PatchApplySummary:
     """Patch every face of every input photo, mirroring the inputs under ``out``.
 
     ``detector``: a face detector object to use instead of ``create_model(cfg.detector)``.
     ``warn``: print :func:`generator_warning` (once, on stderr, before any photo) when the
     generator's validation rate is low or missing.
+    ``surrogates``: a :class:`facepriv.attacks.SurrogateEnsemble` (or model names) to verify the
+    patched faces with instead of the generator's own surrogates (``cfg.verify``).
     """
     from ..models import create_model
 
@@ -340,8 +474,22 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
         detector = create_model(cfg.detector, device=device)
     applier = PatchApplier(gen_dir, target=cfg.target, detector=detector, device=device, batch_size=cfg.batch_size)
 
-    # batch_size / photo_batch change how faces are grouped, not the outputs: a resumed run may change them
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "photo_batch")}
+    verifier, details = None, {}
+    if cfg.verify:
+        if surrogates is None:
+            surrogates = generator_surrogates(gen_dir)
+        if isinstance(surrogates, (list, tuple)):
+            surrogates = _load_surrogates(list(surrogates), device) if surrogates else None
+        if surrogates is not None:
+            verifier = PatchVerifier(surrogates, target_aligned=applier.target_aligned)
+            details = {"far": verifier.far, "surrogates": list(surrogates.names),
+                       "thresholds": dict(verifier.thresholds)}
+        elif warn and rank == 0:
+            _print_warning("the generator's config names no surrogates: the patched faces are not verified")
+
+    # batch_size / photo_batch change how faces are grouped, not the outputs: a resumed run may
+    # change them; verify only changes what the manifest records
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "photo_batch", "verify")}
     config = {"command": "patch apply", **settings, "generator_files": _stamp(gen_dir / "generator.safetensors"),
               "target_file": _stamp(cfg.target), "policy": asdict(policy), "save": asdict(save),
               "suffix": output_suffix}
@@ -351,7 +499,8 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
         done = done_inputs(out, config_hash(config))
         order = [it for it in order if str(it.path) not in done]
     process = _BatchedPatcher(applier, detector, policy=policy, save=save, device=device, order=order,
-                              photo_batch=cfg.photo_batch)
-    return run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
-                     description=f"patch ({applier.mode})", progress=progress, verbose=verbose,
-                     command="patch apply", rank=rank, world_size=world)
+                              photo_batch=cfg.photo_batch, verifier=verifier)
+    summary = run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
+                        description=f"patch ({applier.mode})", progress=progress, verbose=verbose,
+                        command="patch apply", rank=rank, world_size=world)
+    return PatchApplySummary(**vars(summary), details=details)
