@@ -69,7 +69,7 @@ class TransferConfig:
     psnr_step: float = 2.0
     steps: int = 16
     level_steps: int = 8
-    person_steps: int = 24  # steps of the per-person pattern (OPOM-style warm start)
+    person_steps: int = 12  # steps of the per-person pattern (OPOM-style warm start), 3 photos each
     refine_steps: int = 6  # first-level steps of a photo that starts from its person's pattern
     copies: int = 2
     eot: EOTConfig | None = field(default_factory=EOTConfig)
@@ -441,7 +441,7 @@ class PersonPattern:
 
 
 def person_pattern(samples: list[tuple[torch.Tensor, Face]], ensemble, cfg: TransferConfig | None = None, *,
-                   batch: int = 4, progress=None) -> PersonPattern:
+                   batch: int = 3, progress=None) -> PersonPattern:
     """Optimise one pattern over ``samples`` (photo (3, H, W), the person's face) for
     ``cfg.person_steps`` steps, pushing every photo from the centre of the person's embeddings
     at the ``min_psnr`` budget; a few per-photo steps from it then finish each photo."""
