@@ -357,9 +357,10 @@ def table(args, configs: list[str] | None = None) -> str:
     lines = ["| config | faces | judge | PSR 1e-2 other | self | JPEG 85 | 0.5x | PSR 1e-3 other | clean "
              "unmatched 1e-2 | face PSNR (min) | face SSIM | photo PSNR | s/face |", "|" + "---|" * 14]
     for f in files:
-        name = f.stem.split("-", 1)[1].rsplit("-", 1)[0]
+        name, n_set = f.stem.split("-", 1)[1].rsplit("-", 1)
         if configs and name not in configs:
             continue
+        name = f"{name} ({n_set})"  # the face set: configs compare only on the same set
         recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         if not recs:
             continue

@@ -104,8 +104,9 @@ def test_impersonation_is_judged_against_the_target(tmp_path, photos):  # noqa: 
     assert len(_verified_faces(s)) == 8
 
 
-def test_a_generator_naming_no_surrogates_is_not_verified(tmp_path, photos):  # noqa: F811
+def test_a_generator_naming_no_surrogates_is_not_verified(tmp_path, photos, capsys):  # noqa: F811
     gen_dir = _noisy_generator(tmp_path)
-    s = _run(photos, tmp_path / "out", gen_dir, 16, warn=False)
+    s = _run(photos, tmp_path / "out", gen_dir, 16)
     assert s.details == {} and s.counts["ok"] == 4
+    assert "names no surrogates: the patched faces are not verified" in capsys.readouterr().err
     assert all("attack" not in r for r in _rows(tmp_path / "out").values())

@@ -195,7 +195,8 @@ def _apply(tmp_path, gen_dir, capsys, monkeypatch, target=None):
         for n in ("obama.jpg", "obama2.jpg"):
             shutil.copy(fixture_path(n), src / n)
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
-    summary = run_patch_apply([src], out, PatchApplyConfig(generator=str(gen_dir), photo_batch=1, target=target),
+    summary = run_patch_apply([src], out, PatchApplyConfig(generator=str(gen_dir), photo_batch=1, target=target,
+                                                          verify=False),  # the verdict has its own tests
                               output_suffix=".png", progress=False, detector=_fake_detector())
     assert summary.counts == {"ok": 2}
     err_before = events[0][1]  # stderr printed before the first photo was patched
