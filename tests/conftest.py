@@ -27,6 +27,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (modules opt in with ``pytestmark``): the test machine
+    is shared, and one thread is several times faster than two under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fixture_path(name: str) -> Path:
     """A real photo: tests/fixtures first, then ../shared (skips only if neither exists)."""
     p = FIXTURES / name

@@ -27,12 +27,7 @@ from facepriv.models.recognition import FaceRecognizer
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _spec(name: str) -> ModelSpec:

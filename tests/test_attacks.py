@@ -33,13 +33,7 @@ from facepriv.models.recognition import FaceRecognizer, embed_faces
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 # ----------------------------------------------------------------------------- tiny surrogates
@@ -60,7 +54,7 @@ def tiny():
 
 def _detect(mtcnn, rgb):
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _one_thread: module fixtures run before it
+    torch.set_num_threads(1)  # see conftest.one_thread: module fixtures run before it
     try:
         return mtcnn.detect(rgb)
     finally:

@@ -19,13 +19,7 @@ from facepriv.models import ModelSpec
 from facepriv.models.recognition import FaceRecognizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _tiny_ensemble() -> SurrogateEnsemble:
@@ -41,7 +35,7 @@ def _tiny_ensemble() -> SurrogateEnsemble:
 def obama(mtcnn):
     rgb = load_rgb("obama.jpg")
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before _one_thread
+    torch.set_num_threads(1)  # module fixtures run before conftest.one_thread
     try:
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255, mtcnn.detect(rgb)
     finally:

@@ -20,13 +20,7 @@ from facepriv.core.regions import region_mask
 from facepriv.protect.baselines import BaselineConfig, build_editor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def test_config_validation(tmp_path):

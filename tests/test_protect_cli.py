@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import fixture_path
@@ -22,12 +21,7 @@ def invoke(*args):
     return runner.invoke(app, hoist_global_options(list(map(str, args))))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def test_protect_help_lists_the_options():

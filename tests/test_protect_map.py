@@ -24,13 +24,7 @@ from facepriv.protect.map import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two under load.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def tiny_unet_dir(path, size: int = 32, seed: int = 0):

@@ -19,17 +19,9 @@ from facepriv.protect import ProtectConfig, run_protect
 from facepriv.protect.map import MAPConfig, MAPTuner, align_for_score_model
 from test_protect_map import tiny_unet_dir
 
-pytestmark = pytest.mark.realmodels
+pytestmark = [pytest.mark.realmodels, pytest.mark.usefixtures("one_thread")]
 
 FAST = {"lr": 1e-3, "t0": 100, "n_inv": 10, "n_gen": 3, "batch_size": 2, "w_smooth": 1.0, "w_sm": 0.1}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ NAMES = ("dlib-resnet", "facenet-casia", "sface")
 FAST = {"steps": 3, "level_steps": 2, "copies": 1, "person_steps": 2, "refine_steps": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _tiny(name: str, seed: int, template: str = "arcface-112", size: int = 48, threshold: float = 0.5):

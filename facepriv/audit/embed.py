@@ -410,8 +410,3 @@ def embed_aligned(model: nn.Module, crops: torch.Tensor, *, batch_size: int = 32
         for i in range(0, len(crops), batch_size):
             outs.append(model(crops[i: i + batch_size].to(device)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, 0)
-
-
-def stack_embeddings(items: Sequence[torch.Tensor]) -> torch.Tensor:
-    items = [t for t in items if t.numel()]
-    return torch.cat(items) if items else torch.zeros(0, 0)

@@ -457,12 +457,6 @@ def _max_pixels_value(value: int | None) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
-def resolve_max_pixels_option(value: int | None) -> int:
-    """For commands that receive ``--max-pixels`` as None: the env value or the default, or a
-    usage error (exit 2) naming a malformed FACEPRIV_MAX_PIXELS."""
-    return _max_pixels_value(value)
-
-
 # envvar: the option's value comes from FACEPRIV_MAX_PIXELS when not given (a malformed value is
 # a usage error naming the variable); the command's default applies only when neither is set.
 MaxPixels = Annotated[int | None, typer.Option(

@@ -43,10 +43,6 @@ class Template:
 _ARCFACE = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041))
 
 
-def _scaled(points, scale: float, shift: tuple[float, float] = (0.0, 0.0)):
-    return tuple((x * scale + shift[0], y * scale + shift[1]) for x, y in points)
-
-
 TEMPLATES: dict[str, Template] = {
     "arcface-112": Template("arcface-112", (112, 112), _ARCFACE),
     # Where MTCNN's five points fall in the crops the models were trained on; measured on real

@@ -62,19 +62,6 @@ class FaceDetector(ABC):
         return [self.detect(im) for im in images]
 
 
-def order_landmarks(points: np.ndarray) -> np.ndarray:
-    """Put five landmarks into facepriv's order (image-left eye/mouth corner first).
-
-    Useful for detectors whose "left" means the subject's left.
-    """
-    pts = np.asarray(points, dtype=np.float32).reshape(5, 2).copy()
-    if pts[0, 0] > pts[1, 0]:
-        pts[[0, 1]] = pts[[1, 0]]
-    if pts[3, 0] > pts[4, 0]:
-        pts[[3, 4]] = pts[[4, 3]]
-    return pts
-
-
 ON_NO_FACE = ("skip", "copy", "error")
 
 

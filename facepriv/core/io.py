@@ -558,8 +558,3 @@ def image_to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torc
     """uint8 (H, W, 3) -> float (3, H, W) in [0, 1]."""
     arr = rgb if (rgb.flags.writeable and rgb.flags.c_contiguous) else np.array(rgb)
     return torch.from_numpy(arr).to(device).permute(2, 0, 1).float().div_(255.0)
-
-
-def tensor_to_image(x: torch.Tensor) -> np.ndarray:
-    """float (3, H, W) in [0, 1] -> uint8 (H, W, 3)."""
-    return (x.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())

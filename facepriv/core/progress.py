@@ -61,9 +61,6 @@ class _NullProgress(contextlib.AbstractContextManager):
     def update(self, *a, **k):
         pass
 
-    def console_print(self, *a, **k):
-        pass
-
     @property
     def console(self):
         return stderr_console

@@ -170,14 +170,6 @@ class PatchRegion:
         y = m[1, 1] * v + m[1, 2]
         return self.mask_at(x, y)[None, None]
 
-    def reference_mask(self, size: int = 112, device=None) -> torch.Tensor:
-        """(1, 1, size, size) mask in the aligned frame (ArcFace template scaled to ``size``)."""
-        k = REFERENCE_SIZE / size
-        yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32, device=device),
-                                torch.arange(size, dtype=torch.float32, device=device), indexing="ij")
-        # aligned pixel centre j -> reference (j + 0.5) * k - 0.5
-        return self.mask_at((xx + 0.5) * k - 0.5, (yy + 0.5) * k - 0.5)[None, None]
-
     def image_mask(self, landmarks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(N, H, W) masks of the region in a photo of ``size`` (H, W) for faces' landmarks."""
         lms = torch.as_tensor(landmarks, dtype=torch.float32).reshape(-1, 5, 2)
@@ -260,12 +252,6 @@ def patch_to_photo(region: PatchRegion, patch_size: int, landmarks: torch.Tensor
     to_ref = photo_to_reference(landmarks)
     p2r = region.patch_to_reference(patch_size, device=to_ref.device)
     return compose(invert_affine(to_ref), p2r.expand(to_ref.shape[0], 2, 3))
-
-
-def reference_to_canvas(scale: float, offset: float) -> torch.Tensor:
-    """(2, 3) reference frame -> a canvas where the template is scaled by ``scale`` and shifted."""
-    # pixel centres: canvas = (ref + 0.5) * scale - 0.5 + offset
-    return torch.tensor([[scale, 0.0, 0.5 * scale - 0.5 + offset], [0.0, scale, 0.5 * scale - 0.5 + offset]])
 
 
 # --------------------------------------------------------------------------------- warping

@@ -266,17 +266,6 @@ class MAPTuner(_Generator):
             raise ConfigError(str(exc)) from None
 
     @torch.no_grad()
-    def expression_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """Mean expression embedding of reference faces aligned like the score network's crops."""
-        from .losses import expression_inputs
-
-        if self.expression_model is None:
-            raise ConfigError("an expression reference needs an expression model")
-        feats = self.expression_model.features(expression_inputs(self.expression_model, crops.to(self.device),
-                                                                 self.template))
-        return feats.mean(0, keepdim=True)
-
-    @torch.no_grad()
     def source_reference(self, crops: torch.Tensor) -> IdentityReference:
         """Dodging reference: each face's own embeddings (from its aligned crop)."""
         emb = embed_crops(self.ensemble, crops.to(self.device), self.template)
