@@ -68,7 +68,7 @@ class CachedFaces:
 
 
 def _print_audit(title: str, rep: dict) -> dict:
-    from facepriv.audit.thresholds import FARS
+    from facepriv.models.thresholds import FARS
 
     print(f"\n{title}")
     print(f"{'model':14} {'n':>5} " + " ".join(f"{'PSR@' + f:>9}" for f in FARS) + f" {'mean sim':>9} {'not det.':>8}"
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
 
 def run_audits(args, data, work, files, ids, models, detector, result) -> None:
     from facepriv.audit import AuditConfig, CalibrationConfig, run_audit, run_calibration
-    from facepriv.audit.thresholds import FARS
+    from facepriv.models.thresholds import FARS
     from facepriv.deid import DeidConfig, run_deid
 
     # 1. calibration

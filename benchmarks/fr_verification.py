@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     from facepriv.audit.embed import FaceEmbeddingCache, model_metric
     from facepriv.audit.inputs import read_pairs
-    from facepriv.audit.thresholds import FARS, calibrate_scores
+    from facepriv.models.thresholds import FARS, calibrate_scores
     from facepriv.models import create_model, get_spec
     from facepriv.models.recognition import similarity
 

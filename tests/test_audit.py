@@ -22,7 +22,7 @@ from facepriv.audit import AuditConfig, calibrate_scores, resolve_thresholds, ru
 from facepriv.audit import inputs as inp
 from facepriv.audit.embed import FaceEmbeddingCache
 from facepriv.audit.metrics import QualityMeter, identity_rank, match_faces, psnr, psr, rank_k, ssim
-from facepriv.audit.thresholds import FARS, auc_score, eer, far_threshold, roc_curve, store_calibration
+from facepriv.models.thresholds import FARS, auc_score, eer, far_threshold, roc_curve, store_calibration
 from facepriv.core.errors import ConfigError
 
 
@@ -549,7 +549,7 @@ def test_cli_calibrate_then_audit_uses_the_calibration(tmp_path, photo_sets):
 def test_model_without_any_threshold_still_reports_similarities(monkeypatch, tmp_path):
     """No protocol, calibration or default: the audit goes on, success rates are None, never invented."""
     from facepriv.audit.metrics import psr
-    from facepriv.audit.thresholds import resolve_thresholds
+    from facepriv.models.thresholds import resolve_thresholds
     from facepriv.models import get_spec
 
     monkeypatch.setenv("FACEPRIV_THRESHOLDS_DIR", str(tmp_path))

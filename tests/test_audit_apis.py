@@ -30,7 +30,7 @@ from facepriv.audit.apis.azure import AzureFace
 from facepriv.audit.apis.base import RateLimiter
 from facepriv.audit.apis.facepp import FacePlusPlus
 from facepriv.audit.apis.rekognition import Rekognition
-from facepriv.audit.secrets import redact
+from facepriv.core.secrets import redact
 
 KEY = "fpp-KEY-9c1e77d0b2"
 SECRET = "fpp-SECRET-4f0a91c3e8"

@@ -27,7 +27,7 @@ from facepriv.audit.apis.base import APIError, ImageLimits, prepare_image
 from facepriv.audit.apis.facepp import FacePlusPlus
 from facepriv.audit.apis.rekognition import Rekognition, says_no_face
 from facepriv.audit.inputs import match_files
-from facepriv.audit.thresholds import (FARS, best_accuracy, calibrate_scores, calibration_record,
+from facepriv.models.thresholds import (FARS, best_accuracy, calibrate_scores, calibration_record,
                                        resolve_thresholds)
 from facepriv.core.errors import ConfigError
 
@@ -122,7 +122,7 @@ def test_thresholds_file_keeps_the_calibration_note(tmp_path, single):
 
 
 def test_thresholds_file_without_the_model_says_which_source_is_used(tmp_path):
-    from facepriv.audit.thresholds import _read_threshold_file
+    from facepriv.models.thresholds import _read_threshold_file
 
     f = tmp_path / "th_other.json"
     f.write_text(json.dumps({"dlib-resnet": {"1e-1": -0.7, "1e-2": -0.6, "1e-3": -0.5}}))

@@ -402,7 +402,7 @@ def test_attempts_are_counted_per_comparison_under_concurrency(tmp_path):
 
 # ------------------------------------------------------------------------------ CLI errors
 def test_cli_error_messages_and_tracebacks_are_redacted(capsys, monkeypatch):
-    from facepriv.audit.secrets import register_secret
+    from facepriv.core.secrets import register_secret
     from facepriv.cli import common
     from facepriv.core.errors import ConfigError
 

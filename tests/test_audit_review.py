@@ -27,7 +27,7 @@ from rich.console import Console
 from test_audit_apis import KEY, SECRET, MockFacePP
 from test_audit_rules import MeanColour, _cos, _solid, _thresholds_file
 from facepriv.audit import AuditConfig, calibrate_scores, run_audit
-from facepriv.audit.thresholds import FARS, auc_score, roc_curve
+from facepriv.models.thresholds import FARS, auc_score, roc_curve
 from facepriv.core.errors import ConfigError
 
 

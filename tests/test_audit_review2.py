@@ -22,7 +22,7 @@ from facepriv.audit.metrics import QualityMeter, identity_rank
 from facepriv.audit.report import csv_rows
 from facepriv.audit.runner import (_sim, _thin_statistics_notes, gallery_ranks, model_versions, pad_for_detection,
                                    sample_refs)
-from facepriv.audit.thresholds import ThresholdSet
+from facepriv.models.thresholds import ThresholdSet
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ from torch import nn
 
 from facepriv.audit import AuditConfig, run_audit
 from facepriv.audit.metrics import match_faces
-from facepriv.audit.thresholds import FARS, calibration_mismatch, resolve_thresholds, store_calibration
+from facepriv.models.thresholds import FARS, calibration_mismatch, resolve_thresholds, store_calibration
 from facepriv.core.errors import ConfigError
 
 
@@ -423,7 +423,7 @@ def test_azure_accepts_the_quickstart_variable_names(tmp_path, monkeypatch):
     """AZURE_FACE_KEY / AZURE_FACE_ENDPOINT, or FACE_APIKEY / FACE_ENDPOINT as Azure's Face
     quickstarts name them; ours win when both are set; the key is a registered secret."""
     from facepriv.audit.apis import create_api
-    from facepriv.audit.secrets import redact_text
+    from facepriv.core.secrets import redact_text
 
     empty = tmp_path / "apis.json"
     empty.write_text("{}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from facepriv.attacks import AttackConfig, SurrogateEnsemble
-from facepriv.attacks.linf import resolve_thresholds as attack_thresholds
-from facepriv.audit.thresholds import resolve_thresholds, store_calibration
+from facepriv.attacks import surrogate_thresholds as attack_thresholds
+from facepriv.models.thresholds import resolve_thresholds, store_calibration
 from facepriv.models import get_spec
 
 

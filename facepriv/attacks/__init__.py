@@ -11,7 +11,7 @@
 
 from .config import METHODS, AttackConfig, AttackResult, parse_epsilon
 from .identity import IdentityReference, SurrogateEnsemble, cosine_report, identity_loss
-from .linf import attack_faces, quantize_within, resolve_thresholds
+from .linf import attack_faces, quantize_within, surrogate_thresholds
 from .reference import reference_from_image, reference_from_images, target_images
 
 __all__ = [
@@ -27,6 +27,6 @@ __all__ = [
     "quantize_within",
     "reference_from_image",
     "reference_from_images",
-    "resolve_thresholds",
+    "surrogate_thresholds",
     "target_images",
 ]

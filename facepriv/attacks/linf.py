@@ -74,16 +74,14 @@ def quantize_within(x: torch.Tensor, x_adv: torch.Tensor, budget: torch.Tensor |
 
 def _calibrated(name: str, far: str) -> float | None:
     """A threshold calibrated earlier with ``facepriv audit calibrate`` (FACEPRIV_HOME/thresholds)."""
-    try:
-        from ..audit.thresholds import load_calibrated
-    except ImportError:
-        return None
+    from ..models.thresholds import load_calibrated
+
     cal = load_calibrated(name)
     t = (cal or {}).get("thresholds", {}).get(far)
     return None if t is None else float(t)
 
 
-def resolve_thresholds(ensemble: SurrogateEnsemble, cfg: AttackConfig, *, required: bool) -> dict[str, float | None]:
+def surrogate_thresholds(ensemble: SurrogateEnsemble, cfg: AttackConfig, *, required: bool) -> dict[str, float | None]:
     """Per-surrogate thresholds in the model's similarity units.
 
     Order: ``cfg.thresholds[name]``, the spec's published protocol threshold at FAR ``cfg.far``,
@@ -198,7 +196,7 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
     crop = face_crop(x_full, faces, ensemble, region=cfg.region, feather=cfg.feather, grow=grow)
     if crop is None:
         return AttackResult(image.detach().clone(), per_face, 0.0, cfg.to_json())
-    thresholds = resolve_thresholds(ensemble, cfg, required=cfg.early_stop)
+    thresholds = surrogate_thresholds(ensemble, cfg, required=cfg.early_stop)
     metrics = {n: getattr(m.spec, "metric", None) or "cosine" for n, m in zip(ensemble.names, ensemble.members)}
 
     # --- the working crop (see facepriv.attacks.crop)

@@ -292,7 +292,7 @@ def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: Trans
     surrogate and checker; anchor: ``{surrogate: (1, D)}`` identity to pull towards; pattern:
     the person's shared pattern (:func:`person_pattern`) to start from, then ``refine_steps``.
     """
-    from .linf import _ensemble_device, resolve_thresholds
+    from .linf import _ensemble_device, surrogate_thresholds
 
     cfg = (cfg or TransferConfig()).validate()
     dev = _ensemble_device(ensemble, image.device)
@@ -307,8 +307,8 @@ def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: Trans
     with torch.no_grad():
         own = ensemble.embed(crop.x, crop.lm)
         own_chk = checkers.embed(crop.x, crop.lm) if checkers is not None else {}
-    thr = resolve_thresholds(ensemble, _far_cfg(cfg), required=False)
-    thr_chk = resolve_thresholds(checkers, _far_cfg(cfg), required=False) if checkers is not None else {}
+    thr = surrogate_thresholds(ensemble, _far_cfg(cfg), required=False)
+    thr_chk = surrogate_thresholds(checkers, _far_cfg(cfg), required=False) if checkers is not None else {}
     centres = identity_centres(own, person)
     cap = cfg.linf_cap * crop.union * texture_weights(crop.x, crop.union, strength=cfg.texture)
     n = len(crop.ids)
@@ -453,13 +453,13 @@ def person_pattern(samples: list[tuple[torch.Tensor, Face]], ensemble, cfg: Tran
                          for x, f in samples) if c is not None]
     if not crops:
         raise ConfigError("no usable face among the person's photos")
-    from .linf import resolve_thresholds
+    from .linf import surrogate_thresholds
 
     with torch.no_grad():
         embs = [ensemble.embed(c.x, c.lm) for c in crops]
     centre = {k: F.normalize(torch.cat([F.normalize(e_[k], dim=-1) for e_ in embs]).mean(0, keepdim=True), dim=-1)
               for k in ensemble.names}
-    cthr = cosine_thresholds(ensemble, resolve_thresholds(ensemble, _far_cfg(cfg), required=False))
+    cthr = cosine_thresholds(ensemble, surrogate_thresholds(ensemble, _far_cfg(cfg), required=False))
     pat = PersonPattern(torch.zeros(3, 128, 128, device=dev))
     acc = torch.zeros_like(pat.delta)
     rms = math.sqrt(allowed_mse(cfg.min_psnr))

@@ -6,7 +6,7 @@
     >>> report["models"]["sface"]["dodging"]["psr"]["1e-3"]
 
 * verification / dodging, impersonation and identification per recognition model, with
-  thresholds at FAR 1e-1 / 1e-2 / 1e-3 (:mod:`~facepriv.audit.thresholds`; calibrate your own
+  thresholds at FAR 1e-1 / 1e-2 / 1e-3 (:mod:`~facepriv.models.thresholds`; calibrate your own
   with :func:`run_calibration`);
 * image quality (PSNR, SSIM, LPIPS, FID) and optional utility (expression kept, face still
   detected);
@@ -21,7 +21,7 @@ from .calibrate import CalibrationConfig, run_calibration
 from .embed import FaceEmbeddingCache, ImageFaces
 from .report import summarize, write_reports
 from .runner import AuditConfig, run_audit
-from .thresholds import FARS, ThresholdSet, calibrate_scores, resolve_thresholds
+from ..models.thresholds import FARS, ThresholdSet, calibrate_scores, resolve_thresholds
 
 __all__ = ["FARS", "AuditConfig", "CalibrationConfig", "FaceEmbeddingCache", "ImageFaces", "ThresholdSet",
            "calibrate_scores", "resolve_thresholds", "run_audit", "run_calibration", "summarize", "write_reports"]

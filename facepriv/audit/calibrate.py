@@ -22,7 +22,7 @@ from ..core.device import resolve_device
 from ..core.errors import ConfigError
 from .embed import FaceEmbeddingCache, model_metric
 from .inputs import read_pairs
-from .thresholds import calibrate_scores, calibration_record, missing_pairs_message, store_calibration
+from ..models.thresholds import calibrate_scores, calibration_record, missing_pairs_message, store_calibration
 
 
 @dataclass

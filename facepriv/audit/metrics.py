@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import FaceprivError
-from .thresholds import FARS
+from ..models.thresholds import FARS
 
 # LPIPS and the FID Inception (which resizes to 299 itself) run on images downscaled to at most
 # this many pixels per side

@@ -7,7 +7,7 @@ The HTML page and the terminal summary open with :func:`verdict_line` ("Protecti
 37 of 40 faces (93 %) against sface at FAR 1e-2"); the notes and warnings
 (:func:`report_notes`) follow it folded in one ``<details>`` block.
 
-Everything written passes through :func:`facepriv.audit.secrets.redact`.
+Everything written passes through :func:`facepriv.core.secrets.redact`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.io import atomic_write_bytes
-from .secrets import redact
-from .thresholds import FARS
+from ..core.secrets import redact
+from ..models.thresholds import FARS
 
 THUMB_SIDE = 224
 

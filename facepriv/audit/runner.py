@@ -51,8 +51,8 @@ from ..core.progress import make_progress
 from . import inputs as inp
 from .embed import FaceEmbeddingCache, ImageFaces, model_metric
 from .metrics import QualityMeter, expression_change, match_faces, mean_or_none, psr, rank_k
-from .secrets import redact
-from .thresholds import FARS, ThresholdSet, calibration_mismatch, resolve_thresholds, roc_curve
+from ..core.secrets import redact
+from ..models.thresholds import FARS, ThresholdSet, calibration_mismatch, resolve_thresholds, roc_curve
 
 EXPRESSION_MODEL = "expr-fer7"
 MAX_IMPOSTOR_PAIRS = 20000
@@ -496,7 +496,7 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
     expression_injected = expression_model is not None
     file_data = None
     if cfg.thresholds is not None:
-        from .thresholds import _read_threshold_file
+        from ..models.thresholds import _read_threshold_file
 
         file_data = _read_threshold_file(cfg.thresholds)
     thresholds: dict[str, ThresholdSet] = {
@@ -972,7 +972,7 @@ def _roc_entry(pm: dict, pool: list, model, name: str, faces_of) -> dict | None:
         imp = np.random.default_rng(0).choice(imp, MAX_IMPOSTOR_PAIRS, replace=False)
     out = {"n_impostor": int(len(imp)), "n_genuine": len(pm["dod_before"]), "genuine_protocol": "other-photos",
            "self_left_out": len(pm["dod_by"]["self"]["after"])}
-    from .thresholds import _downsample_roc, auc_score
+    from ..models.thresholds import _downsample_roc, auc_score
 
     finite = [s for s in gen_after + pm["dod_before"] if s is not None]
     floor = float(min(imp.min(), min(finite, default=imp.min()))) - 1.0  # "never verifies" (face not detected)

@@ -151,7 +151,7 @@ def psr_table(report: dict) -> Table:
     from rich import box
 
     from ..audit.report import dodging_rows
-    from ..audit.thresholds import FARS
+    from ..models.thresholds import FARS
 
     t = Table(title="protection success rate (PSR): share of comparisons that defeat recognition",
               header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
@@ -178,7 +178,7 @@ def print_problems(report: dict) -> None:
     """``--quiet``: only what went wrong, as errors on stderr (stopped or failing APIs, images that
     could not be audited)."""
     from ..audit.report import api_problems
-    from ..audit.secrets import redact
+    from ..core.secrets import redact
 
     report = redact(report)
     for line in api_problems(report):
@@ -189,8 +189,8 @@ def print_problems(report: dict) -> None:
 
 def print_summary(report: dict) -> None:
     from ..audit.report import api_problems, psnr_text, quality_notes, thresholds_seen_text, verdict_line
-    from ..audit.secrets import redact
-    from ..audit.thresholds import FARS
+    from ..core.secrets import redact
+    from ..models.thresholds import FARS
 
     report = redact(report)
     th = report.get("thresholds", {})
@@ -254,7 +254,7 @@ def print_summary(report: dict) -> None:
 def calibration_tables(result: dict, name: str) -> list[Table]:
     """The calibration in two tables that fit 80 columns: the pairs and the ROC summary per
     model, then the threshold and TAR at each FAR (``--json`` and ``--out`` keep every field)."""
-    from ..audit.thresholds import FARS
+    from ..models.thresholds import FARS
 
     t = Table(title=f"calibration on {name}", header_style="bold")
     for c in ("model", "pairs same/diff", "AUC", "EER", "acc best", "acc default"):

@@ -110,12 +110,12 @@ _CLICK_PASSTHROUGH = _click_passthrough()
 
 
 def _redactor():
-    """:func:`facepriv.audit.secrets.redact_text`, imported when an error is printed (not at
+    """:func:`facepriv.core.secrets.redact_text`, imported when an error is printed (not at
     start-up: importing it loads the ``facepriv.audit`` package). Secrets are only ever
     registered in that module, so if it cannot be imported none can have been registered and
     the text is returned as it is."""
     try:
-        from ..audit.secrets import redact_text
+        from ..core.secrets import redact_text
     except Exception:  # noqa: BLE001 - printing the error must not fail in turn
         return lambda text: text
     return redact_text
@@ -152,7 +152,7 @@ def handle_errors(fn):
     set, outputs that would collide or replace inputs) and click's own usage errors, which
     click reports itself. Everything else - a corrupt or missing weights file, a failed
     download, an unexpected exception - exits 1; ``--verbose`` adds the traceback. Messages
-    and tracebacks pass through :func:`facepriv.audit.secrets.redact_text` first, so an
+    and tracebacks pass through :func:`facepriv.core.secrets.redact_text` first, so an
     exception that quotes an API key never prints it.
     """
 

@@ -109,11 +109,11 @@ class PatchVerifier:
 
     def __init__(self, ensemble, *, far: str = VERIFY_FAR, target_aligned: torch.Tensor | None = None):
         from ..attacks import AttackConfig
-        from ..attacks.linf import resolve_thresholds
+        from ..attacks.linf import surrogate_thresholds
 
         self.ensemble = ensemble.eval()
         self.far = far
-        self.thresholds = resolve_thresholds(ensemble, AttackConfig(far=far), required=False)
+        self.thresholds = surrogate_thresholds(ensemble, AttackConfig(far=far), required=False)
         self.metrics = {n: getattr(m.spec, "metric", None) or "cosine"
                         for n, m in zip(ensemble.names, ensemble.members)}
         self.target = None

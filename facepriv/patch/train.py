@@ -35,7 +35,7 @@ Validation
     training. At the end, :func:`validate_generator` patches each held-out face without any
     jitter and counts it as *evaded* when its similarity to its own clean photo falls below
     every surrogate's threshold at FAR ``val_far`` (from
-    :func:`facepriv.attacks.resolve_thresholds`: the model spec, a calibration, else the
+    :func:`facepriv.attacks.surrogate_thresholds`: the model spec, a calibration, else the
     model's default operating threshold - said so in the record). The record (rate, per
     surrogate rates and thresholds, a plain grey patch's rate for comparison, and with
     targets the impersonation rate) goes into the generator's ``config.json``;
@@ -276,12 +276,12 @@ def reference_embeddings(surrogates, faces: FaceSet, device, chunk: int = 16) ->
 
 # ----------------------------------------------------------------------------- validation
 def _threshold_sources(surrogates, far: str) -> dict[str, tuple[float | None, str]]:
-    """Per surrogate: its threshold at ``far`` (:func:`facepriv.attacks.resolve_thresholds`,
+    """Per surrogate: its threshold at ``far`` (:func:`facepriv.attacks.surrogate_thresholds`,
     in the model's similarity units) and where it came from, in words."""
-    from ..attacks import AttackConfig, resolve_thresholds
+    from ..attacks import AttackConfig, surrogate_thresholds
     from ..attacks.linf import _calibrated
 
-    values = resolve_thresholds(surrogates, AttackConfig(far=far), required=False)
+    values = surrogate_thresholds(surrogates, AttackConfig(far=far), required=False)
     out = {}
     for name, m in zip(surrogates.names, surrogates.members):
         spec_t = dict(getattr(m.spec, "thresholds", {}) or {})

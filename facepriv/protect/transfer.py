@@ -184,7 +184,7 @@ class TransferEditor:
         """Re-measure the last photo's verdicts and face PSNR on the file as saved (after its
         encoding) and update ``last_result.per_face`` in place (``verified_on: "saved file"``)."""
         from ..attacks.budget import masked_psnr
-        from ..attacks.linf import resolve_thresholds
+        from ..attacks.linf import surrogate_thresholds
         from ..attacks.transfer import _far_cfg, face_verdicts
         from ..core.align import landmarks_tensor
         from ..core.regions import region_mask
@@ -201,7 +201,7 @@ class TransferEditor:
                                                               if judges else [])
         thr: dict = {}
         for _role, g in groups:
-            thr.update(resolve_thresholds(g, _far_cfg(self.opts.attack), required=False))
+            thr.update(surrogate_thresholds(g, _far_cfg(self.opts.attack), required=False))
         chosen = [faces[r["face"]] for r in rows]
         verdicts = face_verdicts(groups, x, saved, landmarks_tensor(chosen, x.device), thr, person)
         for r, v, f in zip(rows, verdicts, chosen):

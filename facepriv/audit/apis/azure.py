@@ -28,7 +28,7 @@ import threading
 import time
 
 from ...core.errors import ConfigError
-from ..secrets import register_secret
+from ...core.secrets import register_secret
 from .base import APIError, CompareResult, FaceAPI, ImageLimits
 
 API_PATH = "/face/v1.0"

@@ -20,7 +20,7 @@ Shared behaviour:
   images whose shorter side is below its minimum (tiny aligned crops) are upscaled (Lanczos,
   sent as PNG) rather than refused by the service; ``CompareResult.note`` says so;
 * per-pair errors recorded in the result, never raised out of ``compare_many``;
-* secrets registered with :mod:`facepriv.audit.secrets` and redacted from every message.
+* secrets registered with :mod:`facepriv.core.secrets` and redacted from every message.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...core.errors import ConfigError, FaceprivError
-from ..secrets import redact, redact_text, register_secret
+from ...core.secrets import redact, redact_text, register_secret
 
 
 class APIError(FaceprivError):

@@ -23,7 +23,7 @@ import base64
 import threading
 
 from ...core.errors import ConfigError
-from ..secrets import register_secret
+from ...core.secrets import register_secret
 from .base import APIError, CompareResult, FaceAPI, ImageLimits
 
 DEFAULT_ENDPOINT = "https://api-us.faceplusplus.com/facepp/v3/compare"

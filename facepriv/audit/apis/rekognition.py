@@ -33,7 +33,7 @@ import os
 import re
 
 from ...core.errors import ConfigError
-from ..secrets import redact_text, register_secret
+from ...core.secrets import redact_text, register_secret
 from .base import APIError, CompareResult, FaceAPI, ImageLimits
 
 DEFAULT_THRESHOLD = 80.0

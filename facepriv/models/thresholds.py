@@ -66,7 +66,7 @@ def thresholds_dir() -> Path:
     env = os.environ.get("FACEPRIV_THRESHOLDS_DIR")
     if env:
         return Path(env).expanduser()
-    from ..models.hub import home
+    from .hub import home
 
     return home() / "thresholds"
 
@@ -165,7 +165,7 @@ def resolve_thresholds(model: str, *, spec=None, file: str | Path | None = None,
 def _builtin_thresholds(model: str, spec=None) -> ThresholdSet:
     """Sources 2-4 of the module docstring (protocol, stored calibration, default), or none."""
     if spec is None:
-        from ..models import get_spec
+        from . import get_spec
 
         spec = get_spec(model)
     th = dict(getattr(spec, "thresholds", {}) or {})
