@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import FaceprivError
+from ..core.faces import box_iou
 from ..models.thresholds import FARS
 
 # LPIPS and the FID Inception (which resizes to 299 itself) run on images downscaled to at most
@@ -359,14 +360,6 @@ def expression_change(p_orig: torch.Tensor, p_prot: torch.Tensor, labels: Sequen
             "expression_tv": float(0.5 * (p_orig - p_prot).abs().sum())}
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / ua) if ua > 0 else 0.0
-
-
 def match_faces(orig_boxes: Sequence[np.ndarray], prot_boxes: Sequence[np.ndarray], min_iou: float = 0.3, *,
                 scale: tuple[float, float] = (1.0, 1.0)) -> list[int | None]:
     """For each original face, the index of the protected face it corresponds to (greedy by IoU).
@@ -378,8 +371,9 @@ def match_faces(orig_boxes: Sequence[np.ndarray], prot_boxes: Sequence[np.ndarra
     if (sx, sy) != (1.0, 1.0):
         f = np.array([sx, sy, sx, sy], dtype=np.float64)
         prot_boxes = [np.asarray(b, dtype=np.float64)[:4] * f for b in prot_boxes]
-    cands = sorted(((box_iou(a, b), i, j) for i, a in enumerate(orig_boxes) for j, b in enumerate(prot_boxes)),
-                   reverse=True)
+    iou = box_iou(np.asarray([np.asarray(b, np.float64)[:4] for b in orig_boxes]).reshape(-1, 4),
+                  np.asarray([np.asarray(b, np.float64)[:4] for b in prot_boxes]).reshape(-1, 4))
+    cands = sorted(((float(iou[i, j]), i, j) for i in range(iou.shape[0]) for j in range(iou.shape[1])), reverse=True)
     out: list[int | None] = [None] * len(orig_boxes)
     used = set()
     for iou, i, j in cands:

@@ -9,13 +9,13 @@
 
 from .ddim import ddim_generate, ddim_invert, ddim_reconstruct, ddim_step, timestep_grid
 from .loading import load_base_score_model
-from .losses import expression_loss, identity_loss, laplacian_smoothness, score_matching_loss
+from .losses import aligned_identity_loss, expression_loss, laplacian_smoothness, score_matching_loss
 from .projection import ConflictStats, EMAGradients, pcgrad_combine
 from .tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, paste_protected
 
 __all__ = [
     "ConflictStats", "EMAGradients", "MAPConfig", "MAPEditor", "MAPTuner", "align_for_score_model",
-    "ddim_generate", "ddim_invert", "ddim_reconstruct", "ddim_step", "expression_loss", "identity_loss",
+    "aligned_identity_loss", "ddim_generate", "ddim_invert", "ddim_reconstruct", "ddim_step", "expression_loss",
     "laplacian_smoothness", "load_base_score_model", "paste_protected", "pcgrad_combine", "score_matching_loss",
     "timestep_grid",
 ]

@@ -9,7 +9,7 @@ Summaries of the paper call the two goals ``L_A`` (adversarial identity: cosine 
 the target) and ``L_E`` (expression: aligning expression embeddings); here they are ``L_id`` and
 ``L_exp``, the names the rest of facepriv uses.
 
-* ``L_id`` (:func:`identity_loss`, the paper's adversarial identity objective): the surrogate
+* ``L_id`` (:func:`aligned_identity_loss`, the paper's adversarial identity objective): the surrogate
   ensemble sees ``x_hat`` re-aligned to each model's own template;
   impersonation ``1 - cos(f(x_hat), f(target))``, dodging ``cos(f(x_hat), f(x_src))``.
 * ``L_exp`` (:func:`expression_loss`): cross-entropy of the expression classifier toward a
@@ -55,7 +55,7 @@ def embed_crops(ensemble: SurrogateEnsemble, crops: torch.Tensor, template: str)
     return ensemble.embed(crops, pts, image_index=torch.arange(n, device=crops.device))
 
 
-def identity_loss(ensemble: SurrogateEnsemble, x_hat: torch.Tensor, template: str,
+def aligned_identity_loss(ensemble: SurrogateEnsemble, x_hat: torch.Tensor, template: str,
                   reference: IdentityReference) -> torch.Tensor:
     """``L_id`` per face: impersonation when ``reference.target`` is set, else dodging.
 

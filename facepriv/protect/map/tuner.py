@@ -37,7 +37,7 @@ from ...core.errors import ConfigError
 from ...core.progress import make_progress
 from .ddim import ddim_generate, ddim_invert, timestep_grid
 from .loading import score_model_reference
-from .losses import embed_crops, expression_loss, identity_loss, laplacian_smoothness, score_matching_loss
+from .losses import aligned_identity_loss, embed_crops, expression_loss, laplacian_smoothness, score_matching_loss
 from .projection import PROJECTION_MODES, ConflictStats, EMAGradients, pcgrad_combine
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -304,7 +304,7 @@ class MAPTuner(_Generator):
         with _tuning_autocast(self.device, cfg.mixed_precision):
             x_hat = self.generate(z, grad=True)
             x_in = x_hat.clamp(0, 1)
-            l_id = identity_loss(self.ensemble, x_in, self.template, ref).mean()
+            l_id = aligned_identity_loss(self.ensemble, x_in, self.template, ref).mean()
             l_exp = (expression_loss(self.expression_model, x_in, self.template, label=label,
                                      ref_features=expression_ref).mean() if use_exp else None)
             l_smooth = laplacian_smoothness(x_hat, x).mean()
