@@ -217,7 +217,7 @@ def test_quality_reads_ahead_and_feeds_add_many_in_batches(tmp_path, monkeypatch
 def test_quality_memory_is_bounded_by_pixels_not_by_batch_size(tmp_path, monkeypatch):
     """Full-size photos must not be held by the batch: chunks stop at QUALITY_CHUNK_PIXELS, the
     read-ahead holds at most workers + 2 decoded pairs, and only the chunk being measured is float."""
-    import facepriv.audit.runner as runner
+    import facepriv.audit.quality as quality
 
     orig, prot = tmp_path / "orig", tmp_path / "prot"
     orig.mkdir()
@@ -228,15 +228,15 @@ def test_quality_memory_is_bounded_by_pixels_not_by_batch_size(tmp_path, monkeyp
         Image.fromarray(a).save(orig / f"{k}.png")
         Image.fromarray(255 - a).save(prot / f"{k}.png")
     pair_px = 2 * 40 * 48
-    monkeypatch.setattr(runner, "QUALITY_CHUNK_PIXELS", 3 * pair_px)  # three pairs fit, a fourth does not
+    monkeypatch.setattr(quality, "QUALITY_CHUNK_PIXELS", 3 * pair_px)  # three pairs fit, a fourth does not
     loaded, floats_live, peak = [0], [0], {"loaded_not_fed": 0, "float": 0}
-    real_load = runner.load_image
+    real_load = quality.load_image
 
     def counting_load(path, **kw):
         loaded[0] += 1
         return real_load(path, **kw)
 
-    monkeypatch.setattr(runner, "load_image", counting_load)
+    monkeypatch.setattr(quality, "load_image", counting_load)
 
     class Meter(_BatchMeter):
         fed = 0
@@ -391,14 +391,14 @@ def test_gallery_ranks_match_the_per_probe_loop_with_ties(metric):
         want.append(identity_rank(_sim(p, gallery[keep], metric)[0], kid, t) if t in kid else None)
     assert got == want
     # a big gallery shrinks the probe chunk to a memory budget: same ranks
-    import facepriv.audit.runner as runner
+    import facepriv.audit.protocols as protocols
 
-    old_cells = runner.RANK_CELLS
+    old_cells = protocols.RANK_CELLS
     try:
-        runner.RANK_CELLS = 2 * len(ids)  # two probes per product
+        protocols.RANK_CELLS = 2 * len(ids)  # two probes per product
         assert gallery_ranks(gallery, ids, probes, true, exclude, metric) == want
     finally:
-        runner.RANK_CELLS = old_cells
+        protocols.RANK_CELLS = old_cells
     assert want[6] is None and want[7] is None and want[8] is None  # identity gone / unknown
     assert any(r is not None and r > 1 for r in want)
     # a tie counts against the true identity

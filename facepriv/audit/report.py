@@ -430,8 +430,24 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     if notes:
         parts.append(f"<details class='notes'><summary>{len(notes)} note(s) and warning(s)</summary>"
                      + "".join(f"<div class='note'>{html.escape(n)}</div>" for n in notes) + "</details>")
+    parts += _html_psr(report)
+    parts += _html_quality(report)
+    parts += _html_apis(report)
+    parts += _html_figures(report)
+    parts += _html_images(report, cfg)
+    errs = report.get("errors", [])
+    if errs:
+        parts.append("<h2>Errors</h2><ul>" + "".join(
+            f"<li>{html.escape(str(e.get('file')))}: {html.escape(str(e.get('error')))}</li>" for e in errs) + "</ul>")
+    v = report.get("versions", {})
+    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(v, indent=1, default=str)) + "</pre>")
+    parts.append("</body></html>")
+    return atomic_write_bytes(path, redact("\n".join(parts)).encode())
 
-    # thresholds
+
+def _html_psr(report: dict) -> list[str]:
+    """Thresholds, PSR per model and protocol, identification and face counts."""
+    parts: list[str] = []
     parts.append("<h2>Thresholds</h2>")
     trows = [[m, *[_fmt(t.get(f), nd=4) for f in FARS], t.get("source", "")] for m, t in report.get("thresholds", {}).items()]
     parts.append(_table(["model", *[f"FAR {f}" for f in FARS], "source"], trows))
@@ -473,8 +489,12 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     parts.append(f"<p>Faces in originals: {f.get('original', 0)}; still detected after protection: {f.get('matched', 0)}; "
                  f"not detected: {f.get('not_detected', 0)} (counted as protected for dodging); protected images "
                  f"without any face: {f.get('images_no_face_after', 0)}.</p>")
+    return parts
 
-    # quality
+
+def _html_quality(report: dict) -> list[str]:
+    """Image quality and utility."""
+    parts: list[str] = []
     q = report.get("quality", {})
     parts.append("<h2>Image quality (protected vs original)</h2>")
     parts.append(_table(["PSNR (dB)", "identical pairs (infinite PSNR, not in the mean)", "SSIM", "LPIPS", "FID"],
@@ -493,6 +513,12 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
             parts.append(f"<p>Face still detected: {html.escape(str(u['face_detection']))}, over the "
                          f"{u.get('faces_judged', 0)} crop(s) whose original face it found "
                          f"({u.get('faces_left_out', 0)} left out).</p>")
+    return parts
+
+
+def _html_apis(report: dict) -> list[str]:
+    """The online services, where the audit used any."""
+    parts: list[str] = []
     if "apis" in report:
         parts.append("<h2>Online APIs</h2>")
         for line in api_problems(report):
@@ -512,8 +538,12 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
         for n, a in report["apis"].items():
             if a.get("first_error") and a.get("status") not in ("stopped", "failed"):
                 parts.append(f"<div class='note'>{html.escape(n)}: first error: {html.escape(str(a['first_error']))}</div>")
+    return parts
 
-    # figures
+
+def _html_figures(report: dict) -> list[str]:
+    """Per model: the similarity histograms and the ROC."""
+    parts: list[str] = []
     parts.append("<h2>Similarity distributions and ROC</h2>")
     for m in report.get("models", {}):
         th = report.get("thresholds", {}).get(m, {})
@@ -531,8 +561,13 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
                          f"comparison(s) against {r_entry.get('n_impostor')} impostor pair(s); "
                          f"{r_entry.get('self_left_out', 0)} self-verification comparison(s) left out (they have no "
                          "before; the histogram shows them separately).</p>")
+    return parts
 
-    # per-image grid
+
+def _html_images(report: dict, cfg) -> list[str]:
+    """The per-image grid: thumbnails and each image's details (at most ``html_max_images``)."""
+    c = report.get("config", {})
+    parts: list[str] = []
     images = report.get("images", [])
     limit = getattr(cfg, "html_max_images", 60) if cfg is not None else int(c.get("html_max_images") or 60)
     prot_root = Path(cfg.protected) if cfg is not None else (Path(c["protected"]) if c.get("protected") else None)
@@ -542,49 +577,46 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
                  "<th class='l'>details</th></tr>")
     models = list(report.get("models", {}))
     for r in images[:limit]:
-        th = None
-        if prot_root is not None and orig_root is not None:
-            prot = prot_root if prot_root.is_file() else prot_root / r["protected"]
-            orig = orig_root if orig_root.is_file() else orig_root / r["original"]
-            th = _thumbs(prot, orig)
-        cells = ["<td>–</td>"] * 3
-        if th:
-            a, b, d, gain = th
-            cells = [f"<td><img src='data:image/jpeg;base64,{a}'></td>", f"<td><img src='data:image/jpeg;base64,{b}'></td>",
-                     f"<td><img src='data:image/jpeg;base64,{d}'><br>×{gain:.1f}</td>"]
-        det = [f"<b>{html.escape(r['protected'])}</b>"]
-        if r.get("identity"):
-            det.append(f"identity: {html.escape(str(r['identity']))} ({html.escape(str(r.get('identity_source')))})")
-        if r.get("error"):
-            det.append(f"<span class='err'>{html.escape(r['error'])}</span>")
-        for m in models:
-            mr = (r.get("models") or {}).get(m)
-            if not mr:
-                continue
-            pa = mr.get("protected_at", {}).get("1e-3")
-            if pa is None:  # the model has no threshold: nothing can be decided
-                verdict = "<span>no threshold @1e-3</span>"
-            else:
-                verdict = f"<span class='{'ok' if pa else 'bad'}'>{'protected' if pa else 'recognised'} @1e-3</span>"
-            det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · {verdict}")
-        qq = r.get("quality") or {}
-        if qq:
-            det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
-        if r.get("resized"):
-            det.append(html.escape(r["resized"]))
-        for x in r.get("impersonation_excluded") or []:
-            det.append(f"impersonation target {html.escape(str(x.get('target')))} left out "
-                       f"({html.escape(str(x.get('reason')))})")
-        parts.append("<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>")
+        parts.append(_html_image_row(r, models, prot_root, orig_root))
     parts.append("</table>")
-    errs = report.get("errors", [])
-    if errs:
-        parts.append("<h2>Errors</h2><ul>" + "".join(
-            f"<li>{html.escape(str(e.get('file')))}: {html.escape(str(e.get('error')))}</li>" for e in errs) + "</ul>")
-    v = report.get("versions", {})
-    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(v, indent=1, default=str)) + "</pre>")
-    parts.append("</body></html>")
-    return atomic_write_bytes(path, redact("\n".join(parts)).encode())
+    return parts
+
+
+def _html_image_row(r: dict, models: list[str], prot_root: Path | None, orig_root: Path | None) -> str:
+    th = None
+    if prot_root is not None and orig_root is not None:
+        prot = prot_root if prot_root.is_file() else prot_root / r["protected"]
+        orig = orig_root if orig_root.is_file() else orig_root / r["original"]
+        th = _thumbs(prot, orig)
+    cells = ["<td>–</td>"] * 3
+    if th:
+        a, b, d, gain = th
+        cells = [f"<td><img src='data:image/jpeg;base64,{a}'></td>", f"<td><img src='data:image/jpeg;base64,{b}'></td>",
+                 f"<td><img src='data:image/jpeg;base64,{d}'><br>×{gain:.1f}</td>"]
+    det = [f"<b>{html.escape(r['protected'])}</b>"]
+    if r.get("identity"):
+        det.append(f"identity: {html.escape(str(r['identity']))} ({html.escape(str(r.get('identity_source')))})")
+    if r.get("error"):
+        det.append(f"<span class='err'>{html.escape(r['error'])}</span>")
+    for m in models:
+        mr = (r.get("models") or {}).get(m)
+        if not mr:
+            continue
+        pa = mr.get("protected_at", {}).get("1e-3")
+        if pa is None:  # the model has no threshold: nothing can be decided
+            verdict = "<span>no threshold @1e-3</span>"
+        else:
+            verdict = f"<span class='{'ok' if pa else 'bad'}'>{'protected' if pa else 'recognised'} @1e-3</span>"
+        det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · {verdict}")
+    qq = r.get("quality") or {}
+    if qq:
+        det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
+    if r.get("resized"):
+        det.append(html.escape(r["resized"]))
+    for x in r.get("impersonation_excluded") or []:
+        det.append(f"impersonation target {html.escape(str(x.get('target')))} left out "
+                   f"({html.escape(str(x.get('reason')))})")
+    return "<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>"
 
 
 def json_safe(obj):
