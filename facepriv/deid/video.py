@@ -349,6 +349,154 @@ def _codec_for(dst: Path, requested: str | None) -> str:
     raise FaceprivError(f"no video encoder for {dst.suffix} in this PyAV build")
 
 
+def _count_states(per_frame: list[list[Face]]) -> dict[str, int]:
+    """How many faces to protect are detected, interpolated and held, over all frames."""
+    states = {"detected": 0, "interpolated": 0, "held": 0}
+    for faces in per_frame:
+        for f in faces:
+            states[f.extra.get("state", "detected")] += 1
+    return states
+
+
+def _temp_output(dst: Path) -> Path:
+    """An empty temporary file next to ``dst`` (same suffix), for writing before the rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=f".tmp{dst.suffix}", dir=dst.parent)
+    os.close(fd)
+    return Path(tmp_name)
+
+
+class _FrameEncoder:
+    """The output video stream: encodes upright RGB frames with the input stream's timestamps.
+
+    ``out``: the output container; ``vs``: the input video stream; ``size``: (width, height).
+    Counts the frames it wrote in ``written``.
+    """
+
+    def __init__(self, out, vs, codec: str, options: VideoOptions, size: tuple[int, int]):
+        w, h = size
+        self.rate = vs.average_rate or vs.guessed_rate or 25
+        ov = out.add_stream(codec, rate=self.rate)
+        ov.width, ov.height = w, h  # upright frames, written with no display matrix
+        ov.pix_fmt = "yuv420p" if (w % 2 == 0 and h % 2 == 0) or codec == "mpeg4" else "yuv444p"
+        if codec in ("libx264", "libvpx-vp9", "libvpx"):
+            ov.options = {"crf": str(int(options.crf))} | ({"b:v": "0"} if codec.startswith("libvpx") else {})
+        self.use_pts = vs.time_base is not None
+        if self.use_pts:
+            ov.codec_context.time_base = vs.time_base
+        self.out, self.vs, self.ov = out, vs, ov
+        self.last_pts = None
+        self.written = 0
+
+    def write(self, frame, rgb: np.ndarray) -> None:
+        """Encode ``rgb`` in place of the decoded ``frame``, at its timestamp when it has a usable one."""
+        import av
+
+        vs, ov = self.vs, self.ov
+        nf = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if self.use_pts and frame.pts is not None and (self.last_pts is None or frame.pts > self.last_pts):
+            nf.pts, nf.time_base = frame.pts, frame.time_base
+        else:  # missing or non-increasing timestamps: one frame period after the last
+            step = max(1, round(1 / (float(self.rate) * float(vs.time_base)))) if self.use_pts else 1
+            nf.pts = (self.last_pts + step) if self.last_pts is not None else 0
+            nf.time_base = vs.time_base if self.use_pts else ov.codec_context.time_base
+        self.last_pts = nf.pts
+        for p in ov.encode(nf):
+            self.out.mux(p)
+        self.written += 1
+
+    def flush(self) -> None:
+        """Drain the encoder into the container."""
+        for p in self.ov.encode():
+            self.out.mux(p)
+
+
+def _protected_rgb(src: Path, frame, index: int, per_frame: list[list[Face]], methods, deidentify,
+                   size: tuple[int, int], device) -> np.ndarray:
+    """Frame ``index`` decoded upright, with ``per_frame[index]``'s faces de-identified by ``methods``.
+
+    Raises :class:`FaceprivError` when the protect pass has more frames than the detect pass or
+    the frame size changes.
+    """
+    w, h = size
+    if index >= len(per_frame):
+        raise FaceprivError(
+            f"{src}: the protect pass decoded more frames than the detect pass ({len(per_frame)}); "
+            "the video was not written (its faces would have to be guessed)")
+    rgb = _decoded(frame)
+    if rgb.shape[:2] != (h, w):
+        raise FaceprivError(f"{src}: the frame size changes within the video "
+                            f"({w}x{h}, then {rgb.shape[1]}x{rgb.shape[0]}); not supported")
+    faces = per_frame[index]
+    if faces:
+        x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div_(255)
+        y = deidentify(x, faces, methods)
+        rgb = (y.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return rgb
+
+
+def _encode_protected(src: Path, tmp: Path, dst: Path, per_frame: list[list[Face]], methods, n: int, *,
+                      options: VideoOptions, size: tuple[int, int], progress: bool,
+                      device) -> tuple[int, str, bool]:
+    """Pass 2: decode ``src``, de-identify each frame's faces and encode the frames into ``tmp``.
+
+    The audio packets are copied with ``options.keep_audio``. Returns (frames written, video codec,
+    whether audio was kept); raises :class:`FaceprivError` when the frame count differs from
+    ``per_frame``'s.
+    """
+    import av
+
+    from .pipeline import deidentify
+
+    with av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
+        vs = inp.streams.video[0]
+        vs.thread_type = "AUTO"
+        codec = _codec_for(dst, options.codec)
+        enc = _FrameEncoder(out, vs, codec, options, size)
+        audio_in = inp.streams.audio[0] if (options.keep_audio and inp.streams.audio) else None
+        audio_out = out.add_stream_from_template(audio_in) if audio_in is not None else None
+        streams = [vs] + ([audio_in] if audio_in is not None else [])
+        with make_progress(enabled=progress, transient=True) as bar:
+            task = bar.add_task(f"protect {src.name}", total=n)
+            for packet in inp.demux(*streams):
+                if packet.stream.type == "audio":
+                    if packet.dts is None:
+                        continue
+                    packet.stream = audio_out
+                    out.mux(packet)
+                    continue
+                for frame in packet.decode():
+                    rgb = _protected_rgb(src, frame, enc.written, per_frame, methods, deidentify, size, device)
+                    enc.write(frame, rgb)
+                    bar.advance(task)
+            enc.flush()
+        if enc.written != len(per_frame):
+            raise FaceprivError(f"{src}: the protect pass decoded {enc.written} frames, the detect pass "
+                                f"{len(per_frame)}; the video was not written")
+    return enc.written, codec, audio_in is not None
+
+
+def _video_summary(info: dict, n: int, written: int, codec: str, audio_kept: bool, tracks: list[Track],
+                   per_frame: list[list[Face]], options: VideoOptions, times: tuple[float, float, float]) -> dict:
+    """The summary :func:`deid_video` returns; ``times``: (start, detect seconds, start of pass 2)."""
+    t0, t_detect, t1 = times
+    summary = {
+        "status": "ok", "frames": written, "frames_in": info["frames"] or n,
+        "fps": round(info["fps"], 3), "size": [info["width"], info["height"]], "codec": codec,
+        "orientation": {"rotation": info["rotation"], "mirrored": info["mirrored"],
+                        "stored_size": info["stored_size"]},
+        "audio_kept": audio_kept,
+        "tracks": len(tracks), "faces": max((len(f) for f in per_frame), default=0),
+        "face_instances": _count_states(per_frame), "frames_with_faces": sum(1 for f in per_frame if f),
+        "detect_every": options.detect_every, "track_hold": options.hold,
+        "timings": {"detect_s": round(t_detect, 3), "protect_s": round(time.perf_counter() - t1, 3)},
+        "fps_processed": round(written / max(1e-9, time.perf_counter() - t0), 2),
+    }
+    if not tracks:  # on_no_face="copy": the frames went through unchanged, but re-encoded (lossy)
+        summary["reason"] = "no face found: frames re-encoded unchanged"
+    return summary
+
+
 def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector, *,
                policy: FacePolicy | None = None, options: VideoOptions | None = None,
                progress: bool = True, device: str | torch.device = "cpu") -> dict:
@@ -359,10 +507,6 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
     Raises :class:`FaceprivError` (and writes nothing) when the second pass decodes a different
     number of frames than the first: the faces of a frame that was not detected are never guessed.
     """
-    import av
-
-    from .pipeline import deidentify
-
     src, dst = Path(src), Path(dst)
     options = options or VideoOptions()
     policy = policy or FacePolicy()
@@ -379,94 +523,17 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
             raise NoFaceError(f"no face found in {src}")
         if policy.on_no_face == "skip":
             return {"status": "skipped", "frames": n, "faces": 0, "reason": "no face"}
-    states = {"detected": 0, "interpolated": 0, "held": 0}
-    for faces in per_frame:
-        for f in faces:
-            states[f.extra.get("state", "detected")] += 1
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=f".tmp{dst.suffix}", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    written = 0
+    tmp = _temp_output(dst)
     t1 = time.perf_counter()
     try:
-        with av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
-            vs = inp.streams.video[0]
-            vs.thread_type = "AUTO"
-            codec = _codec_for(dst, options.codec)
-            rate = vs.average_rate or vs.guessed_rate or 25
-            ov = out.add_stream(codec, rate=rate)
-            ov.width, ov.height = w, h  # upright frames, written with no display matrix
-            ov.pix_fmt = "yuv420p" if (w % 2 == 0 and h % 2 == 0) or codec == "mpeg4" else "yuv444p"
-            if codec in ("libx264", "libvpx-vp9", "libvpx"):
-                ov.options = {"crf": str(int(options.crf))} | ({"b:v": "0"} if codec.startswith("libvpx") else {})
-            use_pts = vs.time_base is not None
-            if use_pts:
-                ov.codec_context.time_base = vs.time_base
-            audio_in = inp.streams.audio[0] if (options.keep_audio and inp.streams.audio) else None
-            audio_out = out.add_stream_from_template(audio_in) if audio_in is not None else None
-            streams = [vs] + ([audio_in] if audio_in is not None else [])
-            last_pts = None
-            with make_progress(enabled=progress, transient=True) as bar:
-                task = bar.add_task(f"protect {src.name}", total=n)
-                for packet in inp.demux(*streams):
-                    if packet.stream.type == "audio":
-                        if packet.dts is None:
-                            continue
-                        packet.stream = audio_out
-                        out.mux(packet)
-                        continue
-                    for frame in packet.decode():
-                        if written >= len(per_frame):
-                            raise FaceprivError(
-                                f"{src}: the protect pass decoded more frames than the detect pass ({len(per_frame)}); "
-                                "the video was not written (its faces would have to be guessed)")
-                        rgb = _decoded(frame)
-                        if rgb.shape[:2] != (h, w):
-                            raise FaceprivError(f"{src}: the frame size changes within the video "
-                                                f"({w}x{h}, then {rgb.shape[1]}x{rgb.shape[0]}); not supported")
-                        faces = per_frame[written]
-                        if faces:
-                            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div_(255)
-                            y = deidentify(x, faces, methods)
-                            rgb = (y.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-                        nf = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-                        if use_pts and frame.pts is not None and (last_pts is None or frame.pts > last_pts):
-                            nf.pts, nf.time_base = frame.pts, frame.time_base
-                        else:  # missing or non-increasing timestamps: one frame period after the last
-                            step = max(1, round(1 / (float(rate) * float(vs.time_base)))) if use_pts else 1
-                            nf.pts = (last_pts + step) if last_pts is not None else 0
-                            nf.time_base = vs.time_base if use_pts else ov.codec_context.time_base
-                        last_pts = nf.pts
-                        for p in ov.encode(nf):
-                            out.mux(p)
-                        written += 1
-                        bar.advance(task)
-                for p in ov.encode():
-                    out.mux(p)
-            if written != len(per_frame):
-                raise FaceprivError(f"{src}: the protect pass decoded {written} frames, the detect pass {len(per_frame)}; "
-                                    "the video was not written")
+        written, codec, audio_kept = _encode_protected(src, tmp, dst, per_frame, methods, n, options=options,
+                                                       size=(w, h), progress=progress, device=device)
         finalize_output(tmp, dst, protected=(src,))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    summary = {
-        "status": "ok", "frames": written, "frames_in": info["frames"] or n,
-        "fps": round(info["fps"], 3), "size": [w, h], "codec": codec,
-        "orientation": {"rotation": info["rotation"], "mirrored": info["mirrored"],
-                        "stored_size": info["stored_size"]},
-        "audio_kept": audio_in is not None,
-        "tracks": len(tracks), "faces": max((len(f) for f in per_frame), default=0),
-        "face_instances": states, "frames_with_faces": sum(1 for f in per_frame if f),
-        "detect_every": options.detect_every, "track_hold": options.hold,
-        "timings": {"detect_s": round(t_detect, 3), "protect_s": round(time.perf_counter() - t1, 3)},
-        "fps_processed": round(written / max(1e-9, time.perf_counter() - t0), 2),
-    }
-    if not tracks:  # on_no_face="copy": the frames went through unchanged, but re-encoded (lossy)
-        summary["reason"] = "no face found: frames re-encoded unchanged"
-    return summary
+    return _video_summary(info, n, written, codec, audio_kept, tracks, per_frame, options, (t0, t_detect, t1))
 
 
 def frame_count(path: str | os.PathLike) -> int:

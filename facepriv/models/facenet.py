@@ -144,32 +144,35 @@ def _check_conv(node: NodeDef, conv: nn.Conv2d, weight: np.ndarray) -> None:
         raise ValueError(f"{where}: TF padding {padding!r} is not torch padding {conv.padding}")
 
 
-def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
-    """Convert a frozen FaceNet (Inception-ResNet-v1) GraphDef into facenet-pytorch's layout.
+class _StateDictWriter:
+    """Fills a facenet-pytorch state dict from graph constants, recording which constants it read.
 
-    Every ``Const`` in the graph must be used (weights) or checked (architecture constants:
-    residual scales, concat axes, reshape shapes) and every torch key filled, else
-    :class:`ValueError` lists what does not match.
+    ``target`` is the torch model's (empty) state dict: keys, shapes and dtypes to fill;
+    ``out`` receives the tensors; ``used`` collects the names of the graph constants consumed.
     """
-    net = inception_resnet_v1(empty=True)  # only the layout is needed
-    modules = dict(net.named_modules())
-    target = net.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    consumers = graph.consumers()
 
-    def const(name: str) -> np.ndarray:
-        if name not in graph:
+    def __init__(self, graph: Graph, target: dict[str, torch.Tensor]) -> None:
+        self.graph = graph
+        self.target = target
+        self.out: dict[str, torch.Tensor] = {}
+        self.used: set[str] = set()
+        self.consumers = graph.consumers()
+
+    def const(self, name: str) -> np.ndarray:
+        """The value of the graph constant ``name`` (marked used); ValueError if not a constant."""
+        if name not in self.graph:
             raise ValueError(
                 f"the graph lacks {name!r}: not the FaceNet graph this converter reads"
             )
-        node = graph.node(name)
+        node = self.graph.node(name)
         if node.op != "Const":
             raise ValueError(f"{name} should be a constant, is a {node.op}")
-        used.add(node.name)
+        self.used.add(node.name)
         return node.value()
 
-    def put(key: str, value: np.ndarray | torch.Tensor) -> None:
+    def put(self, key: str, value: np.ndarray | torch.Tensor) -> None:
+        """Store ``value`` under torch ``key``, checking the key exists, the shape, and no refill."""
+        target = self.target
         if key not in target:
             raise ValueError(f"graph tensor maps to {key!r}, which InceptionResnetV1 lacks")
         t = torch.as_tensor(np.ascontiguousarray(value)).to(target[key].dtype)
@@ -177,32 +180,60 @@ def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"{key}: graph gives shape {tuple(t.shape)}, torch needs {tuple(target[key].shape)}"
             )
-        if key in out:
+        if key in self.out:
             raise ValueError(f"{key} filled twice")
-        out[key] = t
+        self.out[key] = t
 
-    def only_consumer(node: NodeDef, skip: tuple[str, ...] = ()) -> NodeDef:
+    def only_consumer(self, node: NodeDef, skip: tuple[str, ...] = ()) -> NodeDef:
+        """The single node fed by ``node``, passing through ops in ``skip``; ValueError if it fans out."""
         while True:
-            users = consumers.get(node.name, [])
+            users = self.consumers.get(node.name, [])
             if len(users) != 1:
                 raise ValueError(f"{node.name} feeds {len(users)} nodes, expected 1")
             node = users[0]
             if node.op not in skip:
                 return node
 
-    def put_bn(prefix: str, bn: nn.BatchNorm1d | nn.BatchNorm2d, node: NodeDef) -> None:
+    def put_bn(self, prefix: str, bn: nn.BatchNorm1d | nn.BatchNorm2d, node: NodeDef) -> None:
         """A graph FusedBatchNorm(x, scale, offset, mean, variance) -> torch BatchNorm."""
         if node.attr.get("is_training", False):
             raise ValueError(f"{node.name} is in training mode")
         _, scale, offset, mean, var = node.data_inputs[:5]
         eps = float(node.attr.get("epsilon", 1e-4))
-        put(f"{prefix}.weight", const(scale))
-        put(f"{prefix}.bias", const(offset))
-        put(f"{prefix}.running_mean", const(mean))
+        self.put(f"{prefix}.weight", self.const(scale))
+        self.put(f"{prefix}.bias", self.const(offset))
+        self.put(f"{prefix}.running_mean", self.const(mean))
         # torch divides by sqrt(var + bn.eps): shift var so the graph's epsilon is what counts
-        put(f"{prefix}.running_var", const(var).astype(np.float64) + eps - bn.eps)
+        self.put(f"{prefix}.running_var", self.const(var).astype(np.float64) + eps - bn.eps)
 
-    convs = graph.ops("Conv2D")
+
+def _load_conv(w: _StateDictWriter, node: NodeDef, path: str, module: nn.Module | None) -> None:
+    """One graph Conv2D (and the BiasAdd / FusedBatchNorm after it) -> the torch layer at ``path``."""
+    conv, bn = (module.conv, module.bn) if hasattr(module, "bn") else (module, None)
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"{node.name} maps to {path}, not a convolution")  # noqa: TRY004
+    conv_path = f"{path}.conv" if bn is not None else path
+    weight = w.const(node.data_inputs[1])
+    _check_conv(node, conv, weight)
+    w.put(f"{conv_path}.weight", weight.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+    nxt = w.only_consumer(node)
+    if nxt.op == "BiasAdd" and bn is None:
+        w.put(f"{path}.bias", w.const(nxt.data_inputs[1]))
+    elif nxt.op == "BiasAdd":  # BatchNorm folded into the conv by the graph's publisher
+        offset = w.const(nxt.data_inputs[1])
+        w.put(f"{path}.bn.weight", np.ones_like(offset))
+        w.put(f"{path}.bn.bias", offset)
+        w.put(f"{path}.bn.running_mean", np.zeros_like(offset))
+        w.put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - bn.eps))
+    elif nxt.op.startswith("FusedBatchNorm") and bn is not None:
+        w.put_bn(f"{path}.bn", bn, nxt)
+    else:
+        raise ValueError(f"{node.name} is followed by {nxt.op}; no rule maps it to {path}")
+
+
+def _load_convs(w: _StateDictWriter, modules: dict[str, nn.Module]) -> None:
+    """Every Conv2D under the FaceNet root -> its facenet-pytorch module (see :func:`_load_conv`)."""
+    convs = w.graph.ops("Conv2D")
     scopes = {
         n.name: n.name[len(_ROOT) :].rsplit("/", 1)[0] for n in convs if n.name.startswith(_ROOT)
     }
@@ -211,40 +242,26 @@ def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
     paths = _conv_module_paths(list(scopes.values()), modules)
     for node in convs:
         path = paths[scopes[node.name]]
-        module = modules.get(path)
-        conv, bn = (module.conv, module.bn) if hasattr(module, "bn") else (module, None)
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"{node.name} maps to {path}, not a convolution")  # noqa: TRY004
-        conv_path = f"{path}.conv" if bn is not None else path
-        weight = const(node.data_inputs[1])
-        _check_conv(node, conv, weight)
-        put(f"{conv_path}.weight", weight.transpose(3, 2, 0, 1))  # HWIO -> OIHW
-        nxt = only_consumer(node)
-        if nxt.op == "BiasAdd" and bn is None:
-            put(f"{path}.bias", const(nxt.data_inputs[1]))
-        elif nxt.op == "BiasAdd":  # BatchNorm folded into the conv by the graph's publisher
-            offset = const(nxt.data_inputs[1])
-            put(f"{path}.bn.weight", np.ones_like(offset))
-            put(f"{path}.bn.bias", offset)
-            put(f"{path}.bn.running_mean", np.zeros_like(offset))
-            put(f"{path}.bn.running_var", np.full_like(offset, 1.0 - bn.eps))
-        elif nxt.op.startswith("FusedBatchNorm") and bn is not None:
-            put_bn(f"{path}.bn", bn, nxt)
-        else:
-            raise ValueError(f"{node.name} is followed by {nxt.op}; no rule maps it to {path}")
+        _load_conv(w, node, path, modules.get(path))
 
-    matmuls = graph.ops("MatMul")
+
+def _load_bottleneck(w: _StateDictWriter, net: nn.Module) -> None:
+    """The single MatMul (the 512-D bottleneck) -> ``last_linear``, its BatchNorm -> ``last_bn``."""
+    matmuls = w.graph.ops("MatMul")
     if len(matmuls) != 1:
         raise ValueError(f"expected one MatMul (the bottleneck), found {len(matmuls)}")
     mm = matmuls[0]
-    w = const(mm.data_inputs[1])
-    put("last_linear.weight", w if mm.attr.get("transpose_b") else w.T)
-    bn_node = only_consumer(mm, skip=("Reshape",))
+    weight = w.const(mm.data_inputs[1])
+    w.put("last_linear.weight", weight if mm.attr.get("transpose_b") else weight.T)
+    bn_node = w.only_consumer(mm, skip=("Reshape",))
     if not bn_node.op.startswith("FusedBatchNorm"):
         raise ValueError(f"the bottleneck is followed by {bn_node.op}, expected a BatchNorm")
-    put_bn("last_bn", net.last_bn, bn_node)
+    w.put_bn("last_bn", net.last_bn, bn_node)
 
-    # Architecture constants: checked against the torch model, not loaded.
+
+def _check_architecture_constants(w: _StateDictWriter, modules: dict[str, nn.Module]) -> None:
+    """Architecture constants (residual scales, concat axes, reshape shapes): checked, not loaded."""
+    graph = w.graph
     for node in graph.nodes:
         if node.op == "Mul":
             scalars = [
@@ -254,25 +271,30 @@ def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
             ]
             if scalars and node.name.startswith(_ROOT) and node.name.endswith("/mul"):
                 block = modules.get(_block_prefix(node.name[len(_ROOT) : -len("/mul")])[0])
-                value = float(const(scalars[0]))
+                value = float(w.const(scalars[0]))
                 if block is None or abs(value - float(block.scale)) > 1e-6:
                     raise ValueError(
                         f"{node.name}: residual scale {value} vs torch {getattr(block, 'scale', None)}"
                     )
         elif node.op == "ConcatV2":
-            axis = int(const(node.data_inputs[-1]))
+            axis = int(w.const(node.data_inputs[-1]))
             if axis not in (3, -1):
                 raise ValueError(f"{node.name} concatenates on axis {axis}, not channels")
         elif node.op in ("Reshape", "Sum", "Maximum"):
             # flatten/reshape shapes, the L2 normalisation's axis and epsilon
-            used.update(
+            w.used.update(
                 i for i in node.data_inputs[1:] if i in graph and graph.node(i).op == "Const"
             )
+
+
+def _finish_state_dict(w: _StateDictWriter) -> dict[str, torch.Tensor]:
+    """Zero ``num_batches_tracked`` counters, then require every constant used and every key filled."""
+    out, target = w.out, w.target
     for key, value in target.items():
         if key.endswith("num_batches_tracked"):
             out[key] = torch.zeros((), dtype=value.dtype)
 
-    unused = sorted(set(graph.constants()) - used)
+    unused = sorted(set(w.graph.constants()) - w.used)
     missing = sorted(set(target) - set(out))
     if unused or missing:
         raise ValueError(
@@ -280,6 +302,22 @@ def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
             f"{len(unused)} graph constants unused {unused[:8]}, {len(missing)} torch keys unfilled {missing[:8]}"
         )
     return out
+
+
+def graph_to_state_dict(graph: Graph) -> dict[str, torch.Tensor]:
+    """Convert a frozen FaceNet (Inception-ResNet-v1) GraphDef into facenet-pytorch's layout.
+
+    Every ``Const`` in the graph must be used (weights) or checked (architecture constants:
+    residual scales, concat axes, reshape shapes) and every torch key filled, else
+    :class:`ValueError` lists what does not match.
+    """
+    net = inception_resnet_v1(empty=True)  # only the layout is needed
+    modules = dict(net.named_modules())
+    w = _StateDictWriter(graph, net.state_dict())
+    _load_convs(w, modules)
+    _load_bottleneck(w, net)
+    _check_architecture_constants(w, modules)
+    return _finish_state_dict(w)
 
 
 def convert_graph_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -299,6 +299,104 @@ def _threshold_sources(surrogates, far: str) -> dict[str, tuple[float | None, st
 
 
 @torch.no_grad()
+def _batch_similarities(generator: PatchGenerator, surrogates, faces: FaceSet, i: int, batch_size: int, *,
+                        dev, p2r: torch.Tensor, metrics: dict[str, str], sims: dict[str, dict[str, list]],
+                        targets: FaceSet | None, t_ref: dict[str, torch.Tensor] | None) -> None:
+    """Similarities of the faces ``i : i + batch_size``, appended to ``sims[surrogate][kind]``.
+
+    Kinds: ``patched`` (evasion patch) and ``grey`` (mid-grey patch) against the clean canvas;
+    with ``t_ref``, ``imp`` (patched towards the cycled target) and ``clean_tgt`` (clean face)
+    against that target.
+    """
+    from ..models.recognition import similarity
+    from .placement import place_on_canvas
+
+    region = generator.region
+    canvas = to_float(faces.canvases[i: i + batch_size], dev)
+    src = to_float(faces.aligned[i: i + batch_size], dev)
+    n = canvas.shape[0]
+    lms = faces.landmarks(n, dev)
+    ii = torch.arange(n, device=dev)
+    mats = compose(invert_affine(photo_to_reference(lms)), p2r.expand(n, 2, 3))
+    ref = surrogates.reference(canvas, lms, image_index=ii)
+    patch = generator(src).clamp(0, 1)
+    grey = torch.full_like(patch, 0.5)
+    for key, pt in (("patched", patch), ("grey", grey)):
+        shown, _ = place_on_canvas(canvas, pt, region, mats)
+        emb = surrogates.embed(shown, lms, image_index=ii)
+        for name in surrogates.names:
+            sims[name][key].append(similarity(emb[name], ref[name], metrics[name]).float().cpu())
+    if t_ref is not None:
+        t_idx = (torch.arange(i, i + n) % len(targets)).long()
+        tgt = to_float(targets.aligned[t_idx], dev)
+        shown, _ = place_on_canvas(canvas, generator(src, tgt).clamp(0, 1), region, mats)
+        emb = surrogates.embed(shown, lms, image_index=ii)
+        for name in surrogates.names:
+            r = t_ref[name][t_idx.to(t_ref[name].device)]
+            sims[name]["imp"].append(similarity(emb[name], r, metrics[name]).float().cpu())
+            sims[name]["clean_tgt"].append(similarity(ref[name], r, metrics[name]).float().cpu())
+
+
+def _surrogate_rates(surrogates, sims: dict[str, dict[str, list]], th: dict[str, tuple[float | None, str]],
+                     metrics: dict[str, str], N: int, with_targets: bool) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Per-surrogate rows (threshold, its source, rates, mean similarities) and the per-face verdicts
+    over all judged surrogates: ``evaded``, ``grey``, ``imp`` and ``clean`` (the clean face already
+    passes for its target), each an (N,) bool tensor."""
+    per: dict[str, dict] = {}
+    verdicts = {k: torch.ones(N, dtype=torch.bool) for k in ("evaded", "grey", "imp", "clean")}
+    for name in surrogates.names:
+        after = torch.cat(sims[name]["patched"]) if N else torch.zeros(0)
+        grey = torch.cat(sims[name]["grey"]) if N else torch.zeros(0)
+        t, how = th[name]
+        row = {"threshold": None if t is None else round(float(t), 6), "threshold_source": how,
+               "metric": metrics[name], "mean_similarity": round(float(after.mean()), 5) if N else None,
+               "mean_similarity_grey": round(float(grey.mean()), 5) if N else None, "evasion_rate": None}
+        if t is not None and N:
+            ev = after < t
+            row["evasion_rate"] = round(float(ev.float().mean()), 5)
+            verdicts["evaded"] &= ev
+            verdicts["grey"] &= grey < t
+            if with_targets:
+                imp = torch.cat(sims[name]["imp"])
+                clean = torch.cat(sims[name]["clean_tgt"])
+                row["impersonation_rate"] = round(float((imp >= t).float().mean()), 5)
+                row["impersonation_rate_clean"] = round(float((clean >= t).float().mean()), 5)
+                verdicts["imp"] &= imp >= t
+                verdicts["clean"] &= clean >= t
+        per[name] = row
+    return per, verdicts
+
+
+def _validation_notes(surrogates, th: dict[str, tuple[float | None, str]], judged: list[str],
+                      default_only: list[str], far: str, held_out: bool, N: int) -> list[str]:
+    """The caveats of a validation record: unknown or default thresholds, few or training faces."""
+    notes = []
+    unknown = [n for n in surrogates.names if th[n][0] is None]
+    if unknown:
+        notes.append(f"no threshold is known for {', '.join(unknown)} (not at FAR {far}, no calibration, no default): "
+                     "left out of the evasion rate" + ("" if judged else "; no rate can be given")
+                     + f" - run `facepriv audit calibrate --pairs PAIRS.csv --models {','.join(unknown)}` on labelled pairs")
+    if default_only:
+        notes.append(f"{', '.join(default_only)}: no FAR {far} threshold known, its default operating threshold "
+                     "is used instead (run `facepriv audit calibrate` for a FAR-calibrated one)")
+    if not held_out:
+        notes.append(f"too few training photos to hold any out: measured on the {N} training face(s) "
+                     "(optimistic; give more photos for a held-out rate)")
+    elif N < 20:
+        notes.append(f"only {N} held-out face(s): the rate is rough")
+    return notes
+
+
+def _rate_basis(judged: list[str], default_only: list[str], far: str) -> str:
+    """The ``at`` of a validation record: the operating point the rates were measured at, in words."""
+    if default_only and len(default_only) == len(judged):
+        return "the surrogates' default thresholds (FAR unknown)"
+    if default_only:
+        return f"FAR {far} (default thresholds for {', '.join(default_only)})"
+    return f"FAR {far}"
+
+
+@torch.no_grad()
 def validate_generator(generator: PatchGenerator, surrogates, faces: FaceSet, *, far: str = "1e-2",
                        device="cpu", batch_size: int = 16, held_out: bool = True,
                        targets: FaceSet | None = None) -> dict:
@@ -317,11 +415,7 @@ def validate_generator(generator: PatchGenerator, surrogates, faces: FaceSet, *,
     model: threshold, its source, evasion rate, mean similarity before / after), ``notes``
     and, with targets, ``impersonation_rate``.
     """
-    from ..models.recognition import similarity
-    from .placement import place_on_canvas
-
     dev = torch.device(device)
-    region = generator.region
     P = generator.config.patch_size
     th = _threshold_sources(surrogates, far)
     metrics = {n: getattr(m.spec, "metric", None) or "cosine" for n, m in zip(surrogates.names, surrogates.members)}
@@ -331,88 +425,24 @@ def validate_generator(generator: PatchGenerator, surrogates, faces: FaceSet, *,
     t_ref = None
     if targets is not None and len(targets):
         t_ref = reference_embeddings(surrogates, targets, dev)
-    p2r = region.patch_to_reference(P, device=dev)
+    p2r = generator.region.patch_to_reference(P, device=dev)
     for i in range(0, len(faces), max(1, int(batch_size))):
-        canvas = to_float(faces.canvases[i: i + batch_size], dev)
-        src = to_float(faces.aligned[i: i + batch_size], dev)
-        n = canvas.shape[0]
-        lms = faces.landmarks(n, dev)
-        ii = torch.arange(n, device=dev)
-        mats = compose(invert_affine(photo_to_reference(lms)), p2r.expand(n, 2, 3))
-        ref = surrogates.reference(canvas, lms, image_index=ii)
-        patch = generator(src).clamp(0, 1)
-        grey = torch.full_like(patch, 0.5)
-        for key, pt in (("patched", patch), ("grey", grey)):
-            shown, _ = place_on_canvas(canvas, pt, region, mats)
-            emb = surrogates.embed(shown, lms, image_index=ii)
-            for name in surrogates.names:
-                sims[name][key].append(similarity(emb[name], ref[name], metrics[name]).float().cpu())
-        if t_ref is not None:
-            t_idx = (torch.arange(i, i + n) % len(targets)).long()
-            tgt = to_float(targets.aligned[t_idx], dev)
-            shown, _ = place_on_canvas(canvas, generator(src, tgt).clamp(0, 1), region, mats)
-            emb = surrogates.embed(shown, lms, image_index=ii)
-            for name in surrogates.names:
-                r = t_ref[name][t_idx.to(t_ref[name].device)]
-                sims[name]["imp"].append(similarity(emb[name], r, metrics[name]).float().cpu())
-                sims[name]["clean_tgt"].append(similarity(ref[name], r, metrics[name]).float().cpu())
+        _batch_similarities(generator, surrogates, faces, i, batch_size, dev=dev, p2r=p2r, metrics=metrics,
+                            sims=sims, targets=targets, t_ref=t_ref)
 
     N = len(faces)
-    per: dict[str, dict] = {}
-    evaded_all = torch.ones(N, dtype=torch.bool)
-    grey_all = torch.ones(N, dtype=torch.bool)
-    imp_all = torch.ones(N, dtype=torch.bool)
-    clean_all = torch.ones(N, dtype=torch.bool)  # clean faces that already pass for their target
-    for name in surrogates.names:
-        after = torch.cat(sims[name]["patched"]) if N else torch.zeros(0)
-        grey = torch.cat(sims[name]["grey"]) if N else torch.zeros(0)
-        t, how = th[name]
-        row = {"threshold": None if t is None else round(float(t), 6), "threshold_source": how,
-               "metric": metrics[name], "mean_similarity": round(float(after.mean()), 5) if N else None,
-               "mean_similarity_grey": round(float(grey.mean()), 5) if N else None, "evasion_rate": None}
-        if t is not None and N:
-            ev = after < t
-            row["evasion_rate"] = round(float(ev.float().mean()), 5)
-            evaded_all &= ev
-            grey_all &= grey < t
-            if t_ref is not None:
-                imp = torch.cat(sims[name]["imp"])
-                clean = torch.cat(sims[name]["clean_tgt"])
-                row["impersonation_rate"] = round(float((imp >= t).float().mean()), 5)
-                row["impersonation_rate_clean"] = round(float((clean >= t).float().mean()), 5)
-                imp_all &= imp >= t
-                clean_all &= clean >= t
-        per[name] = row
-    notes = []
-    unknown = [n for n in surrogates.names if th[n][0] is None]
+    per, verdicts = _surrogate_rates(surrogates, sims, th, metrics, N, t_ref is not None)
     default_only = [n for n in judged if th[n][1].startswith("the model's default")]
-    if unknown:
-        notes.append(f"no threshold is known for {', '.join(unknown)} (not at FAR {far}, no calibration, no default): "
-                     "left out of the evasion rate" + ("" if judged else "; no rate can be given")
-                     + f" - run `facepriv audit calibrate --pairs PAIRS.csv --models {','.join(unknown)}` on labelled pairs")
-    if default_only:
-        notes.append(f"{', '.join(default_only)}: no FAR {far} threshold known, its default operating threshold "
-                     "is used instead (run `facepriv audit calibrate` for a FAR-calibrated one)")
-    if not held_out:
-        notes.append(f"too few training photos to hold any out: measured on the {N} training face(s) "
-                     "(optimistic; give more photos for a held-out rate)")
-    elif N < 20:
-        notes.append(f"only {N} held-out face(s): the rate is rough")
+    notes = _validation_notes(surrogates, th, judged, default_only, far, held_out, N)
     ok = bool(judged) and N > 0
-    if default_only and len(default_only) == len(judged):
-        at = "the surrogates' default thresholds (FAR unknown)"
-    elif default_only:
-        at = f"FAR {far} (default thresholds for {', '.join(default_only)})"
-    else:
-        at = f"FAR {far}"
-    out = {"far": far, "at": at, "faces": N, "held_out": held_out,
-           "evasion_rate": round(float(evaded_all.float().mean()), 5) if ok else None,
-           "grey_patch_rate": round(float(grey_all.float().mean()), 5) if ok else None,
+    out = {"far": far, "at": _rate_basis(judged, default_only, far), "faces": N, "held_out": held_out,
+           "evasion_rate": round(float(verdicts["evaded"].float().mean()), 5) if ok else None,
+           "grey_patch_rate": round(float(verdicts["grey"].float().mean()), 5) if ok else None,
            "judged_by": judged, "surrogates": per, "notes": notes,
            "good_rate": GOOD_EVASION_RATE, "warn_below": APPLY_WARN_RATE}
     if t_ref is not None:
-        out["impersonation_rate"] = round(float(imp_all.float().mean()), 5) if ok else None
-        out["impersonation_rate_clean"] = round(float(clean_all.float().mean()), 5) if ok else None
+        out["impersonation_rate"] = round(float(verdicts["imp"].float().mean()), 5) if ok else None
+        out["impersonation_rate_clean"] = round(float(verdicts["clean"].float().mean()), 5) if ok else None
     return out
 
 
