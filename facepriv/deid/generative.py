@@ -108,33 +108,22 @@ def ellipse_masks(template: Template, size: int, *, scale: float = 1.0, feather:
 
 def resolve_score_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None, device="cpu"):
     """A :class:`~facepriv.models.diffusion.ScoreModel` from a registry name, a local diffusers
-    folder, or a Hugging Face hub id (``org/name``; the offline switch is respected)."""
-    from ..models import create_model, get_spec, list_models
-    from ..models.diffusion import load_score_model
-    from ..models.registry import UnknownModelError
+    folder, or a Hugging Face hub id (``org/name``; the offline switch is respected), as
+    :func:`facepriv.models.resolve_pretrained` classifies it."""
+    from ..models import create_model, resolve_pretrained
 
-    name = str(spec)
     if weights is not None:
-        return create_model(name, device=device, weights=weights)
-    if Path(name).expanduser().exists():
-        return load_score_model(Path(name).expanduser(), device=device)
-    try:
-        s = get_spec(name)
-    except UnknownModelError:
-        s = None
-    if s is not None:
-        if s.task != "score":
-            raise ConfigError(f"--score-model {name}: a {s.task} model, not a diffusion score model")
-        return create_model(name, device=device)
-    if "/" in name:
-        for cand in list_models("score"):
-            if any(getattr(src, "repo_id", None) == name for src in cand.sources):
-                return create_model(cand.name, device=device)
-        from ..models.sources import HubRepo
+        return create_model(str(spec), device=device, weights=weights)
+    return _load_score(resolve_pretrained(spec, task="score", what="--score-model"), device)
 
-        path = HubRepo(name).resolve(what=name)
-        return load_score_model(path, device=device)
-    raise ConfigError(f"--score-model {name}: not a registered score model, a folder or a hub id (org/name)")
+
+def _load_score(resolved, device):
+    from ..models import create_model
+    from ..models.diffusion import load_score_model
+
+    if resolved.kind == "registry":
+        return create_model(resolved.name, device=device)
+    return load_score_model(resolved.local_path(), device=device)
 
 
 # ---------------------------------------------------------------------- inpainting pipelines
@@ -268,40 +257,29 @@ class PipelineGenerator:
         return {"backend": self.kind, "pipeline": self.pipeline_class}
 
 
-def _hub_pipeline_root(name: str) -> Path | None:
-    """For a hub id that is not a registered model: a local snapshot holding (at least) its
-    ``model_index.json`` and UNet config, to tell an inpainting pipeline from a DDPM."""
-    from ..models import get_spec, list_models
-    from ..models.registry import UnknownModelError
-    from ..models.sources import HubRepo
-
-    if "/" not in name:
-        return None
-    try:
-        get_spec(name)
-        return None
-    except UnknownModelError:
-        pass
-    if any(getattr(src, "repo_id", None) == name for cand in list_models("score") for src in cand.sources):
-        return None
-    return HubRepo(name, allow_patterns=("model_index.json", "config.json", "unet/config.json")).resolve(what=name)
+#: the files that tell a hub repository's pipeline class (fetched before the weights)
+PIPELINE_CONFIGS = ("model_index.json", "config.json", "unet/config.json")
 
 
 def resolve_generator(spec: str | os.PathLike, weights: str | os.PathLike | None = None, device="cpu"):
     """The generator ``spec`` names: a :class:`PipelineGenerator` for a diffusers inpainting
-    pipeline (folder or hub id), else a :class:`RePaintGenerator` (see :func:`resolve_score_model`)."""
-    name = str(spec)
-    if weights is None:
-        local = Path(name).expanduser()
-        root = local if local.exists() else _hub_pipeline_root(name)
-        if root is not None:
-            cls = inpaint_pipeline_class(root)
-            if cls is not None:
-                ref = str(local) if local.exists() else name
-                return PipelineGenerator(load_inpaint_pipeline(ref, device, from_hub=not local.exists()), cls)
-            _refuse_other_pipeline(root, name)
-    return RePaintGenerator(resolve_score_model(name, weights, device=device))
+    pipeline (folder or hub id), else a :class:`RePaintGenerator` (see :func:`resolve_score_model`).
+    A hub id that is not a registered model is first fetched as its configs only
+    (:data:`PIPELINE_CONFIGS`), to tell an inpainting pipeline from a DDPM."""
+    from ..models import resolve_pretrained
 
+    name = str(spec)
+    if weights is not None:
+        return RePaintGenerator(resolve_score_model(name, weights, device=device))
+    resolved = resolve_pretrained(name, task="score", what="--score-model")
+    root = resolved.local_path(allow_patterns=PIPELINE_CONFIGS) if resolved.kind != "registry" else None
+    if root is not None:
+        cls = inpaint_pipeline_class(root)
+        if cls is not None:
+            ref = str(resolved.path) if resolved.kind == "local" else name
+            return PipelineGenerator(load_inpaint_pipeline(ref, device, from_hub=resolved.kind == "hub"), cls)
+        _refuse_other_pipeline(root, name)
+    return RePaintGenerator(_load_score(resolved, device))
 
 
 @register_method(aliases=("generative", "diffusion", "repaint"))

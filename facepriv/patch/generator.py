@@ -284,36 +284,20 @@ class LatentDecoder(nn.Module):
 
 
 def resolve_autoencoder(spec: str | None, device="cpu") -> tuple[nn.Module, str]:
-    """Load an autoencoder by registry name, Hugging Face hub id or local folder.
+    """Load an autoencoder by registry name, Hugging Face hub id or local folder (as
+    :func:`facepriv.models.resolve_pretrained` classifies it; default ``taesd``).
 
     Returns (diffusers model, registry entry used). Everything goes through
     :func:`facepriv.models.create_model` (a folder / a hub snapshot is passed as ``weights``).
     """
-    from ..models import create_model, get_spec, list_models
-    from ..models.registry import UnknownModelError
+    from ..models import create_model, resolve_pretrained
 
-    spec = spec or "taesd"
-    p = Path(spec).expanduser()
-    if p.exists():
-        return create_model(_registry_name_for(p), device=device, weights=p), _registry_name_for(p)
-    try:
-        s = get_spec(spec)
-    except UnknownModelError:
-        s = None
-    if s is not None:
-        if s.task != "autoencoder":
-            raise ConfigError(f"{spec!r} is a {s.task} model, not an autoencoder")
-        return create_model(s.name, device=device), s.name
-    if "/" in spec:  # a hub id: a registered one by name, else its snapshot as weights
-        for cand in list_models("autoencoder"):
-            if any(getattr(src, "repo_id", None) == spec for src in cand.sources):
-                return create_model(cand.name, device=device), cand.name
-        from ..models.sources import HubRepo
-
-        path = HubRepo(spec).resolve(what=spec)
-        return create_model(_registry_name_for(path), device=device, weights=path), _registry_name_for(path)
-    raise ConfigError(f"unknown autoencoder {spec!r}: give a registry name (taesd, sd-vae-ft-mse), a hub id "
-                      "or a diffusers folder")
+    resolved = resolve_pretrained(spec or "taesd", task="autoencoder", what="autoencoder")
+    if resolved.kind == "registry":
+        return create_model(resolved.name, device=device), resolved.name
+    path = resolved.local_path()
+    name = _registry_name_for(path)
+    return create_model(name, device=device, weights=path), name
 
 
 def _registry_name_for(folder: Path) -> str:

@@ -133,15 +133,10 @@ def load_latent_prior(spec: str, device="cpu", t_range: tuple[float, float] = (0
     :func:`facepriv.models.diffusion.load_latent_score_model` (``null_embedding.safetensors``
     in the folder, else zeros of the UNet's ``cross_attention_dim``).
     """
+    from ..models import resolve_pretrained
     from ..models.diffusion import load_latent_score_model
 
-    p = Path(spec).expanduser()
-    if not p.exists():
-        if "/" not in spec:
-            raise ConfigError(f"prior UNet {spec!r}: give a diffusers folder or a hub id")
-        from ..models.sources import HubRepo
-
-        p = HubRepo(spec).resolve(what=spec)
+    p = resolve_pretrained(spec, what="prior UNet").local_path()
     return LatentScorePrior(load_latent_score_model(p, device=device), t_range=t_range)
 
 
