@@ -222,6 +222,19 @@ def test_auto_picks_transfer_without_cuda_and_map_when_map_options_are_given():
     assert resolve_method(ProtectConfig(method="pgd"), cpu)[0] == "pgd"
 
 
+def test_auto_on_cuda_picks_map_only_when_the_score_network_is_on_this_machine(isolated_home, tmp_path, monkeypatch):
+    from facepriv.protect import pipeline
+
+    cuda = torch.device("cuda")  # resolve_method reads the device type only: no GPU needed
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    method, why = resolve_method(ProtectConfig(), cuda)
+    assert method == "transfer" and "not on this machine" in why and "facepriv models fetch" in why
+    monkeypatch.setattr(pipeline, "DEFAULT_SCORE_MODEL", str(tmp_path))  # a local folder
+    assert resolve_method(ProtectConfig(), cuda)[0] == "map"
+    monkeypatch.setattr(pipeline, "DEFAULT_SCORE_MODEL", "./no/such/folder")
+    assert resolve_method(ProtectConfig(), cuda)[0] == "transfer"
+
+
 # ----------------------------------------------------------------------------- the command
 def _photos(tmp_path, names=("obama.jpg", "obama2.jpg")):
     src = tmp_path / "in"

@@ -385,14 +385,14 @@ def resolve_method(cfg: ProtectConfig, device: torch.device) -> tuple[str, str]:
     if device.type != "cuda":
         return "transfer", f"no CUDA device ({device.type}): transfer noise (MAP needs a GPU)"
     ref = cfg.score_model or DEFAULT_SCORE_MODEL
-    if Path(ref).expanduser().exists():
-        return "map", f"CUDA and the score network {ref}: MAP"
-    from ..models import availability, get_spec
+    from ..models import availability, resolve_pretrained
 
     try:
-        ok = availability(get_spec(ref)).available
-    except Exception:  # noqa: BLE001 - a hub id: usable if it is in the Hugging Face cache
-        ok = _hub_cached(ref)
+        r = resolve_pretrained(ref, task="score", what="score network")
+    except ConfigError:
+        r = None
+    ok = r is not None and (r.kind == "local" or (availability(r.spec).available if r.kind == "registry"
+                                                  else _hub_cached(ref)))
     if ok:
         return "map", f"CUDA and the score network {ref} on this machine: MAP"
     return "transfer", f"the score network {ref} is not on this machine (`facepriv models fetch {ref}`): transfer noise"
