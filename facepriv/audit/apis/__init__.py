@@ -7,7 +7,9 @@
 
 Providers: ``facepp`` (Face++ Compare), ``rekognition`` (AWS CompareFaces, needs boto3),
 ``azure`` (Azure AI Face detect + verify). See :mod:`facepriv.audit.apis.base` for the shared
-retry / rate-limit / cache behaviour.
+retry / rate-limit / cache behaviour. Each adapter class registers itself with
+``@register_provider(name, env=..., config_keys=..., extra=..., aliases=...)`` in
+:data:`PROVIDERS`; ``create_api`` and ``--api`` look names up there.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import re
 from pathlib import Path
 
 from ...core.errors import ConfigError
-from .base import APIError, CompareResult, FaceAPI, RateLimiter, ResponseCache, config_path, read_config
+from .base import (ALIASES, PROVIDERS, APIError, CompareResult, FaceAPI, ProviderSpec, RateLimiter, ResponseCache,
+                   config_path, read_config, register_provider, unregister_provider)
 
-PROVIDERS = ("facepp", "rekognition", "azure")
-_ALIASES = {"face++": "facepp", "faceplusplus": "facepp", "aws": "rekognition", "azure-face": "azure"}
+# the built-in adapters register themselves on import; this order is the order names are listed in
+from . import facepp  # noqa: F401
+from . import rekognition  # noqa: F401
+from . import azure  # noqa: F401
 
 
 def canonical_name(name: str) -> str:
     """``face++`` / ``aws`` / ... -> the provider name (``facepp``, ``rekognition``, ``azure``)."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in PROVIDERS:
         raise ConfigError(f"unknown API {name!r}; use one of {', '.join(PROVIDERS)}")
     return key
@@ -79,19 +84,11 @@ def create_api(name: str, *, endpoint: str | None = None, config: str | Path | N
     """
     key = canonical_name(name)
     section = read_config(config_path(config)).get(key, {}) or {}
-    if key == "facepp":
-        if threshold is not None:
-            raise ConfigError("Face++ sends its own FAR thresholds (1e-3/1e-4/1e-5) with every response; "
-                              "--api-threshold applies to rekognition and azure only")
-        from .facepp import from_config
-    elif key == "azure":
-        from .azure import from_config
-    else:
-        from .rekognition import from_config
     if threshold is not None:
         kw["threshold"] = float(threshold)
-    return from_config(section, endpoint=endpoint, **kw)
+    return PROVIDERS[key].create(section, endpoint=endpoint, **kw)
 
 
-__all__ = ["PROVIDERS", "APIError", "CompareResult", "FaceAPI", "RateLimiter", "ResponseCache", "canonical_name",
-           "create_api", "per_provider"]
+__all__ = ["ALIASES", "PROVIDERS", "APIError", "CompareResult", "FaceAPI", "ProviderSpec", "RateLimiter",
+           "ResponseCache", "canonical_name", "create_api", "per_provider", "register_provider",
+           "unregister_provider"]

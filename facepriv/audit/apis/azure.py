@@ -29,7 +29,7 @@ import time
 
 from ...core.errors import ConfigError
 from ...core.secrets import register_secret
-from .base import APIError, CompareResult, FaceAPI, ImageLimits
+from .base import APIError, CompareResult, FaceAPI, ImageLimits, register_provider
 
 API_PATH = "/face/v1.0"
 DEFAULT_THRESHOLD = 0.5
@@ -40,6 +40,8 @@ ENDPOINT_ENV = ("AZURE_FACE_ENDPOINT", "FACE_ENDPOINT")
 FACE_ID_REUSE_S = 23 * 3600.0
 
 
+@register_provider("azure", env=(*ENDPOINT_ENV, *KEY_ENV), config_keys=("endpoint", "key", "threshold"),
+                   aliases=("azure-face",))
 class AzureFace(FaceAPI):
     name = "azure"
     score_range = "confidence 0-1; isIdentical at 0.5"
@@ -150,16 +152,21 @@ class AzureFace(FaceAPI):
         raw = {"isIdentical": body.get("isIdentical"), "confidence": body.get("confidence")}
         return CompareResult(score=float(body["confidence"]), thresholds={"default": self.threshold}, raw=raw)
 
+    @classmethod
+    def from_config(cls, section: dict, *, endpoint: str | None = None, threshold: float | None = None,
+                    **kw) -> AzureFace:
+        """Endpoint and key from the environment (see :data:`ENDPOINT_ENV`, :data:`KEY_ENV`), else ``[azure]``."""
+        import os
 
-def from_config(section: dict, *, endpoint: str | None = None, threshold: float | None = None, **kw) -> AzureFace:
-    import os
+        from .base import credential
 
-    from .base import credential
+        key_env = next((v for v in KEY_ENV if os.environ.get(v)), KEY_ENV[0])
+        key = credential(section, key_env, "key", "api_key", "subscription_key")
+        endpoint = (endpoint or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
+                    or section.get("endpoint"))
+        if threshold is None:
+            threshold = float(section.get("threshold", DEFAULT_THRESHOLD))
+        return cls(endpoint or "", key or "", threshold=float(threshold), **kw)
 
-    key_env = next((v for v in KEY_ENV if os.environ.get(v)), KEY_ENV[0])
-    key = credential(section, key_env, "key", "api_key", "subscription_key")
-    endpoint = (endpoint or next((os.environ[v] for v in ENDPOINT_ENV if os.environ.get(v)), None)
-                or section.get("endpoint"))
-    if threshold is None:
-        threshold = float(section.get("threshold", DEFAULT_THRESHOLD))
-    return AzureFace(endpoint or "", key or "", threshold=float(threshold), **kw)
+
+from_config = AzureFace.from_config

@@ -257,6 +257,12 @@ class FaceAPI(ABC):
         self._local = threading.local()  # per thread: requests sent for the comparison in progress
         self.stats = {"cache_hits": 0, "retries": 0, "errors": 0}
 
+    @classmethod
+    def from_config(cls, section: dict, *, endpoint: str | None = None, **kw) -> FaceAPI:
+        """The adapter for the provider's section of the API config file (``endpoint``: ``--api-endpoint``,
+        else the section's). Adapters that need keys override this; this default reads none."""
+        return cls(endpoint=endpoint or section.get("endpoint"), **kw)
+
     # -------------------------------------------------------------- for subclasses
     @abstractmethod
     def _compare(self, img_a: bytes, img_b: bytes) -> CompareResult:
@@ -424,3 +430,52 @@ def credential(section: dict, env: str, *names: str) -> str | None:
     value = os.environ.get(env) or next((section[n] for n in names if section.get(n)), None)
     register_secret(value)
     return value
+
+
+# ------------------------------------------------------------------------------ provider registry
+@dataclass(frozen=True)
+class ProviderSpec:
+    """A registered online service: its adapter class and what it needs (for docs, tests and messages;
+    the adapter's ``from_config`` reads and registers the keys)."""
+
+    name: str
+    cls: type
+    env: tuple[str, ...] = ()  # environment variables with its keys / endpoint (first listed wins)
+    config_keys: tuple[str, ...] = ()  # keys of its ``[name]`` section in the API config file
+    extra: str | None = None  # an optional package it needs (e.g. boto3)
+    aliases: tuple[str, ...] = ()
+
+    def create(self, section: dict, **kw) -> FaceAPI:
+        return self.cls.from_config(section, **kw)
+
+
+#: provider name -> :class:`ProviderSpec`, in registration order (the order of ``--api`` messages)
+PROVIDERS: dict[str, ProviderSpec] = {}
+#: other spellings accepted for a provider (``face++``, ``aws``, ...), not listed separately
+ALIASES: dict[str, str] = {}
+
+
+def register_provider(name: str, *, env: Sequence[str] = (), config_keys: Sequence[str] = (),
+                      extra: str | None = None, aliases: Sequence[str] = ()):
+    """Class decorator adding a :class:`FaceAPI` subclass to :data:`PROVIDERS` under ``name``
+    (and ``aliases``); ``create_api`` / ``--api NAME`` then build it with ``cls.from_config``."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, FaceAPI)):
+            raise TypeError(f"register_provider({name!r}): {cls!r} is not a FaceAPI subclass")
+        key = name.strip().lower()
+        PROVIDERS[key] = ProviderSpec(key, cls, tuple(env), tuple(config_keys), extra,
+                                      tuple(a.strip().lower() for a in aliases))
+        for a in aliases:
+            ALIASES[a.strip().lower()] = key
+        return cls
+
+    return deco
+
+
+def unregister_provider(name: str) -> None:
+    """Remove a provider and its aliases (tests registering a fake one clean up with this)."""
+    spec = PROVIDERS.pop(name.strip().lower(), None)
+    for a in spec.aliases if spec else ():
+        if ALIASES.get(a) == spec.name:
+            del ALIASES[a]

@@ -24,7 +24,7 @@ import threading
 
 from ...core.errors import ConfigError
 from ...core.secrets import register_secret
-from .base import APIError, CompareResult, FaceAPI, ImageLimits
+from .base import APIError, CompareResult, FaceAPI, ImageLimits, register_provider
 
 DEFAULT_ENDPOINT = "https://api-us.faceplusplus.com/facepp/v3/compare"
 AUTH_ERRORS = ("AUTHENTICATION_ERROR", "AUTHORIZATION_ERROR")
@@ -40,6 +40,8 @@ def _retry_after(resp) -> float | None:
         return None
 
 
+@register_provider("facepp", env=("FACEPP_API_KEY", "FACEPP_API_SECRET", "FACEPP_ENDPOINT"),
+                   config_keys=("api_key", "api_secret", "endpoint", "upload"), aliases=("face++", "faceplusplus"))
 class FacePlusPlus(FaceAPI):
     name = "facepp"
     score_range = "confidence 0-100; thresholds per response at FAR 1e-3 / 1e-4 / 1e-5"
@@ -106,6 +108,22 @@ class FacePlusPlus(FaceAPI):
                            retry_after=_retry_after(resp))
         raise APIError(f"Face++ HTTP {status} {msg}", status=status, code=code)
 
+    @classmethod
+    def from_config(cls, section: dict, *, endpoint: str | None = None, threshold: float | None = None,
+                    **kw) -> FacePlusPlus:
+        """Keys from FACEPP_API_KEY / FACEPP_API_SECRET, else the ``[facepp]`` section."""
+        if threshold is not None:
+            raise ConfigError("Face++ sends its own FAR thresholds (1e-3/1e-4/1e-5) with every response; "
+                              "--api-threshold applies to rekognition and azure only")
+        import os
+
+        from .base import credential
+
+        key = credential(section, "FACEPP_API_KEY", "api_key", "key")
+        secret = credential(section, "FACEPP_API_SECRET", "api_secret", "secret")
+        endpoint = endpoint or os.environ.get("FACEPP_ENDPOINT") or section.get("endpoint")
+        return cls(key or "", secret or "", endpoint=endpoint, upload=section.get("upload", "file"), **kw)
+
     def _compare(self, img_a: bytes, img_b: bytes) -> CompareResult:
         body = self.call(lambda: self._post(img_a, img_b))
         raw = {k: body.get(k) for k in ("request_id", "time_used", "confidence", "thresholds", "image_id1",
@@ -121,12 +139,4 @@ class FacePlusPlus(FaceAPI):
         return CompareResult(score=float(body["confidence"]), thresholds=thresholds, raw=raw)
 
 
-def from_config(section: dict, *, endpoint: str | None = None, **kw) -> FacePlusPlus:
-    import os
-
-    from .base import credential
-
-    key = credential(section, "FACEPP_API_KEY", "api_key", "key")
-    secret = credential(section, "FACEPP_API_SECRET", "api_secret", "secret")
-    endpoint = endpoint or os.environ.get("FACEPP_ENDPOINT") or section.get("endpoint")
-    return FacePlusPlus(key or "", secret or "", endpoint=endpoint, upload=section.get("upload", "file"), **kw)
+from_config = FacePlusPlus.from_config

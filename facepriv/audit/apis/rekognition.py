@@ -34,7 +34,7 @@ import re
 
 from ...core.errors import ConfigError
 from ...core.secrets import redact_text, register_secret
-from .base import APIError, CompareResult, FaceAPI, ImageLimits
+from .base import APIError, CompareResult, FaceAPI, ImageLimits, register_provider
 
 DEFAULT_THRESHOLD = 80.0
 RETRY_CODES = ("ThrottlingException", "ProvisionedThroughputExceededException", "InternalServerError",
@@ -51,6 +51,10 @@ def says_no_face(message: str | None) -> bool:
     return bool(message) and bool(_NO_FACE_MESSAGE.search(message))
 
 
+@register_provider("rekognition", env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                                       "AWS_DEFAULT_REGION"),
+                   config_keys=("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region",
+                                "endpoint", "similarity_threshold"), extra="boto3", aliases=("aws",))
 class Rekognition(FaceAPI):
     name = "rekognition"
     score_range = "similarity 0-100; default decision threshold 80"
@@ -158,11 +162,16 @@ class Rekognition(FaceAPI):
         score = max((float(m.get("Similarity", 0.0)) for m in matches), default=0.0)
         return CompareResult(score=score, thresholds={"default": self.threshold}, raw=raw)
 
+    @classmethod
+    def from_config(cls, section: dict, *, endpoint: str | None = None, threshold: float | None = None,
+                    **kw) -> Rekognition:
+        """Credentials from the ``[rekognition]`` section, else boto3's own chain (AWS_* variables, ...)."""
+        creds = {k: section[k] for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+                 if section.get(k)}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or section.get("region")
+        return cls(region=region, endpoint=endpoint or section.get("endpoint"), credentials=creds or None,
+                   similarity_threshold=float(threshold if threshold is not None
+                                              else section.get("similarity_threshold", DEFAULT_THRESHOLD)), **kw)
 
-def from_config(section: dict, *, endpoint: str | None = None, threshold: float | None = None, **kw) -> Rekognition:
-    creds = {k: section[k] for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-             if section.get(k)}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or section.get("region")
-    return Rekognition(region=region, endpoint=endpoint or section.get("endpoint"), credentials=creds or None,
-                       similarity_threshold=float(threshold if threshold is not None
-                                                  else section.get("similarity_threshold", DEFAULT_THRESHOLD)), **kw)
+
+from_config = Rekognition.from_config
