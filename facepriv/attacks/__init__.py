@@ -9,13 +9,15 @@
 * :mod:`.reference` - target identities from photos.
 """
 
-from .config import METHODS, AttackConfig, AttackResult, parse_epsilon
+from .config import METHOD_NAMES, METHODS, AttackConfig, AttackResult, MethodTraits, method_traits, parse_epsilon
 from .identity import IdentityReference, SurrogateEnsemble, cosine_report, identity_loss
 from .linf import attack_faces, quantize_within, surrogate_thresholds
 from .reference import reference_from_image, reference_from_images, target_images
 
 __all__ = [
+    "METHOD_NAMES",
     "METHODS",
+    "MethodTraits",
     "AttackConfig",
     "AttackResult",
     "IdentityReference",
@@ -23,6 +25,7 @@ __all__ = [
     "attack_faces",
     "cosine_report",
     "identity_loss",
+    "method_traits",
     "parse_epsilon",
     "quantize_within",
     "reference_from_image",

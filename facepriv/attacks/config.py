@@ -4,25 +4,63 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
 from ..core.errors import ConfigError
 from ..core.regions import REGIONS
 
-#: attack methods and the defaults each one sets for the fields left at ``None``
-METHODS: dict[str, dict] = {
+@dataclass(frozen=True)
+class MethodTraits:
+    """What one L-inf attack method is: the traits code branches on, and its defaults.
+
+    needs_target: the method only impersonates (a target identity is required);
+    multi_target: several target rows are candidate identities (the best is chosen per step),
+    not photos of one identity (averaged); momentum / diversity: it uses momentum / input
+    diversity by default; help: a short description for command help; defaults: the values
+    it sets for the :class:`AttackConfig` fields left at ``None``.
+    """
+
+    name: str
+    needs_target: bool = False
+    multi_target: bool = False
+    momentum: bool = False
+    diversity: bool = False
+    help: str = ""
+    defaults: Mapping[str, float] = field(default_factory=dict, hash=False, compare=False)
+
+
+#: attack methods (in CLI order) and their traits; ``tuple(METHODS)`` is the list of names
+METHODS: dict[str, MethodTraits] = {t.name: t for t in (
     # Madry et al. 2018: sign-gradient steps projected onto the eps-ball.
-    "pgd": {"momentum": 0.0, "ti_kernel": 0, "diversity_prob": 0.0, "push_weight": 0.0, "naturalness_weight": 0.0},
+    MethodTraits("pgd", help="plain gradient steps", defaults=MappingProxyType(
+        {"momentum": 0.0, "ti_kernel": 0, "diversity_prob": 0.0, "push_weight": 0.0, "naturalness_weight": 0.0})),
     # Dong et al. 2018: momentum on the L1-normalised gradient.
-    "mifgsm": {"momentum": 1.0, "ti_kernel": 0, "diversity_prob": 0.0, "push_weight": 0.0, "naturalness_weight": 0.0},
+    MethodTraits("mifgsm", momentum=True, help="with momentum", defaults=MappingProxyType(
+        {"momentum": 1.0, "ti_kernel": 0, "diversity_prob": 0.0, "push_weight": 0.0, "naturalness_weight": 0.0})),
     # Dong et al. 2019 (TI) + Xie et al. 2019 (DI), with momentum (the usual "TI-DIM").
-    "tidim": {"momentum": 1.0, "ti_kernel": 9, "diversity_prob": 0.5, "push_weight": 0.0, "naturalness_weight": 0.0},
+    MethodTraits("tidim", momentum=True, diversity=True,
+                 help="smoothed, randomly resized gradients: carries over better to models it never saw",
+                 defaults=MappingProxyType({"momentum": 1.0, "ti_kernel": 9, "diversity_prob": 0.5,
+                                            "push_weight": 0.0, "naturalness_weight": 0.0})),
     # Yang et al. 2021 (TIP-IM): impersonation + push from the source + naturalness, MI + DI,
     # and a per-step choice of the best target among the candidates given.
-    "tipim": {"momentum": 1.0, "ti_kernel": 0, "diversity_prob": 0.5, "push_weight": 1.0, "naturalness_weight": 0.5},
-}
+    MethodTraits("tipim", needs_target=True, multi_target=True, momentum=True, diversity=True,
+                 help="impersonation with a naturalness term; needs --target",
+                 defaults=MappingProxyType({"momentum": 1.0, "ti_kernel": 0, "diversity_prob": 0.5,
+                                            "push_weight": 1.0, "naturalness_weight": 0.5})),
+)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def method_traits(name: str) -> MethodTraits | None:
+    """The traits of attack method ``name`` (None for an unknown name: callers word their own error)."""
+    return METHODS.get(name)
+
+
 NATURALNESS = ("hf", "mmd")
 
 
@@ -161,7 +199,7 @@ class AttackConfig:
         """A validated copy with the method's defaults filled in."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown attack method {self.method!r}; use one of {', '.join(METHODS)}")
-        defaults = METHODS[self.method]
+        defaults = METHODS[self.method].defaults
         cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if not epsilon_in_range(float(cfg.epsilon)):
             raise ConfigError(f"epsilon {float(cfg.epsilon):.4g} (= {float(cfg.epsilon) * 255:.4g}/255) "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..core.align import get_template, invert_affine, similarity_transform, transform_points
 from ..core.errors import ConfigError
 from ..core.faces import Face
-from .config import AttackConfig, AttackResult
+from .config import METHODS, AttackConfig, AttackResult
 from .crop import FaceCrop, face_crop
 from .identity import IdentityReference, SurrogateEnsemble, identity_loss
 from .naturalness import naturalness_loss
@@ -227,7 +227,7 @@ def _target_rows(ensemble: SurrogateEnsemble, cfg: AttackConfig, target_ref: dic
     if missing:
         raise ConfigError(f"the target reference has no embedding for surrogate(s) {', '.join(missing)}")
     tgt_rows = {nm: _as_rows(target_ref[nm], dev) for nm in ensemble.names}
-    if cfg.method != "tipim":
+    if not METHODS[cfg.method].multi_target:
         tgt_rows = {nm: t.mean(0, keepdim=True) for nm, t in tgt_rows.items()}  # one identity's centroid
     return tgt_rows
 
@@ -419,7 +419,7 @@ def _face_row(p: _Problem, s: _State, k: int, i: int, mode: str, emb_after: dict
         row.update(status="failed", reason="no surrogate moved")
     if p.tgt_rows is not None:
         row["target_cosine"] = tcos
-        if p.cfg.method == "tipim":
+        if METHODS[p.cfg.method].multi_target:
             row["target_index"] = int(s.chosen[k])
     return row
 
@@ -460,8 +460,8 @@ def attack_faces(image: torch.Tensor, faces: list[Face], ensemble: SurrogateEnse
     cfg = cfg.resolved()
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"attack_faces expects an RGB image (3, H, W), got {tuple(image.shape)}")
-    if cfg.method == "tipim" and target_ref is None:
-        raise ConfigError("tipim is a targeted method: give a target identity (target image)")
+    if METHODS[cfg.method].needs_target and target_ref is None:
+        raise ConfigError(f"{cfg.method} is a targeted method: give a target identity (target image)")
     dev = _ensemble_device(ensemble, image.device)
     x_full = image.detach().to(dev, torch.float32)
     mode = "impersonation" if target_ref is not None else "dodging"

@@ -202,6 +202,7 @@ def protect(
     max_pixels: common.MaxPixels = None,
 ):
     from ..protect import ProtectConfig, run_protect
+    from ..protect.pipeline import BASELINE_METHODS
 
     given = {"steps": steps, "lr": lr, "optimizer": optimizer, "t0": t0, "n_inv": n_inv, "n_gen": n_gen,
              "w_id": w_id, "w_exp": w_exp, "w_smooth": w_smooth, "w_sm": w_sm, "projection": projection,
@@ -218,7 +219,7 @@ def protect(
                 "push_weight": push_weight, "naturalness": naturalness, "naturalness_weight": naturalness_weight}
     baseline_options = {k: v for k, v in baseline.items() if v is not None}
     m = method.strip().lower()
-    if m in ("pgd", "mifgsm", "tidim", "tipim") and feather is not None:
+    if m in BASELINE_METHODS and feather is not None:
         baseline_options["feather"] = feather
     transfer = _transfer_options(m, min_psnr, start_psnr, verify_with, person, identity_folders, copies, eot,
                                  transfer_steps, epsilon, feather, state.seed)
@@ -232,7 +233,7 @@ def protect(
         attack_steps=attack_steps,
         step_size=step_size, baseline_options=baseline_options,
     )
-    if m in ("pgd", "mifgsm", "tidim", "tipim") and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") \
+    if m in BASELINE_METHODS and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") \
             and not state.quiet:
         common.err_console.print(
             "[yellow]note:[/yellow] lossy outputs (JPEG/WebP) re-quantise the perturbation: the saved image may "

@@ -58,8 +58,8 @@ class Adversarial(DeidMethod):
         self._ensemble = ensemble
         self._target_ref: dict[str, torch.Tensor] | None = None
         self.last_result: AttackResult | None = None
-        if attack == "tipim" and self.target is None:
-            raise ConfigError("adversarial: the tipim attack needs a target image")
+        if METHODS[attack].needs_target and self.target is None:
+            raise ConfigError(f"adversarial: the {attack} attack needs a target image")
         self.config().resolved()  # validate the options now
 
     def config(self, loaded=None) -> AttackConfig:

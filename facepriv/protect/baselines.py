@@ -20,13 +20,13 @@ import torch
 
 from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
 from ..attacks.reference import target_images
-from ..attacks.config import METHODS, parse_epsilon
+from ..attacks.config import METHOD_NAMES, METHODS, parse_epsilon
 from ..attacks.config import levels_for
 from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import LoadedImage, load_image
 
-BASELINE_METHODS = tuple(METHODS)  # pgd, mifgsm, tidim, tipim
+BASELINE_METHODS = METHOD_NAMES  # pgd, mifgsm, tidim, tipim
 __all__ = ["BASELINE_METHODS", "BaselineConfig", "BaselineEditor", "build_editor", "target_images"]
 
 
@@ -71,8 +71,8 @@ class BaselineConfig:
         self.epsilon = parse_epsilon(self.epsilon)
         if self.target is not None:
             self.target = Path(self.target)
-        if self.method == "tipim" and self.target is None:
-            raise ConfigError("tipim is a targeted method: give --target (an image or a folder of images)")
+        if METHODS[self.method].needs_target and self.target is None:
+            raise ConfigError(f"{self.method} is a targeted method: give --target (an image or a folder of images)")
 
     def attack_config(self, levels: int | None = 255) -> AttackConfig:
         return AttackConfig(

@@ -11,6 +11,10 @@
 * ``method="pgd" | "mifgsm" | "tipim" | ...``: L-inf noise baselines from
   :mod:`facepriv.protect.baselines`, photo by photo through :func:`core.pipeline.process_photo`.
 
+Each method is an entry of :mod:`facepriv.protect.registry` (name -> builder + traits), registered
+at the end of this module; ``run_protect`` resolves ``auto`` (:func:`resolve_method`) and runs the
+entry's job.
+
 Under ``accelerate launch`` (several processes) the inputs are sharded by rank (each process
 writes ``manifest.rankN.jsonl``); for MAP each process fine-tunes its own copy on its own shard
 (no gradient exchange; ``save_model`` then writes ``DIR/rankN``).
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..attacks.config import METHODS as ATTACK_METHODS
 from ..core.align import landmarks_tensor
 from ..core.batch import BatchSummary, check_outputs, InputItem, collect_inputs, config_hash, done_inputs, run_batch
 from ..core.distributed import distributed_context  # also importable from here, as before
@@ -36,10 +41,10 @@ from ..core.pipeline import SaveOptions, process_photo
 from ..core.progress import make_progress
 from .map.loading import score_model_reference
 from .map.tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, paste_protected
+from .registry import PROTECT_METHODS, ProtectJob, ProtectRun, get_protect_method, photo_job, register_protect_method
 
 DEFAULT_SCORE_MODEL = "ddpm-celebahq-256"
-BASELINE_METHODS = ("pgd", "mifgsm", "tidim", "tipim")
-METHODS = ("auto", "map", "transfer", *BASELINE_METHODS)
+BASELINE_METHODS = tuple(ATTACK_METHODS)  # pgd, mifgsm, tidim, tipim: the L-inf attacks' table
 _INFERENCE_KEYS = ("t0", "n_inv", "n_gen", "mixed_precision", "batch_size")
 
 
@@ -77,9 +82,11 @@ class ProtectConfig:
 
     def __post_init__(self):
         self.method = self.method.strip().lower()
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.method not in ("map", "auto") and (self.model or self.save_model):
+        if self.method != "auto" and self.method not in PROTECT_METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(method_names())}")
+        spec = None if self.method == "auto" else PROTECT_METHODS[self.method]
+        group = spec.options if spec is not None else None
+        if spec is not None and group != "map" and (self.model or self.save_model):
             raise ConfigError("--model / --save-model apply to --method map only")
         if self.model and self.save_model:
             raise ConfigError("--model reuses a fine-tuned network; --save-model saves one after fine-tuning: "
@@ -95,15 +102,16 @@ class ProtectConfig:
         if isinstance(self.map, dict):
             MAPConfig.from_dict(self.map)  # validate early
         if self.baseline_options:
-            if self.method not in BASELINE_METHODS:
+            if group != "baseline":
+                baselines = [n for n, m in PROTECT_METHODS.items() if m.options == "baseline"]
                 raise ConfigError(f"baseline attack options ({', '.join(sorted(self.baseline_options))}) apply to "
-                                  f"--method {'|'.join(BASELINE_METHODS)}, not to map")
-        if self.transfer and self.method not in ("transfer", "auto"):
+                                  f"--method {'|'.join(baselines)}, not to map")
+        if self.transfer and spec is not None and group != "transfer":
             raise ConfigError(f"transfer options ({', '.join(sorted(self.transfer))}) apply to --method transfer")
-        if self.method in BASELINE_METHODS:
-            _baseline_config(self).attack_config()  # unknown or invalid options: an error before any work
-        if self.method in ("transfer", "auto"):
-            self.transfer_options()
+        if spec is None:
+            self.transfer_options()  # auto may become transfer
+        elif spec.validate is not None:
+            spec.validate(self)  # unknown or invalid options: an error before any work
 
     def surrogate_names(self) -> list[str]:
         """The surrogates of MAP and the noise baselines (default: dlib-resnet, facenet-casia)."""
@@ -428,7 +436,6 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
                 rank: int | None = None, world_size: int | None = None) -> ProtectSummary:
     """Protect every face in every input photo, mirroring the inputs under ``out``."""
     from ..core.device import resolve_device
-    from ..models import create_model
 
     cfg = cfg or ProtectConfig()
     policy = policy or FacePolicy()
@@ -445,79 +452,106 @@ def run_protect(inputs: list[str | Path], out: str | Path, cfg: ProtectConfig | 
     common = dict(out_dir=out, config=config, resume=resume, output_suffix=output_suffix, rank=rank,
                   world_size=world, progress=progress, verbose=verbose, command="protect")
     method, why = resolve_method(cfg, dev)
+    spec = get_protect_method(method)
     if method != cfg.method:
-        cfg = dataclasses.replace(cfg, method=method, transfer=cfg.transfer if method == "transfer" else {})
+        cfg = dataclasses.replace(cfg, method=method, transfer=cfg.transfer if spec.options == "transfer" else {})
     details: dict = {"method": cfg.method, "chosen_because": why, "rank": rank, "world_size": world,
                      "device": str(dev)}
+    run = ProtectRun(cfg, dev, policy, save, list(items), out, config, resume, output_suffix, progress, rank, world,
+                     details)
+    job = spec.build(run)
+    summary = run_batch(items, job.process, description=job.description, **common)
+    if job.finish is not None:
+        job.finish()
+    return ProtectSummary(**vars(summary), details=details)
 
-    if cfg.method == "transfer":
-        from .transfer import build_transfer_editor
 
-        topts = cfg.transfer_options()
-        detector = create_model(cfg.detector, device=dev)
-        edit = build_transfer_editor(topts, dev, detector, output_suffix=output_suffix, quality=save.quality)
-        details["transfer"] = topts.to_json()
+def method_names() -> tuple[str, ...]:
+    """``auto`` and every registered protect method, as ``--method`` takes them."""
+    return ("auto", *PROTECT_METHODS)
 
-        def process(item, dst):
-            edit.last_result = None
-            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
-            if edit.last_result is not None:
-                edit.verify_saved(res.output)
-                res.extra["attack"] = [_transfer_report(r, edit.last_roles) for r in edit.last_result.per_face]
-                res.extra["linf"] = round(float(edit.last_result.linf), 6)
-            return res
 
-        summary = run_batch(items, process, description="protect transfer", **common)
-        return ProtectSummary(**vars(summary), details=details)
+@register_protect_method("map", options="map", needs_gpu=True, accepts_target=True,
+                         help="fine-tune a face diffusion model that regenerates each face")
+def _build_map(run: ProtectRun) -> ProtectJob:
+    from ..models import create_model
 
-    if cfg.method != "map":
-        from .baselines import build_editor
-
-        bcfg = _baseline_config(cfg)
-        detector = create_model(cfg.detector, device=dev)
-        edit = build_editor(bcfg, dev, detector)
-        attack = bcfg.attack_config().to_json()
-        attack.pop("quantize", None)  # 255 or 65535, per photo
-        details["attack"] = attack  # the resolved attack settings every photo ran with
-
-        def process(item, dst):
-            edit.last_result = None
-            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=dev)
-            if edit.last_result is not None:
-                res.extra["attack"] = [_face_report(r) for r in edit.last_result.per_face]
-                res.extra["linf"] = round(float(edit.last_result.linf), 6)
-            return res
-
-        summary = run_batch(items, process, description=f"protect {cfg.method}", **common)
-        return ProtectSummary(**vars(summary), details=details)
-
+    cfg, dev, details = run.cfg, run.device, run.details
     if cfg.model:  # reuse a fine-tuned network: no tuning, photo by photo
         overrides = cfg.map if isinstance(cfg.map, dict) else {k: getattr(cfg.map, k) for k in _INFERENCE_KEYS}
         editor = MAPEditor.from_pretrained(cfg.model, base=cfg.score_model, device=dev,
                                            overrides={k: v for k, v in overrides.items() if k in _INFERENCE_KEYS},
                                            feather=cfg.feather)
         detector = create_model(cfg.detector, device=dev)
+        job = photo_job(run, editor.edit_faces, detector, description="protect map (saved model)")
+        job.finish = lambda: details.update({"model": str(cfg.model), "t0": editor.cfg.t0,
+                                             "n_inv": editor.cfg.n_inv, "n_gen": editor.cfg.n_gen})
+        return job
 
-        def process(item, dst):
-            return process_photo(item, dst, detector=detector, policy=policy, edit=editor.edit_faces, save=save,
-                                 device=dev)
+    rank, world, out = run.rank, run.world, run.out
+    runner = _MapRun(cfg, dev, run.progress, rank, world)
+    shard = run.items[rank::world] if world > 1 else list(run.items)
+    done = done_inputs(out, config_hash(run.config)) if run.resume else set()
+    runner.scan([it for it in shard if str(it.path) not in done], run.policy, run.save.max_pixels)
 
-        summary = run_batch(items, process, description="protect map (saved model)", **common)
-        details.update({"model": str(cfg.model), "t0": editor.cfg.t0, "n_inv": editor.cfg.n_inv,
-                        "n_gen": editor.cfg.n_gen})
-        return ProtectSummary(**vars(summary), details=details)
+    def finish():
+        details.update({"score_model": runner.score_ref, "resolution": runner.score.resolution,
+                        "map": asdict(runner.mcfg), "groups": [c.info for c in runner.chunks if c.info],
+                        "saved_models": runner.saved})
+        if runner.logs:
+            log_name = "map_log.json" if world <= 1 else f"map_log.rank{rank}.json"
+            (out / log_name).write_text(json.dumps(runner.logs, indent=2, default=str))
+            details["log"] = str(out / log_name)
 
-    runner = _MapRun(cfg, dev, progress, rank, world)
-    shard = list(items)[rank::world] if world > 1 else list(items)
-    done = done_inputs(out, config_hash(config)) if resume else set()
-    runner.scan([it for it in shard if str(it.path) not in done], policy, save.max_pixels)
-    summary = run_batch(items, lambda item, dst: runner.process(item, dst, policy, save),
-                        description="protect map", **common)
-    details.update({"score_model": runner.score_ref, "resolution": runner.score.resolution,
-                    "map": asdict(runner.mcfg), "groups": [c.info for c in runner.chunks if c.info],
-                    "saved_models": runner.saved})
-    if runner.logs:
-        log_name = "map_log.json" if world <= 1 else f"map_log.rank{rank}.json"
-        (out / log_name).write_text(json.dumps(runner.logs, indent=2, default=str))
-        details["log"] = str(out / log_name)
-    return ProtectSummary(**vars(summary), details=details)
+    return ProtectJob(lambda item, dst: runner.process(item, dst, run.policy, run.save), "protect map", finish)
+
+
+@register_protect_method("transfer", options="transfer", validate=lambda cfg: cfg.transfer_options(),
+                         help="noise made to carry over to recognisers it never saw, checked on a held-out one")
+def _build_transfer(run: ProtectRun) -> ProtectJob:
+    from ..models import create_model
+    from .transfer import build_transfer_editor
+
+    topts = run.cfg.transfer_options()
+    detector = create_model(run.cfg.detector, device=run.device)
+    edit = build_transfer_editor(topts, run.device, detector, output_suffix=run.output_suffix,
+                                 quality=run.save.quality)
+    run.details["transfer"] = topts.to_json()
+
+    def report(res, edit):
+        if edit.last_result is not None:
+            edit.verify_saved(res.output)
+            res.extra["attack"] = [_transfer_report(r, edit.last_roles) for r in edit.last_result.per_face]
+            res.extra["linf"] = round(float(edit.last_result.linf), 6)
+
+    return photo_job(run, edit, detector, description="protect transfer", report=report)
+
+
+def _build_baseline(run: ProtectRun) -> ProtectJob:
+    """The L-inf noise baselines (pgd, mifgsm, tidim, tipim): :func:`facepriv.protect.baselines.build_editor`."""
+    from ..models import create_model
+    from .baselines import build_editor
+
+    bcfg = _baseline_config(run.cfg)
+    detector = create_model(run.cfg.detector, device=run.device)
+    edit = build_editor(bcfg, run.device, detector)
+    attack = bcfg.attack_config().to_json()
+    attack.pop("quantize", None)  # 255 or 65535, per photo
+    run.details["attack"] = attack  # the resolved attack settings every photo ran with
+
+    def report(res, edit):
+        if edit.last_result is not None:
+            res.extra["attack"] = [_face_report(r) for r in edit.last_result.per_face]
+            res.extra["linf"] = round(float(edit.last_result.linf), 6)
+
+    return photo_job(run, edit, detector, description=f"protect {run.cfg.method}", report=report)
+
+
+for _traits in ATTACK_METHODS.values():
+    register_protect_method(_traits.name, options="baseline", accepts_target=True, needs_target=_traits.needs_target,
+                            help=_traits.help, validate=lambda cfg: _baseline_config(cfg).attack_config())(
+        _build_baseline)
+del _traits
+
+#: ``--method`` choices of the built-in methods (the live list: :func:`method_names`)
+METHODS = method_names()
