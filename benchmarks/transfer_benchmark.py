@@ -5,6 +5,7 @@
     python benchmarks/transfer_benchmark.py run --config fixed32 --faces 200
     python benchmarks/transfer_benchmark.py run --config no-eot --faces 30      # an ablation
     python benchmarks/transfer_benchmark.py table                # every result so far
+    python benchmarks/transfer_benchmark.py curve                # PSR vs face PSNR -> docs/img/transfer_curve.png
 
 Protocol (docs/benchmarks.md, "Transfer"):
 * data: ``../shared/data/lfw`` (or ``--lfw``); the protected photo is the first photo of N people
@@ -56,6 +57,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # their own, so the comparison photo is never among the photos the pattern and the centre use)
     "person": ("transfer", {"identity_folders": True}),
     "person-scratch": ("transfer", {}),
+    "person-nopattern": ("transfer", {"identity_folders": True, "shared_pattern": False}),  # centre, no pattern
     "pgd-8": ("pgd", {"epsilon": 8 / 255, "steps": 50}),
     "tidim-8": ("tidim", {"epsilon": 8 / 255, "steps": 50}),
     "tidim-12": ("tidim", {"epsilon": 12 / 255, "steps": 50}),
@@ -374,9 +376,56 @@ def table(args, configs: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+CURVE = (("fixed35", "fixed32", "fixed29"), ("pgd-8", "tidim-8"))  # the transfer floors, the L-inf baselines
+
+
+def curve(args, out: Path) -> str:
+    """The trade-off users choose with ``--min-psnr``: held-out PSR (other photo, FAR 1e-2) against the
+    mean face PSNR, on one face set (``--faces``), beside PGD / TI-DIM at 8/255."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thr = calibrate(args)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    printed = []
+    for group, style in zip(CURVE, ("-o", "s")):
+        for judge, colour in ((HELDOUT, "tab:blue"), ("sface", "tab:red")):
+            pts = []
+            for cfg in group:
+                f = args.cache / f"run-{cfg}-{args.faces}.jsonl"
+                recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+                s = summarise(recs, thr) if recs else {"judges": {}}
+                if judge in s["judges"]:
+                    d = s["judges"][judge]
+                    pts.append((s["quality"]["face_psnr"], d["1e-2"]["other"], d["1e-2"]["jpeg85"], cfg, d["faces"]))
+            if not pts:
+                continue
+            shown = "MobileFaceNet (held out)" if judge == HELDOUT else f"{judge} (left out)"
+            if group is CURVE[0]:
+                xs, ys, js = zip(*[(p[0], p[1], p[2]) for p in pts])
+                ax.plot(xs, ys, style, color=colour, label=f"{shown}: transfer")
+                ax.plot(xs, js, ":", color=colour, alpha=0.6, label=f"{shown}: transfer, after JPEG 85")
+            for x, y, _, cfg, n in pts if group is CURVE[1] else ():  # n: faces judged
+                ax.plot([x], [y], "s" if cfg.startswith("pgd") else "^", color=colour, mfc="none",
+                        label=f"{shown}: {cfg.replace('-8', ' 8/255')} ({n} faces)")
+            printed += [f"{c}: {judge} {y:.1f} % (JPEG 85 {j:.1f} %) at {x:.1f} dB, {n} faces" for x, y, j, c, n in pts]
+    ax.axhline(60, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("face-region PSNR (dB, higher = less visible)")
+    ax.set_ylabel("PSR at FAR 1e-2 vs other photo (%)")
+    ax.set_title(f"Held-out transfer on {args.faces} LFW faces", fontsize=10)
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return "\n".join(printed + [f"wrote {out}"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("calibrate", "run", "table"))
+    ap.add_argument("what", choices=("calibrate", "run", "table", "curve"))
     ap.add_argument("--config", default="default", choices=sorted(CONFIGS))
     ap.add_argument("--faces", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
@@ -395,6 +444,8 @@ def main(argv=None) -> int:
                          indent=1))
     elif args.what == "run":
         run(args)
+    elif args.what == "curve":
+        print(curve(args, ROOT / "docs" / "img" / "transfer_curve.png"))
     else:
         print(table(args))
     return 0
