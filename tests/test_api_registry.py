@@ -132,3 +132,29 @@ def test_audit_runs_a_registered_fake_provider_end_to_end(fixed_provider, tmp_pa
     for row in rep["images"]:
         assert [c["score"] for c in row["apis"]["fixed"]] == [0.95]
     assert (tmp_path / "rep" / "report.json").is_file()
+
+
+# ----------------------------------------------------------------------------- config files
+def test_a_toml_config_is_read_and_its_keys_are_redacted(tmp_path):
+    from facepriv.audit.apis.base import read_config
+    from facepriv.core.secrets import redact_text
+
+    cfg = tmp_path / "apis.toml"
+    cfg.write_text('[facepp]\napi_key = "k-123456789"\napi_secret = "s-987654321"\n')
+    data = read_config(cfg)
+    assert data["facepp"]["api_key"] == "k-123456789"
+    assert "k-123456789" not in redact_text("key k-123456789 leaked")
+
+
+def test_a_toml_config_without_a_toml_reader_says_what_to_do(tmp_path, monkeypatch):
+    import sys
+
+    from facepriv.audit.apis.base import read_config
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10 without tomli
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    cfg = tmp_path / "apis.toml"
+    cfg.write_text('[facepp]\napi_key = "k-123456789"\n')
+    with pytest.raises(ConfigError, match="Python >= 3.11 or `pip install tomli`") as err:
+        read_config(cfg)
+    assert "k-123456789" not in str(err.value)

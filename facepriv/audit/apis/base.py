@@ -402,17 +402,29 @@ def config_path(explicit: str | Path | None = None) -> Path | None:
     return None
 
 
+def _toml_reader(path: Path):
+    """tomllib (Python >= 3.11), else the tomli backport; a clear error without either."""
+    try:
+        import tomllib
+
+        return tomllib
+    except ImportError:
+        try:
+            import tomli
+
+            return tomli
+        except ImportError:
+            raise ConfigError(f"API config file {path}: reading TOML needs Python >= 3.11 or "
+                              "`pip install tomli`; or write the same settings as JSON") from None
+
+
 def read_config(path: Path | None) -> dict:
     if path is None:
         return {}
     text = path.read_text()
+    toml = _toml_reader(path) if path.suffix.lower() == ".toml" else None
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
+        data = toml.loads(text) if toml is not None else json.loads(text)
     except Exception as exc:  # noqa: BLE001 - never echo the file's content (it holds keys)
         raise ConfigError(f"API config file {path} could not be parsed ({type(exc).__name__})") from None
     if not isinstance(data, dict):
