@@ -176,3 +176,48 @@ def test_calibrate_lfw_pairs_end_to_end_and_wrong_root(tmp_path, monkeypatch):
     assert "image(s) named by the pairs file do not exist" in text and "(line 2 of pairs.txt)" in text
     assert "--root must be the folder that holds the person folders" in text
     assert "Ann_Lee/Ann_Lee_0001.jpg" in text and "Traceback" not in text
+
+
+# ----------------------------------------------------------------------------- CFP as distributed
+def _cfp(tmp_path: Path) -> Path:
+    """A miniature CFP tree: Data/Images/<id>/{frontal,profile}/NN.jpg, Protocol/Pair_list_{F,P}.txt
+    and Protocol/Split/{FP,FF}/01/{same,diff}.txt."""
+    proto = tmp_path / "cfp" / "Protocol"
+    f_lines, p_lines = [], []
+    for i, ident in enumerate(("001", "002"), 1):
+        for kind, lines in (("frontal", f_lines), ("profile", p_lines)):
+            d = tmp_path / "cfp" / "Data" / "Images" / ident / kind
+            d.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(d / "01.jpg")
+            lines.append(f"{i} ../Data/Images/{ident}/{kind}/01.jpg")
+    proto.mkdir(parents=True, exist_ok=True)
+    (proto / "Pair_list_F.txt").write_text("\n".join(f_lines) + "\n")
+    (proto / "Pair_list_P.txt").write_text("\n".join(p_lines) + "\n")
+    for split in ("FP", "FF"):
+        fold = proto / "Split" / split / "01"
+        fold.mkdir(parents=True)
+        (fold / "same.txt").write_text("1,1\n2,2\n")
+        (fold / "diff.txt").write_text("1,2\n")
+    return proto
+
+
+def test_cfp_split_folders_are_read_as_distributed(tmp_path):
+    proto = _cfp(tmp_path)
+    fp = inp.read_pairs(proto / "Split" / "FP")  # every fold of the split
+    assert fp.format == "cfp" and [p.same for p in fp] == [True, True, False]
+    assert fp[0].a.resolve() == (tmp_path / "cfp/Data/Images/001/frontal/01.jpg").resolve()
+    assert fp[0].b.resolve() == (tmp_path / "cfp/Data/Images/001/profile/01.jpg").resolve()
+    assert all(p.a.is_file() and p.b.is_file() for p in fp)
+    ff = inp.read_pairs(proto / "Split" / "FF" / "01")  # one fold; both images frontal
+    assert [p.b.parent.name for p in ff] == ["frontal"] * 3
+    assert ff[2].b.resolve() == (tmp_path / "cfp/Data/Images/002/frontal/01.jpg").resolve()
+
+
+def test_a_bad_cfp_line_or_missing_list_names_the_file(tmp_path):
+    proto = _cfp(tmp_path)
+    (proto / "Split" / "FP" / "01" / "diff.txt").write_text("1,9\n")
+    with pytest.raises(ConfigError, match=r"diff.txt: line 1: '1,9': expected 'i,j' indexes"):
+        inp.read_pairs(proto / "Split" / "FP")
+    (proto / "Pair_list_P.txt").unlink()
+    with pytest.raises(ConfigError, match="Pair_list_P.txt is missing"):
+        inp.read_pairs(proto / "Split" / "FP")

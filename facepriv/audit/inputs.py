@@ -203,6 +203,51 @@ def _read_lfw(path: Path, lines: list[tuple[int, str]], root: Path) -> PairsList
                       for no, a, na, b, nb, same in pairs), format="lfw", root=img_root, root_hint=hint)
 
 
+def _cfp_folds(path: Path) -> list[Path]:
+    """The CFP folds under ``path`` (itself, or its numbered sub-folders) holding same.txt + diff.txt."""
+    cands = [path] + sorted(p for p in path.iterdir() if p.is_dir())
+    return [c for c in cands if (c / "same.txt").is_file() and (c / "diff.txt").is_file()]
+
+
+def _cfp_list(path: Path) -> dict[int, str]:
+    """``Pair_list_F.txt`` / ``Pair_list_P.txt``: ``index relative/path.jpg`` per line."""
+    if not path.is_file():
+        raise ConfigError(f"CFP protocol: {path} is missing (the split folder must sit in Protocol/Split/)")
+    out = {}
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        f = line.split()
+        if not f:
+            continue
+        if len(f) != 2 or not f[0].isdigit():
+            raise ConfigError(f"{path}: line {no}: {line.strip()!r}: expected 'index path'")
+        out[int(f[0])] = f[1]
+    return out
+
+
+def _read_cfp(split: Path, root: Path | None) -> PairsList:
+    """CFP-FP / CFP-FF pairs from a split folder (see :func:`read_pairs`)."""
+    protocol = next((p for p in (split, *split.parents)[:4] if (p / "Pair_list_F.txt").is_file()), None)
+    if protocol is None:
+        raise ConfigError(f"CFP split {split}: no Pair_list_F.txt in it or the 3 folders above it (Protocol/)")
+    frontal = _cfp_list(protocol / "Pair_list_F.txt")
+    profile = frontal if "FF" in split.parts[-2:] else _cfp_list(protocol / "Pair_list_P.txt")
+    base = root if root is not None else protocol
+    pairs = []
+    for fold in _cfp_folds(split):
+        for name, same in (("same.txt", True), ("diff.txt", False)):
+            for no, line in enumerate((fold / name).read_text().splitlines(), 1):
+                ij = [x for x in line.replace(",", " ").split() if x]
+                if not ij:
+                    continue
+                if len(ij) != 2 or not all(x.isdigit() for x in ij) or int(ij[0]) not in frontal \
+                        or int(ij[1]) not in profile:
+                    raise ConfigError(f"{fold / name}: line {no}: {line.strip()!r}: expected 'i,j' indexes of the "
+                                      "pair lists")
+                pairs.append(LabelledPair(base / frontal[int(ij[0])], base / profile[int(ij[1])], same, no))
+    return PairsList(pairs, format="cfp", root=base,
+                     root_hint=f"CFP pair lists name images relative to the Protocol folder; it was {base}")
+
+
 def _split_row(line: str, delim: str | None) -> list[str]:
     if delim is None:
         return line.split()
@@ -224,13 +269,21 @@ def read_pairs(path: str | Path, root: str | Path | None = None) -> PairsList:
       ``img1 img2 1``); label yes/no, same/different, 1/0 (or -1), true/false,
       genuine/impostor, match/mismatch. A first row whose third column is not a label is a
       header; columns named file_x/file_y/decision (or img1/img2/label, ...) are found by name.
+    * **CFP** (Celebrities in Frontal-Profile) as distributed: ``path`` is a split folder,
+      ``Protocol/Split/FP`` (frontal-profile) or ``Protocol/Split/FF`` (frontal-frontal), or one
+      numbered fold in it; every fold's ``same.txt`` / ``diff.txt`` (``i,j`` per line) indexes
+      ``Protocol/Pair_list_F.txt`` and, for FP, ``Pair_list_P.txt`` for the second image. The
+      image paths in those lists start at the Protocol folder (or ``root`` when given).
 
     Blank lines and lines starting with ``#`` are skipped. Errors name the line and what was
     expected.
     """
     path = Path(path)
+    if path.is_dir() and _cfp_folds(path):
+        return _read_cfp(path, Path(root) if root is not None else None)
     if path.is_dir():
-        raise ConfigError(f"--pairs {path} is a folder: give the pairs file itself (e.g. LFW's pairs.txt)")
+        raise ConfigError(f"--pairs {path} is a folder: give the pairs file itself (e.g. LFW's pairs.txt) "
+                          "or a CFP split folder (Protocol/Split/FP or FF, or one of its numbered folds)")
     if not path.is_file():
         raise ConfigError(f"pairs file {path} does not exist")
     root = Path(root) if root is not None else path.parent
