@@ -531,6 +531,13 @@ def test_cli_train_then_apply(tmp_path, photo_dirs, mtcnn):
         covered = (alpha > 0).any(0).numpy()
         diff = (after != before).any(-1)
         assert diff.any() and not diff[~covered].any(), name  # patched, and bit-for-bit the same elsewhere
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert all("dlib-resnet" in a["passed"] for r_ in rows for a in r_["attack"])  # verified by default
+    r = runner.invoke(app, ["--quiet", "patch", "apply", str(photo_dirs / "data"), "--generator", str(gen),
+                            "--out", str(tmp_path / "unverified"), "--format", "png", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "unverified" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r_["status"] == "ok" and "attack" not in r_ for r_ in rows)
     r = runner.invoke(app, ["patch", "apply", str(photo_dirs / "data"), "--generator", str(tmp_path / "nope"),
                             "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2

@@ -116,6 +116,7 @@ def apply(
     target: Annotated[Path | None, typer.Option("--target", help="Photo of the identity to impersonate; omit for evasion.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per generator forward pass.")] = 32,
     photo_batch: Annotated[int, typer.Option("--photo-batch", min=1, help="Photos read ahead and patched together (memory: one decoded photo each).")] = 8,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every patched face against the generator's surrogates and print whether each still matches (one extra forward pass per model per photo).")] = True,
     detector: common.Detector = "mtcnn",
     on_no_face: common.OnNoFace = "copy",
     max_faces: common.MaxFaces = None,
@@ -130,7 +131,7 @@ def apply(
     from ..patch import PatchApplyConfig, run_patch_apply
 
     cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=detector,
-                           batch_size=batch_size, photo_batch=photo_batch)
+                           batch_size=batch_size, photo_batch=photo_batch, verify=verify)
     if target is None:
         common.info("no --target: evasion patches (the faces stop matching their owners)")
     summary = run_patch_apply(
