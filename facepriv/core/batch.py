@@ -23,7 +23,8 @@
   timings, error, a hash of the settings, and the ``run_id`` / ``run_started`` of the run that
   wrote it (runs append to the same file; the run id tells them apart). ``resume=True`` skips
   inputs whose last record succeeded with the same settings, an unchanged input and an
-  existing output.
+  existing output. :func:`plan_batch` says beforehand which inputs a process will run, in order
+  (its rank's share, less the resumed ones), for commands that work ahead of the runner.
 * Outputs are written atomically by the commands (see :mod:`facepriv.core.io`); Ctrl-C stops
   after the current file is finished or discarded, never leaving a half-written one.
 """
@@ -386,6 +387,31 @@ def done_inputs(out_dir: Path, cfg_hash: str) -> set[str]:
     return done
 
 
+@dataclass
+class BatchPlan:
+    """What :func:`run_batch` will do with a batch in this process: ``shard`` (this process's
+    share of the items, in order), ``todo`` (the shard less the inputs ``--resume`` skips, in the
+    order ``process`` is called), ``resumed`` (how many it skips) and ``config_hash``."""
+
+    shard: list[InputItem]
+    todo: list[InputItem]
+    resumed: int
+    config_hash: str
+
+
+def plan_batch(items: Sequence[InputItem], out_dir: str | os.PathLike, config: dict, *, resume: bool = False,
+               rank: int | None = None, world_size: int = 1) -> BatchPlan:
+    """The items :func:`run_batch` will hand to ``process`` here, in its order: items
+    ``rank::world_size`` (all of them with one process), without the inputs whose last manifest
+    record in ``out_dir`` succeeded with the same ``config`` when ``resume``. Commands that work
+    ahead of the batch runner (reading ahead, a first pass over the faces) plan with this."""
+    cfg = config_hash(config)
+    shard = list(items)[(rank or 0)::world_size] if world_size > 1 else list(items)
+    already = done_inputs(Path(out_dir), cfg) if resume else set()
+    todo = [it for it in shard if str(it.path) not in already]
+    return BatchPlan(shard, todo, len(shard) - len(todo), cfg)
+
+
 def planned_output(item: InputItem, out_dir: Path, output_suffix: str | None) -> Path:
     """Where ``item``'s output goes: ``out_dir/rel``, with ``output_suffix`` for images (videos
     keep their container's suffix)."""
@@ -461,17 +487,13 @@ def run_batch(items: Sequence[InputItem], process: Callable[[InputItem, Path], I
     out_dir = Path(out_dir)
     check_outputs(items, out_dir, output_suffix)  # before anything is created or run
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = config_hash(config)
     all_inputs = [it.path for it in items]
-    if world_size > 1:
-        items = list(items)[(rank or 0)::world_size]
     name = "manifest.jsonl" if world_size <= 1 else f"manifest.rank{rank or 0}.jsonl"
     manifest = Manifest(out_dir / name)
     run_id = run_id or os.environ.get("FACEPRIV_RUN_ID") or uuid.uuid4().hex[:12]
     run_started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    already = done_inputs(out_dir, cfg) if resume else set()
-    todo = [it for it in items if str(it.path) not in already]
-    resumed = len(items) - len(todo)
+    plan = plan_batch(items, out_dir, config, resume=resume, rank=rank, world_size=world_size)
+    items, todo, resumed, cfg = plan.shard, plan.todo, plan.resumed, plan.config_hash
     counts: dict[str, int] = {}
     no_face: dict[str, int] = {}
     failures: list[tuple[str, str]] = []

@@ -11,6 +11,7 @@ ArcFace template. Detectors that report another order must reorder to this one.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -60,6 +61,33 @@ class FaceDetector(ABC):
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[Face]]:
         return [self.detect(im) for im in images]
+
+
+class CachedDetector(FaceDetector):
+    """A detector that never detects the same image twice: the faces of an image already seen
+    (by pixel hash) are served again, those of a new one come from ``detector`` and are kept.
+    For a first pass over the photos (MAP's scan, a k-Same pool made of the inputs) whose faces
+    the photo's own turn reuses. :meth:`detect_batch` (video frames, never seen twice) goes
+    straight to ``detector``.
+    """
+
+    def __init__(self, detector: FaceDetector):
+        self.detector = detector
+        self.name = getattr(detector, "name", "detector")
+        self.cache: dict[str, list[Face]] = {}
+
+    @staticmethod
+    def key(image: np.ndarray) -> str:
+        return f"{image.shape}:{hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()}"
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        k = self.key(image)
+        if k not in self.cache:
+            self.cache[k] = self.detector.detect(image)
+        return list(self.cache[k])
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[list[Face]]:
+        return self.detector.detect_batch(images)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -10,17 +10,15 @@ k-Same face averages, the tries of the generative guard, the tracks of a video) 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, run_batch
 from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, FaceprivError
-from ..core.faces import Face, FaceDetector, FacePolicy
+from ..core.faces import CachedDetector, Face, FaceDetector, FacePolicy  # CachedDetector: importable here, as before
 from ..core.io import IMAGE_SUFFIXES
 from ..core.pipeline import SaveOptions, process_photo
 from ..core.progress import make_progress
@@ -94,29 +92,6 @@ def deidentify(image: torch.Tensor, faces: list[Face], methods: list[DeidMethod]
     for m in methods:
         out = m.apply(out, faces, loaded=loaded) if getattr(m, "takes_loaded", False) else m.apply(out, faces)
     return out
-
-
-class CachedDetector(FaceDetector):
-    """Remembers the faces of images already detected (by pixel hash), so a k-Same pool built
-    from the batch itself does not detect every photo twice."""
-
-    def __init__(self, detector: FaceDetector):
-        self.detector = detector
-        self.name = getattr(detector, "name", "detector")
-        self.cache: dict[str, list[Face]] = {}
-
-    @staticmethod
-    def key(image: np.ndarray) -> str:
-        return f"{image.shape}:{hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()}"
-
-    def detect(self, image: np.ndarray) -> list[Face]:
-        k = self.key(image)
-        if k not in self.cache:
-            self.cache[k] = self.detector.detect(image)
-        return self.cache[k]
-
-    def detect_batch(self, images: list[np.ndarray]) -> list[list[Face]]:
-        return self.detector.detect_batch(images)  # video frames: never seen twice
 
 
 def collect_media(inputs: list[str | Path], *, glob: str | None = None, exclude=()) -> list[InputItem]:

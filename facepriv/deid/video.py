@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import ConfigError, FaceprivError, NoFaceError
+from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import Face, FacePolicy, box_iou
 from ..core.io import finalize_output
+from ..core.pipeline import no_face_status
 from ..core.progress import make_progress
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
@@ -518,11 +519,8 @@ def deid_video(src: str | os.PathLike, dst: str | os.PathLike, methods, detector
     detections, n = detect_video(src, detector, policy=policy, options=options, progress=progress)
     t_detect = time.perf_counter() - t0
     tracks, per_frame = track(detections, options, frame_size=(w, h))
-    if not tracks:
-        if policy.on_no_face == "error":
-            raise NoFaceError(f"no face found in {src}")
-        if policy.on_no_face == "skip":
-            return {"status": "skipped", "frames": n, "faces": 0, "reason": "no face"}
+    if not tracks and no_face_status(policy, src) == "skipped":  # "copied": re-encoded unchanged
+        return {"status": "skipped", "frames": n, "faces": 0, "reason": "no face"}
 
     tmp = _temp_output(dst)
     t1 = time.perf_counter()

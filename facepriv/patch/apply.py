@@ -8,11 +8,13 @@ left bit-for-bit unchanged).
 
 :func:`run_patch_apply` drives folders of photos through :func:`facepriv.core.batch.run_batch`
 (per-file errors, manifest, ``--resume``, sharding by rank under ``accelerate launch`` /
-torchrun / MPI, see :func:`facepriv.core.distributed.distributed_context`). It reads ``photo_batch`` photos ahead (load + detect, each
-photo on its own, so a bad file only fails itself), patches the faces of all of them with one
-:meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size`` faces), and writes
-each photo through the same steps as :func:`facepriv.core.pipeline.process_photo` (face policy,
-atomic outputs that never replace an input).
+torchrun / MPI, see :func:`facepriv.core.distributed.distributed_context`). It reads
+``photo_batch`` photos ahead (in the order :func:`facepriv.core.batch.plan_batch` gives; load +
+detect, each photo on its own, so a bad file only fails itself), patches the faces of all of
+them with one :meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size``
+faces), and writes each photo with the steps of :func:`facepriv.core.pipeline.process_photo`
+(``load_and_detect``, ``no_face_result``, ``save_edited``: face policy, atomic outputs that
+never replace an input).
 
 After a photo's faces are patched, each face is measured against every surrogate the
 generator was trained with (named by its ``config.json``): the clean face against the patched
@@ -39,12 +41,12 @@ import numpy as np
 import torch
 
 from ..core.align import align_faces, landmarks_tensor
-from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.batch import BatchSummary, check_outputs, InputItem, ItemResult, collect_inputs, plan_batch, run_batch
 from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
-from ..core.io import LoadedImage, load_image, save_image
-from ..core.pipeline import SaveOptions
+from ..core.io import LoadedImage, load_image
+from ..core.pipeline import SaveOptions, load_and_detect, no_face_result, save_edited
 from .generator import PatchGenerator, read_validation
 from .placement import patch_to_photo, paste_patch
 
@@ -352,12 +354,8 @@ class _BatchedPatcher:
     def _prepare(self, item: InputItem) -> _Prepared:
         prep = _Prepared()
         try:
-            t = time.perf_counter()
-            prep.img = load_image(item.path, max_pixels=self.save.max_pixels)
-            prep.timings["load_s"] = round(time.perf_counter() - t, 4)
-            t = time.perf_counter()
-            prep.faces = self.policy.select(self.detector.detect(prep.img.rgb))
-            prep.timings["detect_s"] = round(time.perf_counter() - t, 4)
+            prep.img, prep.faces, prep.timings = load_and_detect(item, detector=self.detector, policy=self.policy,
+                                                                 max_pixels=self.save.max_pixels)
         except Exception as exc:  # noqa: BLE001 - re-raised for this item alone when run_batch asks for it
             prep.error, prep.img = exc, None
         return prep
@@ -420,21 +418,12 @@ class _BatchedPatcher:
         timings = dict(prep.timings)
         extra = {"mode": self.applier.mode}
         if not prep.faces:
-            if self.policy.on_no_face == "error":
-                raise NoFaceError(f"no face found in {item.path}")
-            if self.policy.on_no_face == "skip":
-                return ItemResult(status="skipped", faces=0, timings=timings, extra={**extra, "reason": "no face"})
-            t = time.perf_counter()
-            save_image(prep.img, dst, quality=self.save.quality, keep_metadata=self.save.keep_metadata)
-            timings["save_s"] = round(time.perf_counter() - t, 4)
-            return ItemResult(status="copied", output=dst, faces=0, timings=timings, extra={**extra, "reason": "no face"})
-        t = time.perf_counter()
-        save_image(prep.result, dst, quality=self.save.quality, keep_metadata=self.save.keep_metadata)
-        timings["save_s"] = round(time.perf_counter() - t, 4)
-        extra["boxes"] = [f.to_json()["box"] for f in prep.faces]
+            return no_face_result(item, dst, prep.img, policy=self.policy, save=self.save, timings=timings,
+                                  extra=extra)
+        res = save_edited(prep.result, dst, prep.faces, save=self.save, timings=timings, extra=extra)
         if prep.attack is not None:
-            extra["attack"] = prep.attack
-        return ItemResult(status="ok", output=dst, faces=len(prep.faces), timings=timings, extra=extra)
+            res.extra["attack"] = prep.attack
+        return res
 
 
 def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyConfig, *,
@@ -468,8 +457,6 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
         text = generator_warning(read_validation(gen_dir), mode="impersonation" if cfg.target else "evasion")
         if text:
             _print_warning(text)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))  # one GPU per process
     if detector is None:
         detector = create_model(cfg.detector, device=device)
     applier = PatchApplier(gen_dir, target=cfg.target, detector=detector, device=device, batch_size=cfg.batch_size)
@@ -493,11 +480,8 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
     config = {"command": "patch apply", **settings, "generator_files": _stamp(gen_dir / "generator.safetensors"),
               "target_file": _stamp(cfg.target), "policy": asdict(policy), "save": asdict(save),
               "suffix": output_suffix}
-    # the items run_batch will ask for, in its order (its sharding and resume rules), for reading ahead
-    order = list(items)[rank::world] if world > 1 else list(items)
-    if resume:
-        done = done_inputs(out, config_hash(config))
-        order = [it for it in order if str(it.path) not in done]
+    # the items run_batch will ask for, in its order, for reading ahead
+    order = plan_batch(items, out, config, resume=resume, rank=rank, world_size=world).todo
     process = _BatchedPatcher(applier, detector, policy=policy, save=save, device=device, order=order,
                               photo_batch=cfg.photo_batch, verifier=verifier)
     summary = run_batch(items, process, out_dir=out, config=config, resume=resume, output_suffix=output_suffix,
