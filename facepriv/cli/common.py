@@ -7,6 +7,7 @@ stderr; stdout carries the human summary or, with ``--json``, exactly one JSON d
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -478,6 +479,82 @@ def suffix_of(fmt: str | None) -> str | None:
     if fmt not in table:
         raise ConfigError(f"--format {fmt}: use one of jpg, png, webp, tiff, bmp")
     return table[fmt]
+
+
+# ----------------------------------------------------------------- options every batch command ends with
+@dataclass(frozen=True)
+class BatchOptions:
+    """The options shared by the batch commands (protect, deid, patch apply), as parsed."""
+
+    detector: str = "mtcnn"
+    on_no_face: str = "copy"
+    max_faces: int | None = None
+    min_face_size: float = 20.0
+    glob: str | None = None
+    resume: bool = False
+    fmt: str | None = None
+    quality: int = 95
+    keep_metadata: bool = False
+    max_pixels: int | None = None
+
+    def policy(self):
+        """The :class:`~facepriv.core.faces.FacePolicy` (which faces; what to do without one)."""
+        from ..core.faces import FacePolicy
+
+        return FacePolicy(on_no_face=self.on_no_face, max_faces=self.max_faces, min_face_size=self.min_face_size)
+
+    def save(self):
+        """The :class:`~facepriv.core.pipeline.SaveOptions` (quality, metadata, pixel limit)."""
+        from ..core.pipeline import SaveOptions
+
+        return SaveOptions(quality=self.quality, keep_metadata=self.keep_metadata, max_pixels=self.max_pixels)
+
+    @property
+    def suffix(self) -> str | None:
+        """The output suffix ``--format`` asks for (None: each input's own); a usage error if unknown."""
+        return suffix_of(self.fmt)
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments a batch runner (``run_protect``, ``run_deid``, ``run_patch_apply``)
+        takes from these options and the global ones."""
+        from ..core.device import resolve_device
+
+        return {"policy": self.policy(), "save": self.save(), "device": resolve_device(state.device),
+                "glob": self.glob, "resume": self.resume, "output_suffix": self.suffix,
+                "progress": not (state.quiet or state.json), "verbose": state.verbose}
+
+
+def batch_options(*, detector_default: str = "mtcnn", detector_help: str | None = None):
+    """Decorator of a batch command that takes ``batch: BatchOptions`` (keyword-only): its
+    signature, the one Typer reads, ends with the ten shared options (``--detector`` ...
+    ``--max-pixels``) instead, and the command receives them as one :class:`BatchOptions`.
+
+    ``detector_default`` / ``detector_help``: the command's own default and help of ``--detector``.
+    """
+    detector = Detector if detector_help is None else Annotated[str, typer.Option("--detector", help=detector_help)]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+              for name, annotation, default in (
+                  ("detector", detector, detector_default), ("on_no_face", OnNoFace, "copy"),
+                  ("max_faces", MaxFaces, None), ("min_face_size", MinFaceSize, 20.0), ("glob", Glob, None),
+                  ("resume", Resume, False), ("fmt", Format, None), ("quality", Quality, 95),
+                  ("keep_metadata", KeepMetadata, False), ("max_pixels", MaxPixels, None))]
+
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        if "batch" not in signature.parameters:
+            raise TypeError(f"{fn.__name__}: @batch_options needs a keyword-only 'batch' parameter")
+        own = [p for p in signature.parameters.values() if p.name != "batch"]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            batch = BatchOptions(**{p.name: kwargs.pop(p.name, p.default) for p in shared})
+            return fn(*args, batch=batch, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=own + shared)
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return command
+
+    return decorate
 
 
 # ----------------------------------------------------------------- checked numeric options

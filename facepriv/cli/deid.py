@@ -7,10 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..core.device import resolve_device
 from ..core.errors import ConfigError
-from ..core.faces import FacePolicy
-from ..core.pipeline import SaveOptions
 from . import common
 from .common import handle_errors, state
 
@@ -42,6 +39,9 @@ _VID = "Video"
 
 
 @handle_errors
+@common.batch_options(detector_default="yunet", detector_help=(
+    "Face detector from the model registry: yunet (default here: the best recall and speed in "
+    "docs/benchmarks.md), mtcnn, centerface."))
 def deid(
     inputs: common.Inputs,
     out: common.OutDir = Path("deid-out"),
@@ -85,18 +85,8 @@ def deid(
     track_hold: Annotated[int, typer.Option("--track-hold", min=0, help="video: frames a face stays protected after (and before) its detections.", rich_help_panel=_VID)] = 10,
     keep_audio: Annotated[bool, typer.Option("--keep-audio", help="video: copy the audio track (dropped by default: voices identify too).", rich_help_panel=_VID)] = False,
     crf: Annotated[int, typer.Option("--crf", min=0, max=63, help="video: encoder quality (lower = better).", rich_help_panel=_VID)] = 18,
-    detector: Annotated[str, typer.Option(
-        "--detector", help="Face detector from the model registry: yunet (default here: the best recall and "
-        "speed in docs/benchmarks.md), mtcnn, centerface.")] = "yunet",
-    on_no_face: common.OnNoFace = "copy",
-    max_faces: common.MaxFaces = None,
-    min_face_size: common.MinFaceSize = 20.0,
-    glob: common.Glob = None,
-    resume: common.Resume = False,
-    fmt: common.Format = None,
-    quality: common.Quality = 95,
-    keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = None,
+    *,
+    batch: common.BatchOptions,
 ):
     from ..attacks.config import EPSILON_MAX, EPSILON_RANGE_TEXT
     from ..core.batch import unsupported_in_folders
@@ -137,22 +127,16 @@ def deid(
             "surrogates": common.split_list(surrogates) if surrogates else None,
             "target": str(target) if target else None}.items() if val is not None},
     }
-    cfg = DeidConfig(methods=methods, strength=strength, region=region, feather=feather, detector=detector,
+    cfg = DeidConfig(methods=methods, strength=strength, region=region, feather=feather, detector=batch.detector,
                      options={n: per_method[n] for n in names if per_method.get(n)},
                      k_pool=str(k_pool) if k_pool else None,
                      video=VideoOptions(detect_every=detect_every, track_hold=track_hold, keep_audio=keep_audio, crf=crf))
     for warning in config_warnings(cfg):  # also recorded on every manifest line
         common.warn(warning)
     # deid keeps photos and videos of the input folders: say what else they hold
-    for skipped in unsupported_in_folders(inputs, supported=IMAGE_SUFFIXES + VIDEO_SUFFIXES, glob=glob,
+    for skipped in unsupported_in_folders(inputs, supported=IMAGE_SUFFIXES + VIDEO_SUFFIXES, glob=batch.glob,
                                           exclude=[out]):
         batch_warn(skipped.message())  # like every command's folder warnings (not with --quiet / --json)
-    summary = run_deid(
-        inputs, out, cfg,
-        policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
-        save=SaveOptions(quality=quality, keep_metadata=keep_metadata, max_pixels=max_pixels),
-        device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
-        progress=not (state.quiet or state.json), verbose=state.verbose,
-    )
+    summary = run_deid(inputs, out, cfg, **batch.run_kwargs())
     common.finish_batch(summary, f"deid ({'+'.join(methods)})")
     raise typer.Exit(summary.exit_code)

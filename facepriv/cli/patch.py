@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from ..core.device import resolve_device
-from ..core.faces import FacePolicy
-from ..core.pipeline import SaveOptions
 from . import common
 from .common import emit_json, handle_errors, out_console, state
 
@@ -109,6 +107,7 @@ def train(
 
 @app.command("apply", help=APPLY_HELP, no_args_is_help=True)
 @handle_errors
+@common.batch_options()
 def apply(
     inputs: common.Inputs,
     generator: Annotated[Path, typer.Option("--generator", "-g", help="Folder written by `facepriv patch train`.")],
@@ -117,29 +116,15 @@ def apply(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Faces per generator forward pass.")] = 32,
     photo_batch: Annotated[int, typer.Option("--photo-batch", min=1, help="Photos read ahead and patched together (memory: one decoded photo each).")] = 8,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every patched face against the generator's surrogates and print whether each still matches (one extra forward pass per model per photo).")] = True,
-    detector: common.Detector = "mtcnn",
-    on_no_face: common.OnNoFace = "copy",
-    max_faces: common.MaxFaces = None,
-    min_face_size: common.MinFaceSize = 20.0,
-    glob: common.Glob = None,
-    resume: common.Resume = False,
-    fmt: common.Format = None,
-    quality: common.Quality = 95,
-    keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = None,
+    *,
+    batch: common.BatchOptions,
 ):
     from ..patch import PatchApplyConfig, run_patch_apply
 
-    cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=detector,
+    cfg = PatchApplyConfig(generator=str(generator), target=str(target) if target else None, detector=batch.detector,
                            batch_size=batch_size, photo_batch=photo_batch, verify=verify)
     if target is None:
         common.info("no --target: evasion patches (the faces stop matching their owners)")
-    summary = run_patch_apply(
-        inputs, out, cfg,
-        policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
-        save=SaveOptions(quality=quality, keep_metadata=keep_metadata, max_pixels=max_pixels),
-        device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
-        progress=not (state.quiet or state.json), verbose=state.verbose, warn=not state.quiet,
-    )
+    summary = run_patch_apply(inputs, out, cfg, **batch.run_kwargs(), warn=not state.quiet)
     common.finish_batch(summary, f"patch apply ({'impersonation' if target else 'evasion'})")
     raise typer.Exit(summary.exit_code)

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from ..core.device import resolve_device
-from ..core.faces import FacePolicy
-from ..core.pipeline import SaveOptions
 from . import common
 from .common import handle_errors, state
 
@@ -36,6 +34,7 @@ _TR = "Transfer (the default without a GPU)"
 
 
 @handle_errors
+@common.batch_options()
 def protect(
     inputs: common.Inputs,
     out: common.OutDir = Path("protect-out"),
@@ -189,17 +188,9 @@ def protect(
     transfer_steps: Annotated[int | None, typer.Option(
         "--transfer-steps", min=1, help="Steps at the first budget level (default: 16; 8 more per escalation).",
         rich_help_panel=_TR)] = None,
-    # ---- shared
-    detector: common.Detector = "mtcnn",
-    on_no_face: common.OnNoFace = "copy",
-    max_faces: common.MaxFaces = None,
-    min_face_size: common.MinFaceSize = 20.0,
-    glob: common.Glob = None,
-    resume: common.Resume = False,
-    fmt: common.Format = None,
-    quality: common.Quality = 95,
-    keep_metadata: common.KeepMetadata = False,
-    max_pixels: common.MaxPixels = None,
+    # ---- shared: --detector ... --max-pixels (common.batch_options)
+    *,
+    batch: common.BatchOptions,
 ):
     from ..protect import ProtectConfig, run_protect
     from ..protect.pipeline import BASELINE_METHODS
@@ -211,29 +202,28 @@ def protect(
     map_options = {k: v for k, v in given.items() if v is not None}
     if not mixed_precision:
         map_options["mixed_precision"] = False
-    baseline = {"region": region, "random_start": random_start, "momentum": momentum,
-                "diversity_prob": diversity_prob, "diversity_scale": diversity_scale,
-                "diversity_shift": diversity_shift, "diversity_rotate": diversity_rotate, "ti_kernel": ti_kernel,
-                "early_stop": early_stop, "early_stop_margin": early_stop_margin, "far": early_stop_far,
-                "thresholds": _parse_thresholds(thresholds) if thresholds else None,
-                "push_weight": push_weight, "naturalness": naturalness, "naturalness_weight": naturalness_weight}
-    baseline_options = {k: v for k, v in baseline.items() if v is not None}
+    # the AttackConfig options given (the baselines' own knobs: an error with another method)
+    attack = {"region": region, "random_start": random_start, "momentum": momentum,
+              "diversity_prob": diversity_prob, "diversity_scale": diversity_scale,
+              "diversity_shift": diversity_shift, "diversity_rotate": diversity_rotate, "ti_kernel": ti_kernel,
+              "early_stop": early_stop, "early_stop_margin": early_stop_margin, "far": early_stop_far,
+              "thresholds": _parse_thresholds(thresholds) if thresholds else None,
+              "push_weight": push_weight, "naturalness": naturalness, "naturalness_weight": naturalness_weight}
     m = method.strip().lower()
-    if m in BASELINE_METHODS and feather is not None:
-        baseline_options["feather"] = feather
+    if m in BASELINE_METHODS:  # the options shared with MAP / transfer count only for a baseline
+        attack.update({"epsilon": epsilon, "steps": attack_steps, "step_size": step_size, "feather": feather})
+    attack = {k: v for k, v in attack.items() if v is not None}
     transfer = _transfer_options(m, min_psnr, start_psnr, verify_with, person, identity_folders, copies, eot,
                                  transfer_steps, epsilon, feather, state.seed)
     cfg = ProtectConfig(
         method=method, surrogates=common.split_list(surrogates) if surrogates else None,
         target=str(target) if target else None, transfer=transfer,
-        detector=detector, map=map_options, score_model=score_model, model=str(model) if model else None,
+        detector=batch.detector, map=map_options, score_model=score_model, model=str(model) if model else None,
         save_model=str(save_model) if save_model else None, expression_model=expression_model,
         expression_ref=str(expression_ref) if expression_ref else None, batch_faces=batch_faces,
-        feather=0.12 if feather is None else feather, epsilon=8 / 255 if epsilon is None else epsilon,
-        attack_steps=attack_steps,
-        step_size=step_size, baseline_options=baseline_options,
+        feather=0.12 if feather is None else feather, attack=attack,
     )
-    if m in BASELINE_METHODS and common.suffix_of(fmt) not in (".png", ".tiff", ".bmp") \
+    if m in BASELINE_METHODS and batch.suffix not in (".png", ".tiff", ".bmp") \
             and not state.quiet:
         common.err_console.print(
             "[yellow]note:[/yellow] lossy outputs (JPEG/WebP) re-quantise the perturbation: the saved image may "
@@ -243,13 +233,7 @@ def protect(
 
         _, why = resolve_method(cfg, resolve_device(state.device))
         common.out_console.print(f"method: {why}", markup=False)
-    summary = run_protect(
-        inputs, out, cfg,
-        policy=FacePolicy(on_no_face=on_no_face, max_faces=max_faces, min_face_size=min_face_size),
-        save=SaveOptions(quality=quality, keep_metadata=keep_metadata, max_pixels=max_pixels),
-        device=resolve_device(state.device), glob=glob, resume=resume, output_suffix=common.suffix_of(fmt),
-        progress=not (state.quiet or state.json), verbose=state.verbose,
-    )
+    summary = run_protect(inputs, out, cfg, **batch.run_kwargs())
     common.print_batch_summary(summary, f"protect ({cfg.method})")
     if not state.json and not state.quiet:
         _print_map_details(summary.details)

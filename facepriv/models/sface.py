@@ -92,20 +92,14 @@ _COMMON: dict[str, Any] = {
                  "Recognition, IEEE TIP 2021; https://github.com/opencv/opencv_zoo",
 }
 
-register(ModelSpec(
-    name="sface-onnx",
-    description="SFace as OpenCV deploys it: the int8 ONNX file run by onnxruntime (black box).",
-    loader=_load_onnx,
-    differentiable=False,
-    runtime="onnxruntime",
-    **_COMMON,
-))
 
-register(ModelSpec(
-    name="sface",
-    description="SFace ported to torch from the int8 ONNX graph (dequantised weights, white box).",
-    loader=_load_torch,
-    differentiable=True,
-    runtime="torch",
-    **_COMMON,
-))
+def _register(name: str, description: str, loader, runtime: str) -> None:
+    """One copy of SFace: the torch port is the differentiable (white-box) one."""
+    register(ModelSpec(name=name, description=description, loader=loader, runtime=runtime,
+                       differentiable=runtime == "torch", **_COMMON))
+
+
+_register("sface-onnx", "SFace as OpenCV deploys it: the int8 ONNX file run by onnxruntime (black box).",
+          _load_onnx, "onnxruntime")
+_register("sface", "SFace ported to torch from the int8 ONNX graph (dequantised weights, white box).",
+          _load_torch, "torch")

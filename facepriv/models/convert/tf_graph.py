@@ -31,36 +31,13 @@ import numpy as np
 
 # TensorFlow DataType enum -> numpy dtype (the ones a weights graph can hold).
 DTYPES: dict[int, np.dtype] = {
-    1: np.dtype("<f4"),  # DT_FLOAT
-    2: np.dtype("<f8"),  # DT_DOUBLE
-    3: np.dtype("<i4"),  # DT_INT32
-    4: np.dtype("u1"),  # DT_UINT8
-    5: np.dtype("<i2"),  # DT_INT16
-    6: np.dtype("i1"),  # DT_INT8
-    9: np.dtype("<i8"),  # DT_INT64
-    10: np.dtype("?"),  # DT_BOOL
-    17: np.dtype("<u2"),  # DT_UINT16
-    19: np.dtype("<f2"),  # DT_HALF
-    22: np.dtype("<u4"),  # DT_UINT32
-    23: np.dtype("<u8"),  # DT_UINT64
+    enum: np.dtype(code) for enum, code in (
+        (1, "<f4"), (2, "<f8"), (3, "<i4"), (4, "u1"), (5, "<i2"), (6, "i1"),  # FLOAT DOUBLE INT32 UINT8 INT16 INT8
+        (9, "<i8"), (10, "?"), (17, "<u2"), (19, "<f2"), (22, "<u4"), (23, "<u8"),  # INT64 BOOL UINT16 HALF UINT32 UINT64
+    )
 }
 DT_STRING = 7
-DTYPE_NAMES = {
-    1: "float32",
-    2: "float64",
-    3: "int32",
-    4: "uint8",
-    5: "int16",
-    6: "int8",
-    7: "string",
-    9: "int64",
-    10: "bool",
-    14: "bfloat16",
-    17: "uint16",
-    19: "float16",
-    22: "uint32",
-    23: "uint64",
-}
+DTYPE_NAMES = {**{enum: dtype.name for enum, dtype in DTYPES.items()}, DT_STRING: "string", 14: "bfloat16"}
 
 # TensorProto typed-value field number -> element dtype of its packed encoding
 _VAL_FIELDS: dict[int, np.dtype] = {
@@ -246,31 +223,27 @@ class AttrList:
         return self.s or self.i or self.f or self.b or self.type or self.shape or self.tensor
 
 
+# ``AttrValue`` and its ``ListValue`` number their typed fields alike
+_ATTR_KINDS = {2: "s", 3: "i", 4: "f", 5: "b", 6: "type", 7: "shape", 8: "tensor"}
+
+
+def _attr_values(num: int, wt: int, val: Any) -> list:
+    """The values of one typed field (2-8) of an ``AttrValue`` or ``ListValue``: one, or
+    several where a list packs its numbers."""
+    if num == 4:
+        data = bytes(val)
+        return list(struct.unpack(f"<{len(data) // 4}f", data))
+    if num in (3, 5, 6):
+        conv = _signed64 if num == 3 else (bool if num == 5 else int)
+        return [conv(v) for v in (_packed_varints(val) if wt == 2 else [val])]
+    return [{2: bytes, 7: parse_shape, 8: parse_tensor}[num](val)]
+
+
 def _parse_list(buf: memoryview) -> AttrList:
-    out: dict[str, list] = {
-        "s": [],
-        "i": [],
-        "f": [],
-        "b": [],
-        "type": [],
-        "shape": [],
-        "tensor": [],
-    }
+    out: dict[str, list] = {key: [] for key in _ATTR_KINDS.values()}
     for num, wt, val in _fields(buf):
-        if num == 2:
-            out["s"].append(bytes(val))
-        elif num in (3, 5, 6):
-            key = {3: "i", 5: "b", 6: "type"}[num]
-            raw = _packed_varints(val) if wt == 2 else [val]
-            conv = (lambda v: _signed64(v)) if num == 3 else (bool if num == 5 else int)
-            out[key].extend(conv(v) for v in raw)
-        elif num == 4:
-            data = bytes(val)
-            out["f"].extend(struct.unpack(f"<{len(data) // 4}f", data))
-        elif num == 7:
-            out["shape"].append(parse_shape(val))
-        elif num == 8:
-            out["tensor"].append(parse_tensor(val))
+        if num in _ATTR_KINDS:
+            out[_ATTR_KINDS[num]].extend(_attr_values(num, wt, val))
     return AttrList(**{k: tuple(v) for k, v in out.items()})
 
 
@@ -280,21 +253,10 @@ def parse_attr(buf: memoryview) -> Any:
     for num, wt, val in _fields(buf):
         if num == 1:
             result = _parse_list(val)
-        elif num == 2:
-            result = bytes(val)
-        elif num == 3:
-            result = _signed64(val)
-        elif num == 4:
-            _expect(num, wt, 5, "AttrValue.f")
-            result = struct.unpack("<f", val)[0]
-        elif num == 5:
-            result = bool(val)
-        elif num == 6:
-            result = int(val)
-        elif num == 7:
-            result = parse_shape(val)
-        elif num == 8:
-            result = parse_tensor(val)
+        elif num in _ATTR_KINDS:
+            if num in (3, 4, 5, 6):  # one number, not a packed list
+                _expect(num, wt, 5 if num == 4 else 0, f"AttrValue.{_ATTR_KINDS[num]}")
+            result = _attr_values(num, wt, val)[0]
         elif num == 9:
             result = _text(val, "AttrValue.placeholder")
         elif num == 10:
