@@ -68,10 +68,10 @@ def protect(photos: list[Path], out: Path, eps: float, args, detector) -> dict:
     from facepriv.core.batch import collect_inputs, run_batch
     from facepriv.core.faces import FacePolicy
     from facepriv.core.pipeline import SaveOptions, process_photo
-    from facepriv.protect.baselines import BaselineConfig, build_editor
+    from facepriv.attacks import AttackConfig, AttackEditor
 
-    cfg = BaselineConfig(method=args.method, surrogates=args.surrogates.split(","), epsilon=eps, steps=args.steps)
-    edit = build_editor(cfg, "cpu", detector)
+    cfg = AttackConfig(method=args.method, epsilon=eps, steps=args.steps)
+    edit = AttackEditor(cfg, args.surrogates.split(","), detector=detector).setup("cpu")
     white: dict[str, list[float]] = {}
     linf: list[float] = []
     edit_s: list[float] = []
@@ -91,7 +91,7 @@ def protect(photos: list[Path], out: Path, eps: float, args, detector) -> dict:
         return res
 
     items = collect_inputs([str(p) for p in photos])
-    summary = run_batch(items, process, out_dir=out, config={"bench": "protect_pgd", **cfg.to_json()},
+    summary = run_batch(items, process, out_dir=out, config={"bench": "protect_pgd", **cfg.to_json(), "surrogates": edit.surrogates},
                         output_suffix=".png", description=f"{args.method} eps {eps * 255:.0f}/255", progress=True)
     return {
         "photos": len(photos), "faces": faces, "counts": summary.counts,
@@ -99,7 +99,7 @@ def protect(photos: list[Path], out: Path, eps: float, args, detector) -> dict:
         "seconds_total_attack": round(sum(edit_s), 1),
         "max_linf_255": round(max(linf, default=0.0) * 255, 3),
         "white_box_cosine_to_clean_mean": {m: round(sum(v) / len(v), 4) for m, v in white.items()},
-        "config": cfg.to_json(),
+        "config": {**cfg.to_json(), "surrogates": edit.surrogates},
     }
 
 

@@ -256,14 +256,14 @@ def make_protector(config: str, device="cpu"):
             y = edit(x, faces, loaded)
             return y, edit.last_roles[0], edit.last_result.per_face
         return run
-    from facepriv.protect.baselines import BaselineConfig, build_editor
+    from facepriv.attacks import AttackConfig, AttackEditor
 
-    bcfg = BaselineConfig(method=method, epsilon=opts["epsilon"], steps=opts["steps"])
-    edit = build_editor(bcfg, device, det)
+    edit = AttackEditor(AttackConfig(method=method, epsilon=opts["epsilon"], steps=opts["steps"]),
+                        detector=det).setup(device)
 
     def run(x, faces, loaded):
         y = edit(x, faces, loaded)
-        return y, list(bcfg.surrogates), edit.last_result.per_face
+        return y, list(edit.surrogates), edit.last_result.per_face
     return run
 
 

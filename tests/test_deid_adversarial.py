@@ -81,7 +81,7 @@ def test_real_dodging_and_impersonation_via_create_method(obama):
     assert row["mode"] == "dodging" and row["source_cosine"]["facenet-casia"] < 0.9
     assert float((y - x).abs().max()) <= 8 / 255 + 1e-6
     t = create_method("adversarial", attack="mifgsm", steps=1, target=fixture_path("biden.jpg"),
-                      ensemble=m._ensemble)
+                      ensemble=m.editor.ensemble)
     t.apply(x, faces)
     for c in t.last_result.per_face[0]["target_cosine"].values():
         assert c["after"] > c["before"]

@@ -94,10 +94,10 @@ def _tiny_ensemble():
 def test_deid_adversarial_keeps_the_levels_of_a_16_bit_photo(tmp_path, no_launcher):
     import cv2
 
-    import facepriv.deid.adversarial as adv
+    import facepriv.attacks.editor as editor  # deid adversarial's attack runs there, as protect's
     from facepriv.deid import DeidConfig, run_deid
 
-    no_launcher.setattr(adv, "SurrogateEnsemble", lambda names, device="cpu": _tiny_ensemble())
+    no_launcher.setattr(editor, "SurrogateEnsemble", lambda names, device="cpu": _tiny_ensemble())
     src = tmp_path / "in"
     src.mkdir()
     arr16 = (_smooth(1) * 65000).astype(np.uint16) + 100  # most values off the 8-bit grid (multiples of 257)
@@ -123,7 +123,8 @@ def test_deid_adversarial_keeps_the_levels_of_a_16_bit_photo(tmp_path, no_launch
 # ----------------------------------------------------------------------------- 2: --target folders
 def test_a_target_folder_names_the_same_photos_for_map_and_the_noise_baselines(tmp_path, monkeypatch):
     import facepriv.attacks.reference as reference
-    import facepriv.protect.baselines as baselines
+    import facepriv.attacks.editor as editor
+    from facepriv.attacks import AttackConfig
     from facepriv.attacks.reference import target_images
     from facepriv.protect.pipeline import target_reference
 
@@ -145,12 +146,12 @@ def test_a_target_folder_names_the_same_photos_for_map_and_the_noise_baselines(t
     monkeypatch.setattr(reference, "reference_from_images", fake_refs)
     target_reference(t, None, None)
 
-    # pgd / mifgsm / tidim / tipim: build_editor
-    monkeypatch.setattr(baselines, "SurrogateEnsemble", lambda names, device="cpu": None)
-    monkeypatch.setattr(baselines, "load_image", lambda p: seen.setdefault("pgd", []).append(Path(p))
+    # pgd / mifgsm / tidim / tipim (protect) and deid adversarial: the AttackEditor
+    monkeypatch.setattr(editor, "SurrogateEnsemble", lambda names, device="cpu": None)
+    monkeypatch.setattr(editor, "load_image", lambda p: seen.setdefault("pgd", []).append(Path(p))
                         or types.SimpleNamespace(rgb=None))
-    monkeypatch.setattr(baselines, "reference_from_images", lambda ensemble, images, detector: {})
-    baselines.build_editor(baselines.BaselineConfig(method="pgd", target=t), "cpu", detector=object())
+    monkeypatch.setattr(editor, "reference_from_images", lambda ensemble, images, detector: {})
+    editor.AttackEditor(AttackConfig(method="pgd"), target=t, detector=object()).setup("cpu")
     assert seen["map"] == seen["pgd"] == want
 
     (tmp_path / "only_hidden" / ".x").mkdir(parents=True)

@@ -17,7 +17,6 @@ from facepriv.cli import app
 from facepriv.core.errors import ConfigError
 from facepriv.core.faces import Face, FaceDetector
 from facepriv.protect import ProtectConfig, run_protect
-from facepriv.protect.baselines import BaselineConfig
 from facepriv.protect.pipeline import BASELINE_METHODS, method_names
 from facepriv.protect.registry import (PROTECT_METHODS, ProtectRun, get_protect_method, photo_job,
                                        register_protect_method, unregister_protect_method)
@@ -52,10 +51,10 @@ def test_tipim_is_the_only_multi_target_method_and_needs_a_target():
     assert [n for n, t in METHODS.items() if t.multi_target] == ["tipim"]
     assert [n for n, t in METHODS.items() if t.needs_target] == ["tipim"]
     with pytest.raises(ConfigError, match="tipim is a targeted method: give --target"):
-        BaselineConfig(method="tipim")
+        ProtectConfig(method="tipim")
     for name in METHOD_NAMES:
         if not METHODS[name].needs_target:
-            BaselineConfig(method=name)  # dodging is fine
+            ProtectConfig(method=name)  # dodging is fine
 
 
 def test_adversarial_deid_reads_the_table():

@@ -5,11 +5,14 @@
     >>> result = attack_faces(x, faces, ens, AttackConfig(method="mifgsm", steps=20))
 
 * :mod:`.identity` - the surrogate ensemble and the identity objectives;
+* :mod:`.editor` - :class:`AttackEditor`, the attack as a per-photo edit (protect's baselines,
+  deid's adversarial method);
 * :mod:`.linf` - L-inf attacks (PGD, MI-FGSM, TI-DIM, TIP-IM) on the original photo's pixels;
 * :mod:`.reference` - target identities from photos.
 """
 
 from .config import METHOD_NAMES, METHODS, AttackConfig, AttackResult, MethodTraits, method_traits, parse_epsilon
+from .editor import AttackEditor
 from .identity import IdentityReference, SurrogateEnsemble, cosine_report, identity_loss
 from .linf import attack_faces, quantize_within, surrogate_thresholds
 from .reference import reference_from_image, reference_from_images, target_images
@@ -19,6 +22,7 @@ __all__ = [
     "METHODS",
     "MethodTraits",
     "AttackConfig",
+    "AttackEditor",
     "AttackResult",
     "IdentityReference",
     "SurrogateEnsemble",

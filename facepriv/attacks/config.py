@@ -7,9 +7,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError
 from ..core.regions import REGIONS
 
@@ -128,15 +130,18 @@ def levels_for(loaded) -> int:
 
 
 @dataclass
-class AttackConfig:
-    """One configurable L-inf attack on the pixels of the original photo.
+class AttackConfig(ConfigBase):
+    """One configurable L-inf attack on the pixels of the original photo: the one attack
+    configuration ``protect`` (pgd/mifgsm/tidim/tipim), ``deid -m adversarial`` and ``patch``
+    (its thresholds) pass; :meth:`from_dict` takes saved or given options and refuses unknown ones.
 
     ``method`` picks the algorithm and the defaults of the fields left at ``None``
     (see :data:`METHODS`): ``pgd`` | ``mifgsm`` | ``tidim`` | ``tipim``.
 
     epsilon
         L-inf budget in [0, 1] units, in (0, 64/255] (default 8/255: each pixel changes by at
-        most 8 of 255 levels); it holds in the quantised output.
+        most 8 of 255 levels), or text :func:`parse_epsilon` reads (``"8/255"``, ``"8"``); it
+        holds in the quantised output.
     step_size
         per-step change; ``None`` = ``min(eps, 2.5 * eps / steps)`` (Madry et al.'s rule).
     momentum
@@ -172,8 +177,10 @@ class AttackConfig:
         seed of the random start and input diversity (None = torch's global RNG).
     """
 
+    config_name: ClassVar[str] = "attack option"
+
     method: str = "pgd"
-    epsilon: float = 8 / 255
+    epsilon: float | str = 8 / 255
     step_size: float | None = None
     steps: int = 20
     momentum: float | None = None
@@ -201,6 +208,8 @@ class AttackConfig:
             raise ConfigError(f"unknown attack method {self.method!r}; use one of {', '.join(METHODS)}")
         defaults = METHODS[self.method].defaults
         cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if isinstance(cfg.epsilon, str):
+            cfg.epsilon = parse_epsilon(cfg.epsilon, "epsilon")
         if not epsilon_in_range(float(cfg.epsilon)):
             raise ConfigError(f"epsilon {float(cfg.epsilon):.4g} (= {float(cfg.epsilon) * 255:.4g}/255) "
                               f"{EPSILON_RANGE_TEXT}")
@@ -232,8 +241,6 @@ class AttackConfig:
         cfg.ti_kernel = int(cfg.ti_kernel)
         return cfg
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -1,129 +1,72 @@
 """Noise baselines of ``facepriv protect``: L-inf attacks on the photo (PGD, MI-FGSM, TI-DIM, TIP-IM).
 
-    >>> from facepriv.protect.baselines import BaselineConfig, build_editor
-    >>> edit = build_editor(BaselineConfig(method="pgd", steps=20), device, detector)
-    >>> process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save)
+    >>> from facepriv.protect import ProtectConfig, run_protect
+    >>> run_protect(["photos/"], "out/", ProtectConfig(method="tidim", attack={"steps": 20, "epsilon": "8/255"}))
 
-:func:`build_editor` loads the surrogate ensemble and the target reference once and returns an
-``EditFn`` (``edit(x, faces, loaded) -> protected x``, what
-:func:`facepriv.core.pipeline.process_photo` takes). Without a target the faces are protected by
-dodging (pushed away from their own identity); with ``target`` (an image, or a folder of images)
-by impersonation of that identity. The attack itself is :func:`facepriv.attacks.attack_faces`.
+The attack is configured by one :class:`facepriv.attacks.AttackConfig` (:func:`attack_config`
+builds it from ``ProtectConfig.attack``) and run photo by photo by
+:class:`facepriv.attacks.AttackEditor`, as ``deid -m adversarial`` runs it. Without a target the
+faces are protected by dodging (pushed away from their own identity); with ``--target`` (an
+image, or a folder of images) by impersonation of that identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-import torch
-
-from ..attacks import AttackConfig, AttackResult, SurrogateEnsemble, attack_faces, reference_from_images
-from ..attacks.reference import target_images
-from ..attacks.config import METHOD_NAMES, METHODS, parse_epsilon
-from ..attacks.config import levels_for
-from ..core.errors import ConfigError, ProtectionFailed
-from ..core.faces import Face, FaceDetector
-from ..core.io import LoadedImage, load_image
+from ..attacks import AttackConfig, AttackEditor
+from ..attacks.config import METHOD_NAMES
+from ..core.errors import ConfigError
+from .registry import ProtectJob, ProtectRun, photo_job
 
 BASELINE_METHODS = METHOD_NAMES  # pgd, mifgsm, tidim, tipim
-__all__ = ["BASELINE_METHODS", "BaselineConfig", "BaselineEditor", "build_editor", "target_images"]
+#: protect's own defaults where they differ from AttackConfig's (more steps than deid's 20)
+PROTECT_ATTACK_DEFAULTS = {"steps": 50}
+__all__ = ["BASELINE_METHODS", "PROTECT_ATTACK_DEFAULTS", "attack_config", "build_baseline", "face_report"]
 
 
-@dataclass
-class BaselineConfig:
-    """Options of the noise baselines (see :class:`facepriv.attacks.AttackConfig` for details).
+def attack_config(cfg) -> AttackConfig:
+    """The resolved :class:`AttackConfig` of a ``ProtectConfig`` whose method is a baseline.
 
-    Fields left at ``None`` take the method's defaults. ``epsilon`` is in [0, 1] units or text
-    such as ``"8/255"``; ``target`` an image or a folder of images of the identity to impersonate
-    (for ``tipim``: the candidate target identities, one per image).
+    ``cfg.attack`` is an AttackConfig (used as given) or a dict of the options given (the rest
+    take protect's defaults; the seed is protect's ``--seed``); an unknown option or a method that
+    differs from ``cfg.method`` is a :class:`ConfigError`.
     """
-
-    method: str = "pgd"
-    surrogates: list[str] = field(default_factory=lambda: ["dlib-resnet", "facenet-casia"])
-    epsilon: float | str = 8 / 255
-    steps: int = 20
-    step_size: float | None = None
-    target: Path | None = None
-    diversity_prob: float | None = None
-    diversity_scale: float = 0.1
-    diversity_shift: float = 0.04
-    diversity_rotate: float = 6.0
-    momentum: float | None = None
-    ti_kernel: int | None = None
-    random_start: bool = False
-    region: str = "face"
-    feather: float = 0.1
-    early_stop: bool = False
-    early_stop_margin: float = 0.05
-    far: str = "1e-2"
-    thresholds: dict[str, float] | None = None
-    push_weight: float | None = None
-    naturalness: str = "hf"
-    naturalness_weight: float | None = None
-    seed: int | None = 0
-
-    def __post_init__(self):
-        if self.method not in BASELINE_METHODS:
-            raise ConfigError(f"unknown protect baseline {self.method!r}; use one of {', '.join(BASELINE_METHODS)}")
-        if not self.surrogates:
-            raise ConfigError("at least one surrogate model is needed")
-        self.epsilon = parse_epsilon(self.epsilon)
-        if self.target is not None:
-            self.target = Path(self.target)
-        if METHODS[self.method].needs_target and self.target is None:
-            raise ConfigError(f"{self.method} is a targeted method: give --target (an image or a folder of images)")
-
-    def attack_config(self, levels: int | None = 255) -> AttackConfig:
-        return AttackConfig(
-            method=self.method, epsilon=float(self.epsilon), step_size=self.step_size, steps=self.steps,
-            momentum=self.momentum, ti_kernel=self.ti_kernel, diversity_prob=self.diversity_prob,
-            diversity_scale=self.diversity_scale, diversity_shift=self.diversity_shift,
-            diversity_rotate=self.diversity_rotate,
-            random_start=self.random_start, region=self.region, feather=self.feather,
-            early_stop=self.early_stop, early_stop_margin=self.early_stop_margin, far=self.far,
-            thresholds=self.thresholds, push_weight=self.push_weight, naturalness=self.naturalness,
-            naturalness_weight=self.naturalness_weight, quantize=levels, seed=self.seed,
-        ).resolved()
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["target"] = str(self.target) if self.target is not None else None
-        return d
+    if isinstance(cfg.attack, AttackConfig):
+        attack = cfg.attack
+    else:
+        seed = cfg.map.get("seed") if isinstance(cfg.map, dict) else cfg.map.seed
+        given = {**PROTECT_ATTACK_DEFAULTS, **({"seed": seed} if seed is not None else {}), **cfg.attack}
+        attack = AttackConfig.from_dict({"method": cfg.method, **given})
+    if attack.method != cfg.method:
+        raise ConfigError(f"the attack options are for {attack.method}, not for --method {cfg.method}")
+    return attack.resolved()
 
 
-class BaselineEditor:
-    """The ``EditFn`` :func:`build_editor` returns; ``last_result`` keeps the latest report."""
-
-    def __init__(self, cfg: BaselineConfig, ensemble: SurrogateEnsemble,
-                 target_ref: dict[str, torch.Tensor] | None, progress=None):
-        self.cfg = cfg
-        self.ensemble = ensemble
-        self.target_ref = target_ref
-        self.progress = progress
-        self.last_result: AttackResult | None = None
-        cfg.attack_config()  # validate now, not at the first photo
-
-    def __call__(self, x: torch.Tensor, faces: list[Face], loaded: LoadedImage | None = None) -> torch.Tensor:
-        levels = levels_for(loaded)
-        res = attack_faces(x, faces, self.ensemble, self.cfg.attack_config(levels), target_ref=self.target_ref,
-                           progress=self.progress)
-        self.last_result = res
-        ProtectionFailed.check(res.per_face, f"protect {self.cfg.method}")  # an unprotected face fails the photo
-        return res.image
+def face_report(row: dict) -> dict:
+    """The manifest's short per-face record of a baseline attack."""
+    keep = ("face", "status", "mode", "steps", "early_stopped", "reason", "target_index")
+    out = {k: row[k] for k in keep if k in row}
+    sim = row.get("similarity") or {}
+    if sim:
+        # None = no threshold known for that model: unknown, never "not protected"
+        out["passed"] = {m: v.get("passed") for m, v in sim.items() if isinstance(v, dict)}
+    return out
 
 
-def build_editor(cfg: BaselineConfig, device: str | torch.device, detector: FaceDetector | None,
-                 progress=None) -> BaselineEditor:
-    """Load the surrogates (and the target's embeddings) once; return the per-photo edit function.
+def build_baseline(run: ProtectRun) -> ProtectJob:
+    """The protect job of pgd, mifgsm, tidim and tipim: an :class:`AttackEditor` on every photo."""
+    from ..models import create_model
 
-    ``detector`` is needed only to find the face in the target image(s).
-    """
-    ensemble = SurrogateEnsemble(cfg.surrogates, device=device)
-    target_ref = None
-    if cfg.target is not None:
-        if detector is None:
-            raise ConfigError("a face detector is needed to read the target image")
-        images = [load_image(p).rgb for p in target_images(cfg.target)]
-        target_ref = reference_from_images(ensemble, images, detector)
-    return BaselineEditor(cfg, ensemble, target_ref, progress=progress)
+    attack = attack_config(run.cfg)
+    detector = create_model(run.cfg.detector, device=run.device)
+    edit = AttackEditor(attack, run.cfg.surrogate_names(), target=run.cfg.target, detector=detector,
+                        label=f"protect {run.cfg.method}").setup(run.device)
+    settings = attack.to_json()
+    settings.pop("quantize", None)  # 255 or 65535, per photo
+    run.details["attack"] = settings  # the resolved attack settings every photo ran with
+
+    def report(res, edit):
+        if edit.last_result is not None:
+            res.extra["attack"] = [face_report(r) for r in edit.last_result.per_face]
+            res.extra["linf"] = round(float(edit.last_result.linf), 6)
+
+    return photo_job(run, edit, detector, description=f"protect {run.cfg.method}", report=report)

@@ -31,14 +31,16 @@ from pathlib import Path
 import torch
 
 from ..attacks.config import METHODS as ATTACK_METHODS
+from ..attacks.config import AttackConfig
 from ..core.align import landmarks_tensor
-from ..core.batch import BatchSummary, check_outputs, InputItem, collect_inputs, config_hash, done_inputs, run_batch
+from ..core.batch import BatchSummary, InputItem, check_outputs, collect_inputs, plan_batch, run_batch
 from ..core.distributed import distributed_context  # also importable from here, as before
 from ..core.errors import ConfigError
-from ..core.faces import Face, FaceDetector, FacePolicy
+from ..core.faces import CachedDetector, Face, FacePolicy
 from ..core.io import load_image
 from ..core.pipeline import SaveOptions, process_photo
 from ..core.progress import make_progress
+from .baselines import attack_config, build_baseline
 from .map.loading import score_model_reference
 from .map.tuner import MAPConfig, MAPEditor, MAPTuner, align_for_score_model, paste_protected
 from .registry import PROTECT_METHODS, ProtectJob, ProtectRun, get_protect_method, photo_job, register_protect_method
@@ -70,13 +72,10 @@ class ProtectConfig:
     expression_ref: str | None = None  # image whose expression the faces should take
     batch_faces: int | None = None  # fine-tune once per this many faces (None: once for all)
     feather: float = 0.12
-    # baselines
-    epsilon: float = 8 / 255
-    attack_steps: int = 50
-    step_size: float | None = None
-    # the other knobs of the L-inf attacks (BaselineConfig fields: diversity_prob, momentum,
-    # ti_kernel, random_start, region, feather, early_stop, ...); pgd/mifgsm/tidim/tipim only
-    baseline_options: dict = field(default_factory=dict)
+    # the L-inf baselines (pgd/mifgsm/tidim/tipim only): an AttackConfig, or a dict of the
+    # AttackConfig options given (epsilon, steps, step_size, momentum, region, ...; the rest take
+    # protect's defaults: see protect.baselines.attack_config)
+    attack: AttackConfig | dict = field(default_factory=dict)
     # transfer: TransferOptions fields (verify_with, person, identity_folders, attack={...})
     transfer: dict = field(default_factory=dict)
 
@@ -101,11 +100,13 @@ class ProtectConfig:
             raise ConfigError("at least one surrogate face-recognition model is needed")
         if isinstance(self.map, dict):
             MAPConfig.from_dict(self.map)  # validate early
-        if self.baseline_options:
-            if group != "baseline":
-                baselines = [n for n, m in PROTECT_METHODS.items() if m.options == "baseline"]
-                raise ConfigError(f"baseline attack options ({', '.join(sorted(self.baseline_options))}) apply to "
-                                  f"--method {'|'.join(baselines)}, not to map")
+        if self.attack and group != "baseline":
+            baselines = [n for n, m in PROTECT_METHODS.items() if m.options == "baseline"]
+            given = sorted(self.attack) if isinstance(self.attack, dict) else ["attack"]
+            raise ConfigError(f"baseline attack options ({', '.join(given)}) apply to "
+                              f"--method {'|'.join(baselines)}, not to {self.method}")
+        if spec is not None and spec.needs_target and self.target is None:
+            raise ConfigError(f"{self.method} is a targeted method: give --target (an image or a folder of images)")
         if self.transfer and spec is not None and group != "transfer":
             raise ConfigError(f"transfer options ({', '.join(sorted(self.transfer))}) apply to --method transfer")
         if spec is None:
@@ -128,7 +129,10 @@ class ProtectConfig:
         return MAPConfig.from_dict({**(saved or {}), **self.map})
 
     def to_json(self) -> dict:
-        d = asdict(self) if not isinstance(self.map, MAPConfig) else {**asdict(self), "map": asdict(self.map)}
+        d = asdict(self)
+        for key in ("map", "attack"):  # a full config, or the dict of options given
+            value = getattr(self, key)
+            d[key] = value.to_json() if hasattr(value, "to_json") else dict(value)
         return d
 
 
@@ -140,18 +144,6 @@ class ProtectSummary(BatchSummary):
 
     def to_json(self) -> dict:
         return {**super().to_json(), "details": self.details}
-
-
-class _CachedDetector(FaceDetector):
-    """Returns the faces found in the first pass for the photo being processed."""
-
-    name = "cached"
-
-    def __init__(self):
-        self.faces: list[Face] = []
-
-    def detect(self, image) -> list[Face]:
-        return list(self.faces)
 
 
 @torch.no_grad()
@@ -241,6 +233,7 @@ class _MapRun:
                               "network where a connection exists.") from None
         self.ensemble = SurrogateEnsemble(cfg.surrogate_names(), device=device)
         self.detector = create_model(cfg.detector, device=device)
+        self.known = CachedDetector(self.detector)  # the scan's faces, served again at each photo's turn
         wants_exp = self.mcfg.w_exp > 0 and (self.mcfg.expression is not None or cfg.expression_ref)
         self.expr = create_model(cfg.expression_model, device=device) if wants_exp else None
         if self.expr is not None and self.mcfg.expression is not None and not cfg.expression_ref:
@@ -272,7 +265,7 @@ class _MapRun:
             for it in items:
                 try:
                     img = load_image(it.path, max_pixels=max_pixels)
-                    self.faces_of[str(it.path)] = policy.select(self.detector.detect(img.rgb))
+                    self.faces_of[str(it.path)] = policy.select(self.known.detect(img.rgb))
                 except Exception as exc:  # noqa: BLE001 - reported when the photo's turn comes
                     self.faces_of[str(it.path)] = exc
                 bar.advance(task)
@@ -318,11 +311,11 @@ class _MapRun:
         if isinstance(found, BaseException):
             raise found
         chunk = self.chunk_of.get(key)
-        detector = _CachedDetector()
-        detector.faces = list(found or [])
         extra: dict = {}
 
         def edit(x, faces, _loaded):
+            if chunk is None:  # no face in the scan, some now
+                raise RuntimeError("faces changed between the two passes")
             if chunk.tuner is None and chunk.error is None:
                 for other in self.chunks:  # free the previous group's network and latents
                     if other is not chunk and other.tuner is not None and other.remaining == 0:
@@ -344,7 +337,8 @@ class _MapRun:
             return paste_protected(x, x_hat, al, self.cfg.feather)
 
         try:
-            res = process_photo(item, dst, detector=detector, policy=policy, edit=edit, save=save, device=self.device)
+            res = process_photo(item, dst, detector=self.known, policy=policy, edit=edit, save=save,
+                                device=self.device)
         finally:
             if chunk is not None:
                 chunk.remaining -= 1
@@ -353,33 +347,6 @@ class _MapRun:
         if chunk is not None:
             res.extra.update({"map_group": chunk.index, **extra})
         return res
-
-
-def _baseline_config(cfg: ProtectConfig):
-    from .baselines import BaselineConfig
-
-    values = {"method": cfg.method, "surrogates": cfg.surrogate_names(), "epsilon": cfg.epsilon,
-              "steps": cfg.attack_steps, "step_size": cfg.step_size, "target": cfg.target}
-    seed = cfg.map.get("seed") if isinstance(cfg.map, dict) else cfg.map.seed
-    if seed is not None:
-        values["seed"] = seed
-    names = {f.name for f in dataclasses.fields(BaselineConfig)}
-    unknown = sorted(set(cfg.baseline_options) - names)
-    if unknown:
-        raise ConfigError(f"unknown baseline option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    values.update(cfg.baseline_options)
-    return BaselineConfig(**{k: v for k, v in values.items() if v is not None})
-
-
-def _face_report(row: dict) -> dict:
-    """The manifest's short per-face record of a baseline attack."""
-    keep = ("face", "status", "mode", "steps", "early_stopped", "reason", "target_index")
-    out = {k: row[k] for k in keep if k in row}
-    sim = row.get("similarity") or {}
-    if sim:
-        # None = no threshold known for that model: unknown, never "not protected"
-        out["passed"] = {m: v.get("passed") for m, v in sim.items() if isinstance(v, dict)}
-    return out
 
 
 def resolve_method(cfg: ProtectConfig, device: torch.device) -> tuple[str, str]:
@@ -490,9 +457,8 @@ def _build_map(run: ProtectRun) -> ProtectJob:
 
     rank, world, out = run.rank, run.world, run.out
     runner = _MapRun(cfg, dev, run.progress, rank, world)
-    shard = run.items[rank::world] if world > 1 else list(run.items)
-    done = done_inputs(out, config_hash(run.config)) if run.resume else set()
-    runner.scan([it for it in shard if str(it.path) not in done], run.policy, run.save.max_pixels)
+    plan = plan_batch(run.items, out, run.config, resume=run.resume, rank=rank, world_size=world)
+    runner.scan(plan.todo, run.policy, run.save.max_pixels)  # the photos run_batch will hand over
 
     def finish():
         details.update({"score_model": runner.score_ref, "resolution": runner.score.resolution,
@@ -527,30 +493,9 @@ def _build_transfer(run: ProtectRun) -> ProtectJob:
     return photo_job(run, edit, detector, description="protect transfer", report=report)
 
 
-def _build_baseline(run: ProtectRun) -> ProtectJob:
-    """The L-inf noise baselines (pgd, mifgsm, tidim, tipim): :func:`facepriv.protect.baselines.build_editor`."""
-    from ..models import create_model
-    from .baselines import build_editor
-
-    bcfg = _baseline_config(run.cfg)
-    detector = create_model(run.cfg.detector, device=run.device)
-    edit = build_editor(bcfg, run.device, detector)
-    attack = bcfg.attack_config().to_json()
-    attack.pop("quantize", None)  # 255 or 65535, per photo
-    run.details["attack"] = attack  # the resolved attack settings every photo ran with
-
-    def report(res, edit):
-        if edit.last_result is not None:
-            res.extra["attack"] = [_face_report(r) for r in edit.last_result.per_face]
-            res.extra["linf"] = round(float(edit.last_result.linf), 6)
-
-    return photo_job(run, edit, detector, description=f"protect {run.cfg.method}", report=report)
-
-
-for _traits in ATTACK_METHODS.values():
+for _traits in ATTACK_METHODS.values():  # the L-inf baselines: protect/baselines.py
     register_protect_method(_traits.name, options="baseline", accepts_target=True, needs_target=_traits.needs_target,
-                            help=_traits.help, validate=lambda cfg: _baseline_config(cfg).attack_config())(
-        _build_baseline)
+                            help=_traits.help, validate=attack_config)(build_baseline)
 del _traits
 
 #: ``--method`` choices of the built-in methods (the live list: :func:`method_names`)

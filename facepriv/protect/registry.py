@@ -11,8 +11,9 @@ resolves ``--method`` (``auto`` stays a choice made by
         edit = ...  # edit(x, faces, loaded) -> x'
         return photo_job(run, edit, detector, description="protect mine")
 
-``map``, ``transfer`` and the L-inf baselines (pgd, mifgsm, tidim, tipim) register themselves in
-:mod:`facepriv.protect.pipeline`, in the order the CLI lists them.
+``map``, ``transfer`` and the L-inf baselines (pgd, mifgsm, tidim, tipim; built by
+:mod:`facepriv.protect.baselines`) are registered in :mod:`facepriv.protect.pipeline`, in the
+order the CLI lists them.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ProtectMethod:
     """One protect method: its builder and the traits the pipeline and CLI read.
 
     options: the ``ProtectConfig`` option group it reads ("map": --model/--save-model and the
-    MAP settings; "transfer": ``transfer``; "baseline": ``baseline_options``; None: none);
+    MAP settings; "transfer": ``transfer``; "baseline": ``attack``; None: none);
     needs_gpu: only practical on a CUDA device; accepts_target: ``--target`` changes what it does;
     needs_target: it refuses to run without one; validate: checks a config before any work.
     """
