@@ -52,3 +52,40 @@ def test_load_json_errors_name_the_file(tmp_path):
     bad.write_text("[1]")
     with pytest.raises(ConfigError, match="not a JSON object"):
         _Settings.load_json(bad)
+
+
+def _settings_classes():
+    from facepriv.attacks.eot import EOTConfig
+    from facepriv.attacks.transfer import TransferConfig
+    from facepriv.patch.generator import GeneratorConfig
+    from facepriv.patch.train import PatchTrainConfig
+    from facepriv.protect.map import MAPConfig
+    from facepriv.protect.transfer import TransferOptions
+
+    return [(MAPConfig, "MAP setting"), (GeneratorConfig, "patch generator setting"),
+            (TransferConfig, "transfer option"), (TransferOptions, "transfer option"), (EOTConfig, "EOT setting"),
+            (PatchTrainConfig, "patch training setting")]
+
+
+def test_every_settings_class_uses_the_base_and_names_itself_in_errors():
+    for cls, words in _settings_classes():
+        assert issubclass(cls, ConfigBase)
+        with pytest.raises(ConfigError, match=rf"unknown {words}\(s\) typo_key; known: "):
+            cls.from_dict({"typo_key": 1})
+
+
+def test_settings_round_trip_through_to_json_and_from_dict():
+    from facepriv.attacks.transfer import TransferConfig
+    from facepriv.patch.train import PatchTrainConfig
+    from facepriv.protect.map import MAPConfig
+    from facepriv.protect.transfer import TransferOptions
+
+    t = TransferConfig(steps=3)
+    assert TransferConfig.from_dict(t.to_json()) == t  # the nested EOT settings too (JPEG range a tuple again)
+    opts = TransferOptions.from_dict({"attack": {"steps": 5}})
+    assert isinstance(opts.attack, TransferConfig) and opts.to_json()["attack"]["steps"] == 5
+    with pytest.raises(ConfigError, match=r"unknown transfer option\(s\) stpes"):
+        TransferOptions(attack={"stpes": 5})
+    assert MAPConfig.from_dict(MAPConfig(t0=123).to_json()).t0 == 123
+    p = PatchTrainConfig(data=["x"])
+    assert p.to_json()["generator"]["patch_size"] == p.generator.patch_size

@@ -62,10 +62,10 @@ def test_output_is_exactly_the_average_of_k_pool_faces():
     expected = torch.stack([pool.crops[j] for j in chosen[0]]).mean(0)
     assert torch.allclose(synth[0], expected.clamp(0, 1), atol=1e-6)
     # they are the 4 nearest in masked grey pixels
-    from facepriv.deid.ksame import _grey_features
+    from facepriv.deid.ksame import grey_features
 
     mask = face_ellipse(m.template, feather=0.0)
-    d = torch.cdist(_grey_features(crops, mask), _grey_features(pool.crops, mask))[0]
+    d = torch.cdist(grey_features(crops, mask), grey_features(pool.crops, mask))[0]
     assert sorted(chosen[0]) == sorted(torch.argsort(d)[:4].tolist())
 
 

@@ -30,10 +30,14 @@ from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import gaussian_blur2d
 from torch import nn
 
+from ..core.config import ConfigBase
+
 
 @dataclass
-class EOTConfig:
+class EOTConfig(ConfigBase):
     """Which transformations each view draws (probabilities per view; 0 = never)."""
+
+    config_name = "EOT setting"
 
     jitter: float = 0.03  # std of each landmark's move, as a fraction of the face size
     scale: float = 0.08  # largest random rescale of the alignment (fraction)

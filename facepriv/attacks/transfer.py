@@ -28,7 +28,6 @@ FAR threshold, the face-region PSNR and the PSNR level reached.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
 from ..core.align import align_faces
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError
 from ..core.faces import Face
 from ..core.regions import REGIONS
@@ -47,7 +47,7 @@ from .eot import EOTConfig, feature_dropout, random_views
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(ConfigBase):
     """Settings of :func:`transfer_attack` (each technique can be switched off on its own).
 
     min_psnr / start_psnr / psnr_step: the quality floor of each face region (dB), the level the
@@ -63,6 +63,8 @@ class TransferConfig:
     pull: weight of the pull towards the anchor identity (when one is given).
     check_margin: a checker counts as fooled when its similarity is below threshold - margin.
     """
+
+    config_name = "transfer option"
 
     min_psnr: float = 32.0
     start_psnr: float = 36.0
@@ -90,7 +92,7 @@ class TransferConfig:
 
     def __post_init__(self):
         if isinstance(self.eot, dict):
-            self.eot = EOTConfig(**{**self.eot, "jpeg_quality": tuple(self.eot.get("jpeg_quality", (60, 95)))})
+            self.eot = EOTConfig.from_dict({**self.eot, "jpeg_quality": tuple(self.eot.get("jpeg_quality", (60, 95)))})
 
     def validate(self) -> TransferConfig:
         if not 10.0 <= self.min_psnr <= 60.0:
@@ -116,9 +118,6 @@ class TransferConfig:
             out.append(round(p, 3))
             p -= self.psnr_step
         return [*out, self.min_psnr]
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -202,15 +201,15 @@ def _unit_rms(g: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
     return g / ((g * pix).pow(2).sum() / n).sqrt().clamp_min(1e-12)
 
 
-def _step(st: _State, ensemble, centres, cthr, cfg: TransferConfig, psnr: float, anchor, gen) -> None:
+def _step(st: _State, ensemble, centres, cthr, cfg: TransferConfig, psnr: float, anchor, rng) -> None:
     """One optimisation step of the active faces at the PSNR level ``psnr``."""
     c = st.crop
     ai = torch.nonzero(st.active).flatten()
     pix = (c.masks[ai].amax(0) > 0).to(c.x.dtype)
     d = st.delta.clone().requires_grad_(True)
     xin = (c.x + d).clamp(0, 1)
-    views = random_views(xin, c.lm[ai], c.sizes[ai], cfg.copies, cfg.eot, gen)
-    with feature_dropout(list(ensemble.members), cfg.dropout, gen):
+    views = random_views(xin, c.lm[ai], c.sizes[ai], cfg.copies, cfg.eot, rng)
+    with feature_dropout(list(ensemble.members), cfg.dropout, rng):
         emb = embed_views(ensemble, views)
     cen = {k: v[ai] for k, v in centres.items()}
     loss = transfer_loss(emb, cen, cthr, cfg.hardest, anchor, cfg.pull).sum() / len(views)
@@ -314,17 +313,17 @@ def transfer_attack(image: torch.Tensor, faces: list[Face], ensemble, cfg: Trans
     n = len(crop.ids)
     st = _State(crop, torch.zeros_like(crop.x), torch.zeros_like(crop.x), cap,
                 torch.ones(n, dtype=torch.bool, device=dev), [cfg.levels()[0]] * n, [0] * n)
-    gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    rng = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
     # start a hair away from the clean photo: there the dodging loss is at its maximum and its
     # gradient can be exactly zero (views without jitter); a quarter level of seeded noise breaks it
-    st.delta = (torch.rand(crop.x.shape, generator=gen) * 2 - 1).to(dev) * (0.25 / 255.0) * crop.union
+    st.delta = (torch.rand(crop.x.shape, generator=rng) * 2 - 1).to(dev) * (0.25 / 255.0) * crop.union
     if pattern is not None:
         d = torch.maximum(torch.minimum(pattern.render(crop), cap), -cap)
         st.delta = project_psnr((crop.x + d).clamp(0, 1) - crop.x, crop.masks, crop.owner, cfg.levels()[0])
-        cfg = dataclasses.replace(cfg, steps=cfg.refine_steps)
+        cfg = cfg.replace(steps=cfg.refine_steps)
     judge, jthr = (checkers, thr_chk) if checkers is not None else (ensemble, thr)
     jref = _reference(own_chk if checkers is not None else own, person)
-    q = _escalate(st, ensemble, centres, cosine_thresholds(ensemble, thr), cfg, anchor, gen, judge, jref, jthr,
+    q = _escalate(st, ensemble, centres, cosine_thresholds(ensemble, thr), cfg, anchor, rng, judge, jref, jthr,
                   progress)
     rows = _report(rows, st, q, ensemble, checkers, person, {**thr, **thr_chk})
     out = crop.paste(x_full, q)
@@ -337,7 +336,7 @@ def _far_cfg(cfg: TransferConfig):
     return AttackConfig(far=cfg.far)
 
 
-def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, gen, judge, jref, jthr,
+def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, rng, judge, jref, jthr,
               progress) -> torch.Tensor:
     """Optimise level by level; a face leaves once ``judge`` no longer matches it. Returns the quantised crop."""
     levels = cfg.levels()
@@ -350,7 +349,7 @@ def _escalate(st: _State, ensemble, centres, cthr, cfg: TransferConfig, anchor, 
         for _ in range(cfg.steps if li == 0 else cfg.level_steps):
             if cfg.steps == 0 and li == 0:
                 break
-            _step(st, ensemble, centres, cthr, cfg, psnr, anchor, gen)
+            _step(st, ensemble, centres, cthr, cfg, psnr, anchor, rng)
             if task is not None:
                 progress.advance(task)
         q = _quantised(st, cfg, st.level)
@@ -463,15 +462,15 @@ def person_pattern(samples: list[tuple[torch.Tensor, Face]], ensemble, cfg: Tran
     pat = PersonPattern(torch.zeros(3, 128, 128, device=dev))
     acc = torch.zeros_like(pat.delta)
     rms = math.sqrt(allowed_mse(cfg.min_psnr))
-    gen = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
+    rng = torch.Generator().manual_seed(int(cfg.seed)) if cfg.seed is not None else None
     task = progress.add_task("person pattern", total=cfg.person_steps) if progress is not None else None
     for step in range(cfg.person_steps):
         p = pat.delta.clone().requires_grad_(True)
         loss = 0.0
         for c in (crops[(step * batch + j) % len(crops)] for j in range(min(batch, len(crops)))):
             xin = (c.x + torch.clamp(pat.render(c, p), -cfg.linf_cap, cfg.linf_cap)).clamp(0, 1)
-            views = random_views(xin, c.lm, c.sizes, cfg.copies, cfg.eot, gen)
-            with feature_dropout(list(ensemble.members), cfg.dropout, gen):
+            views = random_views(xin, c.lm, c.sizes, cfg.copies, cfg.eot, rng)
+            with feature_dropout(list(ensemble.members), cfg.dropout, rng):
                 emb = embed_views(ensemble, views)
             loss = loss + transfer_loss(emb, {k: v.expand(len(c.ids), -1) for k, v in centre.items()}, cthr,
                                         cfg.hardest).sum() / len(views)

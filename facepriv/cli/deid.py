@@ -61,7 +61,7 @@ def deid(
     eyebar_length: Annotated[float, typer.Option("--eyebar-length", callback=common.positive, help="eyebar: length in eye distances.", rich_help_panel=_CL)] = 2.6,
     eyebar_height: Annotated[float, typer.Option("--eyebar-height", callback=common.positive, help="eyebar: height in eye distances (x --strength).", rich_help_panel=_CL)] = 2.2,
     k: Annotated[int, typer.Option("--k", min=2, help="k-same: faces (of distinct people) averaged per output face.", rich_help_panel=_KS)] = 5,
-    k_pool: Annotated[Path | None, typer.Option("--k-pool", help="k-same: folder of face photos to average (identity sub-folders, or one person per face); default: the inputs.", rich_help_panel=_KS)] = None,
+    k_pool: Annotated[Path | None, typer.Option("--k-pool", help="k-same: folder of face photos to average (identity sub-folders, or one person per face), or a pool saved with FacePool.save; default: the inputs.", rich_help_panel=_KS)] = None,
     k_model: Annotated[str, typer.Option("--k-model", help="k-same: recognition model (identity distance for k-same-select; excludes the person's own faces and groups pool faces into people); 'none': no model (k-same-average/-pixelate only; each pool face without an identity folder counts as its own person).", rich_help_panel=_KS)] = "dlib-resnet",
     k_threshold: Annotated[float | None, typer.Option("--k-threshold", help="k-same: similarity at which --k-model calls two faces the same person. \\[default: the model's own threshold]", show_default=False, rich_help_panel=_KS)] = None,
     no_color_match: Annotated[bool, typer.Option("--no-color-match", help="k-same: do not shift the average to the face's mean colour.", rich_help_panel=_KS)] = False,

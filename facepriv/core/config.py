@@ -12,6 +12,7 @@ Like diffusers' ``ConfigMixin``: the fields are the settings, what is saved is e
 fields (plus, in :meth:`ConfigBase.save_json`, whatever ``extra`` the caller adds beside them
 under its own keys), and a saved key the class does not know is an error, never silently
 dropped: a typo must not fall back to a default. ``__post_init__`` of the subclass validates.
+A trained network's settings are saved with its weights by :mod:`facepriv.core.saving`.
 """
 
 from __future__ import annotations

@@ -475,10 +475,11 @@ def check_not_input(dst: str | os.PathLike, protected: Iterable[str | os.PathLik
             raise FileExistsError(f"refusing to overwrite the input file {hit}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a folder)."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder after a rename into it, to disk (best effort: not every
+    platform can open a folder)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -511,7 +512,7 @@ def atomic_write_bytes(dst: Path, data: bytes, *, protected: Iterable[str | os.P
         except OSError:
             pass
         raise
-    _fsync_dir(dst.parent)
+    fsync_path(dst.parent)
     return dst
 
 
@@ -535,7 +536,7 @@ def finalize_output(tmp: str | os.PathLike, dst: str | os.PathLike, *,
     except OSError:
         pass
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_path(dst.parent)
     return dst
 
 

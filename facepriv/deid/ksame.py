@@ -48,8 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.align import TEMPLATES, Template, align_faces, landmarks_tensor, paste_back
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import Face, FacePolicy
+from ..core.saving import SaveFormat, load_weights, read_metadata, read_settings, save_network
 from .base import DeidMethod, register_method
 
 WORK_SIZE = 128
@@ -131,7 +133,7 @@ def region_mask_aligned(template: Template, region: str = "face", *, feather: fl
     return _smooth(r, feather)[None, None]
 
 
-def _grey_features(crops: torch.Tensor, mask: torch.Tensor, size: int = 32) -> torch.Tensor:
+def grey_features(crops: torch.Tensor, mask: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Masked, mean-removed, unit-norm grey 32x32 vectors for pixel-space nearest neighbours."""
     g = (0.299 * crops[:, 0] + 0.587 * crops[:, 1] + 0.114 * crops[:, 2])[:, None]
     g = F.interpolate(g, size=(size, size), mode="area")
@@ -139,6 +141,24 @@ def _grey_features(crops: torch.Tensor, mask: torch.Tensor, size: int = 32) -> t
     mean = (g * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-6)
     v = ((g - mean) * m).flatten(1)
     return v
+
+
+@dataclass
+class PoolSettings(ConfigBase):
+    """What a saved pool records besides its faces: the template they are aligned on and how
+    their identities were found (folders | clustered | faces)."""
+
+    config_name = "k-same pool setting"
+
+    template: str
+    size: list[int]
+    points: list[list[float]]
+    identity_mode: str = "faces"
+
+
+#: a saved pool: ``config.json`` + ``pool.safetensors`` (crops and embeddings), see core.saving
+POOL_FORMAT = SaveFormat("facepriv-face-pool", 1, "k-same pool")
+POOL_WEIGHTS = "pool.safetensors"
 
 
 @dataclass
@@ -274,32 +294,64 @@ class FacePool:
             pool.identity_mode = "folders"
         return pool
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Store the pool (safetensors tensors + JSON names) to reuse it without detection."""
-        import json
-
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {"crops": self.crops.contiguous(), **{f"emb.{k}": v.contiguous() for k, v in self.embeddings.items()}}
-        meta = {"identities": json.dumps(self.identities), "sources": json.dumps(self.sources),
-                "template": json.dumps([self.template.name, list(self.template.size), list(self.template.points)]),
-                "identity_mode": self.identity_mode}
-        save_file(tensors, str(path), metadata=meta)
+    def save(self, path: str | os.PathLike) -> Path:
+        """Store the pool as a folder (facepriv's save format, :data:`POOL_FORMAT`, written
+        atomically) to reuse it without detection; returns the folder."""
+        settings = PoolSettings(self.template.name, list(self.template.size),
+                                [list(p) for p in self.template.points], self.identity_mode)
+        tensors = {"crops": self.crops, **{f"emb.{k}": v for k, v in self.embeddings.items()}}
+        return save_network(path, POOL_FORMAT, settings, weights={POOL_WEIGHTS: tensors},
+                            extra={"identities": list(self.identities), "sources": list(self.sources)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FacePool:
+        """A pool written by :meth:`save` (a folder), or by older versions (one .safetensors file)."""
+        path = Path(path).expanduser()
+        if path.is_file():
+            return cls._load_single_file(path)
+        meta = read_metadata(path, POOL_FORMAT)
+        settings = PoolSettings.from_dict(read_settings(meta, POOL_FORMAT))
+        tensors = load_weights(path, POOL_WEIGHTS, POOL_FORMAT)
+        return cls._from_saved(tensors, meta.get("identities") or [], meta.get("sources") or [], settings)
+
+    @classmethod
+    def _from_saved(cls, tensors: dict, identities: list, sources: list, settings: PoolSettings) -> FacePool:
+        crops = tensors["crops"]
+        if not len(identities) == len(sources) == int(crops.shape[0]):
+            raise ConfigError(f"a saved k-same pool with {int(crops.shape[0])} faces, {len(identities)} identities "
+                              f"and {len(sources)} sources: damaged")
+        template = Template(settings.template, tuple(settings.size), tuple(tuple(p) for p in settings.points))
+        return cls(crops, list(identities), list(sources), template,
+                   {k[4:]: v for k, v in tensors.items() if k.startswith("emb.")}, settings.identity_mode)
+
+    @classmethod
+    def _load_single_file(cls, path: Path) -> FacePool:
+        """The one-file layout of earlier versions: tensors + JSON names in the safetensors header."""
         import json
 
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if "template" not in meta or "crops" not in tensors:
+            raise ConfigError(f"{path} is not a saved k-same pool")
         name, size, points = json.loads(meta["template"])
-        return cls(tensors["crops"], json.loads(meta["identities"]), json.loads(meta["sources"]),
-                   Template(name, tuple(size), tuple(tuple(p) for p in points)),
-                   {k[4:]: v for k, v in tensors.items() if k.startswith("emb.")}, meta.get("identity_mode", "faces"))
+        settings = PoolSettings(name, size, points, meta.get("identity_mode", "faces"))
+        return cls._from_saved(tensors, json.loads(meta["identities"]), json.loads(meta["sources"]), settings)
+
+
+def is_saved_pool(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a pool written by :meth:`FacePool.save` (a folder, or an older
+    single file) rather than a folder of photos to build one from."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return True
+    try:
+        read_metadata(path, POOL_FORMAT)
+    except ConfigError:
+        return False
+    return True
 
 
 class KSame(DeidMethod):
@@ -348,7 +400,7 @@ class KSame(DeidMethod):
             if self.threshold is None:
                 th = spec.thresholds
                 self.threshold = th.get("default", th.get("1e-3"))
-        if self.pool is None and self.pool_path is not None and self.pool_path.is_file():
+        if self.pool is None and self.pool_path is not None and is_saved_pool(self.pool_path):
             self.set_pool(FacePool.load(self.pool_path))  # a pool saved with FacePool.save
         elif self.pool is not None:
             self.set_pool(self.pool)  # cluster its identities now that the model is loaded
@@ -400,8 +452,8 @@ class KSame(DeidMethod):
         if pool is None or len(pool) == 0:
             raise ConfigError(f"{self.name} needs a face pool: give --k-pool DIR or several photos to process")
         mask = face_ellipse(self.template, feather=0.0)
-        pf = _grey_features(pool.crops, mask)
-        qf = _grey_features(crops.float().cpu(), mask)
+        pf = grey_features(pool.crops, mask)
+        qf = grey_features(crops.float().cpu(), mask)
         pixel_d = torch.cdist(qf, pf)
         # the query itself: a pool crop (nearly) equal to it
         same_pix = (crops.float().cpu()[:, None] - pool.crops[None]).abs().flatten(2).mean(2) < 2.0 / 255

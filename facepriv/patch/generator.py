@@ -25,7 +25,8 @@ Architecture (:class:`PatchGenerator`)
 Persistence
     :meth:`PatchGenerator.save_pretrained` writes ``config.json`` and ``generator.safetensors``
     (and the autoencoder in diffusers layout under ``autoencoder/``, and a user region mask as
-    ``region_mask.png``), so a generator folder is self-contained;
+    ``region_mask.png``) in facepriv's one save format (:mod:`facepriv.core.saving`: written
+    atomically, format and version checked on loading), so a generator folder is self-contained;
     :meth:`PatchGenerator.from_pretrained` reads it back (the autoencoder through
     ``facepriv.models.create_model``). ``config.json`` also carries the generator's
     ``validation`` record when training measured one (its evasion rate on held-out faces,
@@ -39,22 +40,31 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError
+from ..core.saving import SaveFormat, load_weights, read_metadata, rewrite_metadata, save_network
 
 FORMAT_VERSION = 1
+#: how a generator folder is saved: ``config.json`` + ``generator.safetensors`` (see core.saving)
+GENERATOR_FORMAT = SaveFormat("facepriv-patch-generator", FORMAT_VERSION, "patch generator")
+GENERATOR_WEIGHTS = "generator.safetensors"
 FUSIONS = ("concat", "attention")
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(ConfigBase):
+    """The architecture of a :class:`PatchGenerator`: the ``"config"`` of its ``config.json``
+    (saved fields exactly; an unknown key is a :class:`ConfigError`, never a silent default)."""
+
+    config_name = "patch generator setting"
+
     patch_size: int = 64
     input_size: int = 112  # aligned faces (ArcFace template) fed to the encoder
     base_channels: int = 16
@@ -81,18 +91,6 @@ class GeneratorConfig:
             raise ConfigError(f"input size {self.input_size} too small for {self.levels} levels")
         if self.levels < 1 or self.base_channels < 4:
             raise ConfigError("levels must be >= 1 and base_channels >= 4")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        """The ``"config"`` of a generator's ``config.json`` (``save_pretrained`` writes exactly the
-        fields; ``format``/``version``/``validation`` sit beside it). An unknown key is a
-        :class:`ConfigError`: a typo must not silently fall back to a default."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown patch generator setting(s) {', '.join(map(str, unknown))}; "
-                              f"known: {', '.join(sorted(known))}")
-        return cls(**d)
 
     @property
     def output_resolution(self) -> int:
@@ -415,55 +413,39 @@ class PatchGenerator(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("latent.")}
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
+        """Write the generator folder (:data:`GENERATOR_FORMAT`, atomically; see the module docstring)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        cfg = asdict(self.config)
+        cfg = self.config.to_json()
         region_src = self.region.source
+        copy_region = region_src is not None and Path(region_src).resolve() != (path / "region_mask.png").resolve()
         if region_src is not None:
-            dst = path / "region_mask.png"
-            if Path(region_src).resolve() != dst.resolve():
-                tmp = dst.with_name(dst.name + ".part")
-                shutil.copyfile(region_src, tmp)
-                os.replace(tmp, dst)
             cfg["region"] = "region_mask.png"
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp = path / "generator.safetensors.part"
-        save_file(state, str(tmp), metadata={"format": "facepriv-patch-generator", "version": str(FORMAT_VERSION)})
-        os.replace(tmp, path / "generator.safetensors")
-        if self.config.natural and hasattr(self.latent.vae, "save_pretrained") and not (path / "autoencoder").is_dir():
-            tmpdir = path / "autoencoder.part"
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            self.latent.vae.save_pretrained(str(tmpdir), safe_serialization=True)
-            os.replace(tmpdir, path / "autoencoder")
-        if self.config.natural and (path / "autoencoder").is_dir():
+        save_ae = (self.config.natural and hasattr(self.latent.vae, "save_pretrained")
+                   and not (path / "autoencoder").is_dir())
+        if self.config.natural and (save_ae or (path / "autoencoder").is_dir()):
             cfg["autoencoder"] = "autoencoder"
-        meta = {"format": "facepriv-patch-generator", "version": FORMAT_VERSION, "config": cfg}
-        if self.validation is not None:
-            meta["validation"] = {**self.validation, "weights_sha256": weights_digest(path)}
-        tmp = path / "config.json.part"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path / "config.json")
-        return path
+
+        def write(tmp: Path) -> None:
+            if copy_region:
+                shutil.copyfile(region_src, tmp / "region_mask.png")
+            if save_ae:
+                self.latent.vae.save_pretrained(str(tmp / "autoencoder"), safe_serialization=True)
+
+        def extra(tmp: Path) -> dict:
+            if self.validation is None:
+                return {}
+            return {"validation": {**self.validation, "weights_sha256": weights_digest(tmp)}}
+
+        return save_network(path, GENERATOR_FORMAT, cfg, weights={GENERATOR_WEIGHTS: self.trainable_state_dict()},
+                            extra=extra, write=write)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                         autoencoder: nn.Module | None = None) -> PatchGenerator:
         """Load a generator folder written by :meth:`save_pretrained` (eval mode)."""
-        from safetensors.torch import load_file
-
         path = Path(path).expanduser()
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"{path} is not a patch generator folder (no config.json)")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except ValueError as exc:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({exc})") from None
-        if meta.get("format") != "facepriv-patch-generator":
-            raise ConfigError(f"{path} is not a facepriv patch generator")
-        d = dict(meta["config"])
+        meta = read_metadata(path, GENERATOR_FORMAT)
+        d = dict(meta.get("config") or {})
         if d.get("region") == "region_mask.png":
             d["region"] = str(path / "region_mask.png")
         cfg = GeneratorConfig.from_dict(d)
@@ -476,14 +458,12 @@ class PatchGenerator(nn.Module):
             elif cfg.autoencoder in (None, "autoencoder"):
                 raise ConfigError(f"{path}: natural-mode generator without its autoencoder; pass autoencoder=")
         gen = cls(cfg, autoencoder=autoencoder)
-        weights = path / "generator.safetensors"
-        if not weights.is_file():
-            raise ConfigError(f"{path}: generator.safetensors missing")
-        state = load_file(str(weights))
+        state = load_weights(path, GENERATOR_WEIGHTS, GENERATOR_FORMAT)
         missing, unexpected = gen.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("latent.")]
         if missing or unexpected:
-            raise ConfigError(f"{weights} does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ConfigError(f"{path / GENERATOR_WEIGHTS} does not match the config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
         gen = gen.to(device).eval()
         for p in gen.parameters():
             p.requires_grad_(False)
@@ -499,7 +479,7 @@ def weights_digest(path: str | os.PathLike) -> str | None:
     """sha256 of a generator folder's ``generator.safetensors`` (None when it is missing)."""
     import hashlib
 
-    f = Path(path) / "generator.safetensors"
+    f = Path(path) / GENERATOR_WEIGHTS
     if not f.is_file():
         return None
     h = hashlib.sha256()
@@ -532,12 +512,9 @@ def write_validation(path: str | os.PathLike, validation: dict | None) -> None:
     """Store (or, with None, remove) the validation record in a generator folder's
     ``config.json`` (atomically), tied to the weights the folder holds now."""
     path = Path(path).expanduser()
-    cfg_file = path / "config.json"
-    meta = json.loads(cfg_file.read_text())
+    meta = read_metadata(path, GENERATOR_FORMAT)
     if validation is None:
         meta.pop("validation", None)
     else:
         meta["validation"] = {**validation, "weights_sha256": weights_digest(path)}
-    tmp = path / "config.json.part"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, cfg_file)
+    rewrite_metadata(path, GENERATOR_FORMAT, meta)

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..core.align import Template, align_faces, get_template, invert_affine, landmarks_tensor
 from ..core.batch import collect_inputs
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import FacePolicy
 from ..core.io import load_image
@@ -73,7 +74,11 @@ APPLY_WARN_RATE = 0.5
 
 
 @dataclass
-class PatchTrainConfig:
+class PatchTrainConfig(ConfigBase):
+    """Everything ``patch train`` does (its ``to_json`` is recorded in ``train_state.json``)."""
+
+    config_name = "patch training setting"
+
     data: list[str] = field(default_factory=list)
     out: str = "patch-generator"
     targets: list[str] | None = None
@@ -713,9 +718,10 @@ class PatchTrainer:
         if meta.get("fingerprint") != self.cfg.fingerprint():
             raise ConfigError(f"{self.out} holds a training run with other settings; use another --out or the same "
                               "settings to resume")
-        from safetensors.torch import load_file
+        from ..core.saving import load_weights
+        from .generator import GENERATOR_FORMAT, GENERATOR_WEIGHTS
 
-        state = load_file(str(self.out / "generator.safetensors"))
+        state = load_weights(self.out, GENERATOR_WEIGHTS, GENERATOR_FORMAT)
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("latent.")] or unexpected:
             raise ConfigError(f"{self.out}/generator.safetensors does not match this generator")
@@ -838,8 +844,7 @@ class PatchTrainer:
 
 
 def _jsonable(cfg: PatchTrainConfig) -> dict:
-    d = asdict(cfg)
-    return json.loads(json.dumps(d, default=str))
+    return json.loads(json.dumps(cfg.to_json(), default=str))
 
 
 def train_patch_generator(cfg: PatchTrainConfig, *, device: str | torch.device | None = None, resume: bool = False,

@@ -23,7 +23,6 @@ The attack is :func:`facepriv.attacks.transfer.transfer_attack`.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from ..attacks import SurrogateEnsemble
 from ..attacks.transfer import TransferConfig, transfer_attack
 from ..attacks.config import levels_for
+from ..core.config import ConfigBase
 from ..core.errors import ConfigError, ProtectionFailed
 from ..core.faces import Face, FaceDetector
 from ..core.io import IMAGE_SUFFIXES, LoadedImage, load_image
@@ -41,8 +41,10 @@ OFFLINE_RECOGNISERS = ("dlib-resnet", "facenet-casia", "sface")
 
 
 @dataclass
-class TransferOptions:
+class TransferOptions(ConfigBase):
     """What ``protect --method transfer`` does besides the attack settings (``attack``)."""
+
+    config_name = "transfer option"
 
     surrogates: list[str] | None = None  # None: the offline recognisers that are not judges
     verify_with: str | list[str] = "loo"
@@ -53,11 +55,7 @@ class TransferOptions:
 
     def __post_init__(self):
         if isinstance(self.attack, dict):
-            names = {f.name for f in dataclasses.fields(TransferConfig)}
-            unknown = sorted(set(self.attack) - names)
-            if unknown:
-                raise ConfigError(f"unknown transfer option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-            self.attack = TransferConfig(**self.attack)
+            self.attack = TransferConfig.from_dict(self.attack)
         self.attack.validate()
         if isinstance(self.verify_with, str) and self.verify_with not in ("loo", "none"):
             self.verify_with = [v.strip() for v in self.verify_with.split(",") if v.strip()]
@@ -81,9 +79,6 @@ class TransferOptions:
         if not surr:
             raise ConfigError("no surrogate left to optimise against")
         return [(surr, judges)]
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "attack": self.attack.to_json()}
 
 
 def _load(names, device) -> dict[str, torch.nn.Module]:
@@ -136,7 +131,7 @@ class TransferEditor:
         self.turn += 1
         surr, judges = self.rotation[turn % len(self.rotation)]
         levels = levels_for(loaded)
-        cfg = dataclasses.replace(self.opts.attack, quantize=levels)
+        cfg = self.opts.attack.replace(quantize=levels)
         person = self.person_embeddings(path)
         pattern = self.pattern_for(folder, surr) if folder is not None and self.opts.shared_pattern else None
         res = transfer_attack(x, faces, _group(self.models, surr), cfg, checkers=_group(self.models, judges),

@@ -126,7 +126,7 @@ def ddim_generate(net, x_t0: torch.Tensor, scheduler, t0: int, n_gen: int, *, ch
 
 
 def ddim_reconstruct(net, x0: torch.Tensor, scheduler, t0: int, n_inv: int, n_gen: int, *,
-                     generator_net=None, checkpoint: bool = True) -> torch.Tensor:
-    """Invert with ``net`` then generate with ``generator_net`` (default: the same network)."""
+                     tuned_net=None, checkpoint: bool = True) -> torch.Tensor:
+    """Invert with ``net`` then regenerate with ``tuned_net`` (default: the same network)."""
     xt = ddim_invert(net, x0, scheduler, t0, n_inv, checkpoint=checkpoint)
-    return ddim_generate(generator_net or net, xt, scheduler, t0, n_gen, checkpoint=checkpoint)
+    return ddim_generate(tuned_net or net, xt, scheduler, t0, n_gen, checkpoint=checkpoint)

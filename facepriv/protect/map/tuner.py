@@ -23,29 +23,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ...attacks.identity import IdentityReference, SurrogateEnsemble
 from ...core.align import AlignedFaces, align_faces, paste_back
+from ...core.config import ConfigBase, read_json
 from ...core.device import autocast
 from ...core.errors import ConfigError
 from ...core.progress import make_progress
+from ...core.saving import SaveFormat, read_settings, save_network
+from ...core.saving import read_metadata as read_saved_metadata
 from .ddim import ddim_generate, ddim_invert, timestep_grid
 from .loading import score_model_reference
 from .losses import aligned_identity_loss, embed_crops, expression_loss, laplacian_smoothness, score_matching_loss
 from .projection import PROJECTION_MODES, ConflictStats, EMAGradients, pcgrad_combine
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: a saved MAP model: diffusers ``unet/`` + ``scheduler/`` and ``facepriv.json`` with the settings
+#: under ``"map"`` (a top-level ``config.json`` would read as a diffusers model config)
+MAP_FORMAT = SaveFormat("facepriv-map", 1, "MAP model (facepriv protect --save-model)",
+                        meta_file="facepriv.json", config_key="map")
 
 
 @dataclass
-class MAPConfig:
-    """Every MAP hyper-parameter. Defaults are for a 256 px CelebA-HQ DDPM (see docs/protect.md)."""
+class MAPConfig(ConfigBase):
+    """Every MAP hyper-parameter. Defaults are for a 256 px CelebA-HQ DDPM (see docs/protect.md).
+    :meth:`MAPTuner.save` stores exactly the fields (under ``"map"`` in ``facepriv.json``)."""
+
+    config_name = "MAP setting"
 
     steps: int = 30  # optimiser steps of fine-tuning (each on ``batch_size`` faces)
     lr: float = 4e-6  # learning rate (DiffusionCLIP / DiffAM range for the 256 px DDPM)
@@ -89,16 +98,6 @@ class MAPConfig:
         if self.expression is not None and self.expression.strip().lower() in ("", "none"):
             self.expression = None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> MAPConfig:
-        """A config from saved or given settings; an unknown key (a typo) is a :class:`ConfigError`.
-        (``save`` writes exactly the fields, under ``"map"`` in ``facepriv.json``.)"""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown MAP setting(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(names))}")
-        return cls(**d)
-
 
 def _tuning_autocast(device: torch.device, enabled: bool):
     # Only bf16 for training (fp16 would need loss scaling through three autograd.grad calls).
@@ -136,8 +135,9 @@ def paste_protected(image: torch.Tensor, x_hat: torch.Tensor, aligned: AlignedFa
     return out.clamp(0, 1)
 
 
-class _Generator:
-    """Shared inversion / generation of one base-tuned network pair."""
+class _Regenerator:
+    """Invert faces with the frozen ``base`` network and regenerate them with the ``tuned`` one
+    (what :class:`MAPTuner` and :class:`MAPEditor` share)."""
 
     base: torch.nn.Module
     tuned: torch.nn.Module
@@ -195,7 +195,7 @@ class _Generator:
         return paste_protected(image, x_hat, al, feather)
 
 
-class MAPTuner(_Generator):
+class MAPTuner(_Regenerator):
     """Fine-tune a score network for MAP on a set of aligned faces, then protect them.
 
         >>> tuner = MAPTuner(create_model("ddpm-celebahq-256"), ensemble=SurrogateEnsemble(["dlib-resnet"]),
@@ -232,7 +232,7 @@ class MAPTuner(_Generator):
         self.ema = EMAGradients(self.cfg.ema)
         self.stats = ConflictStats()
         self.history: list[dict] = []
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.rng = torch.Generator().manual_seed(self.cfg.seed)  # minibatch order, score-matching noise
         self._cursor = 0
         self._order: torch.Tensor | None = None
 
@@ -275,9 +275,9 @@ class MAPTuner(_Generator):
     def _next_batch(self, n: int) -> torch.Tensor:
         b = min(self.cfg.batch_size, n)
         if self._order is None or self._order.numel() != n:
-            self._order, self._cursor = torch.randperm(n, generator=self.generator), 0
+            self._order, self._cursor = torch.randperm(n, generator=self.rng), 0
         if self._cursor + b > n:
-            self._order, self._cursor = torch.randperm(n, generator=self.generator), 0
+            self._order, self._cursor = torch.randperm(n, generator=self.rng), 0
         idx = self._order[self._cursor: self._cursor + b]
         self._cursor += b
         return idx
@@ -308,7 +308,7 @@ class MAPTuner(_Generator):
             l_exp = (expression_loss(self.expression_model, x_in, self.template, label=label,
                                      ref_features=expression_ref).mean() if use_exp else None)
             l_smooth = laplacian_smoothness(x_hat, x).mean()
-            l_sm = (score_matching_loss(self.tuned.unet, x * 2 - 1, self.base.scheduler, generator=self.generator)
+            l_sm = (score_matching_loss(self.tuned.unet, x * 2 - 1, self.base.scheduler, generator=self.rng)
                     if cfg.w_sm > 0 else x.new_zeros(()))
         params = self.params
         g_id = torch.autograd.grad(cfg.w_id * l_id, params, retain_graph=True, allow_unused=True)
@@ -399,24 +399,22 @@ class MAPTuner(_Generator):
 
     # ------------------------------------------------------------------ save / reuse
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write the tuned network (diffusers layout, safetensors) and the settings used."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tuned.save_pretrained(path)
-        meta_file = path / "facepriv.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        meta.update({"method": "map", "base": self.base_ref, "map": asdict(self.cfg),
-                     "surrogates": list(self.ensemble.names),
-                     "expression_model": getattr(self.expression_model, "name", None),
-                     "summary": self.summary(), **(extra or {})})
-        meta_file.write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        """Write the tuned network (diffusers ``unet/`` + ``scheduler/``, safetensors) and, in
+        ``facepriv.json``, the settings used and where it came from (:data:`MAP_FORMAT`, atomically)."""
+        def meta(tmp: Path) -> dict:  # beside the score network's own facepriv.json entries
+            own = tmp / MAP_FORMAT.meta_file
+            return {**(read_json(own, what="score network") if own.is_file() else {}), "method": "map",
+                    "base": self.base_ref, "surrogates": list(self.ensemble.names),
+                    "expression_model": getattr(self.expression_model, "name", None),
+                    "summary": self.summary(), **(extra or {})}
+
+        return save_network(path, MAP_FORMAT, self.cfg, extra=meta, write=self.tuned.save_pretrained)
 
     def editor(self, feather: float = 0.12) -> MAPEditor:
         return MAPEditor(self.tuned, self.base, config=self.cfg, device=self.device, feather=feather)
 
 
-class MAPEditor(_Generator):
+class MAPEditor(_Regenerator):
     """Protect photos with an already fine-tuned network: one inversion + generation per face.
 
     ``tuned`` regenerates; ``base`` (the network it was fine-tuned from) inverts.
@@ -435,13 +433,9 @@ class MAPEditor(_Generator):
 
     @staticmethod
     def read_metadata(path: str | Path) -> dict:
-        meta = Path(path) / "facepriv.json"
-        if not meta.is_file():
-            raise ConfigError(f"{path} has no facepriv.json: not a model saved by `facepriv protect --save-model`")
-        data = json.loads(meta.read_text())
-        if data.get("method") != "map":
-            raise ConfigError(f"{path} is not a MAP model (facepriv.json has no method 'map')")
-        return data
+        """The checked ``facepriv.json`` of a saved MAP model (also one saved before it was stamped
+        with a format: those carry ``"method": "map"``)."""
+        return read_saved_metadata(path, MAP_FORMAT, legacy=lambda meta: meta.get("method") == "map")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
@@ -451,7 +445,8 @@ class MAPEditor(_Generator):
         from .loading import load_base_score_model
 
         meta = cls.read_metadata(path)
-        cfg = MAPConfig.from_dict({**meta.get("map", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}})
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        cfg = MAPConfig.from_dict({**read_settings(meta, MAP_FORMAT), **given})
         base_ref = base or meta.get("base")
         if not base_ref:
             raise ConfigError(f"{path}: the base score network is not recorded; pass it with --score-model")
