@@ -5,7 +5,7 @@
 
 1. N photos of ../shared/data/deepface-pairs (those that appear in a genuine pair of
    master.csv first, in name order) are protected through the real pipeline
-   (``facepriv.protect.baselines.build_editor`` -> ``core.pipeline.process_photo`` ->
+   (``facepriv.protect.baselines.build_editor`` -> ``core.photo.process_photo`` ->
    ``core.batch.run_batch``, PNG outputs so the saved pixels are the attack's), with surrogates
    dlib-resnet + facenet-casia, for each epsilon.
 2. FAR thresholds of sface, dlib-resnet and facenet-casia are calibrated with
@@ -67,7 +67,7 @@ def pick_photos(data: Path, n: int) -> list[Path]:
 def protect(photos: list[Path], out: Path, eps: float, args, detector) -> dict:
     from facepriv.core.batch import collect_inputs, run_batch
     from facepriv.core.faces import FacePolicy
-    from facepriv.core.pipeline import SaveOptions, process_photo
+    from facepriv.core.photo import SaveOptions, process_photo
     from facepriv.attacks import AttackConfig, AttackEditor
 
     cfg = AttackConfig(method=args.method, epsilon=eps, steps=args.steps)

@@ -19,7 +19,7 @@ from facepriv.attacks import AttackConfig, SurrogateEnsemble, attack_faces
 from facepriv.core.batch import InputItem, run_batch
 from facepriv.core.errors import ProtectionFailed
 from facepriv.core.faces import Face, FaceDetector, FacePolicy
-from facepriv.core.pipeline import SaveOptions, process_photo
+from facepriv.core.photo import SaveOptions, process_photo
 from facepriv.deid import DeidConfig, create_method, run_deid
 from facepriv.models import ModelSpec
 from facepriv.models.recognition import FaceRecognizer

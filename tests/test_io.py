@@ -229,7 +229,7 @@ def test_max_pixels_none_means_env_or_default(edge_cases, monkeypatch):
     monkeypatch.setenv(fio.MAX_PIXELS_ENV, "0")
     assert fio.load_image(edge_cases["noface.png"]).size == (320, 240)
     from facepriv.core.errors import ConfigError
-    from facepriv.core.pipeline import SaveOptions
+    from facepriv.core.photo import SaveOptions
 
     monkeypatch.setenv(fio.MAX_PIXELS_ENV, "lots")
     with pytest.raises(ConfigError, match="FACEPRIV_MAX_PIXELS='lots' is not a whole number"):

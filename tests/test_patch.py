@@ -17,7 +17,7 @@ from torch import nn
 from conftest import fixture_path, load_rgb
 from facepriv.core.align import TEMPLATES, invert_affine, landmarks_tensor, transform_points
 from facepriv.patch import (
-    EOTConfig,
+    PlacementEOT,
     GeneratorConfig,
     PatchApplier,
     PatchGenerator,
@@ -182,13 +182,13 @@ def test_user_mask_region(tmp_path):
 def test_eot_jitter_is_small_random_and_differentiable():
     reg = get_region("forehead")
     torch.manual_seed(0)
-    m = random_placement_jitter(16, reg, EOTConfig())
+    m = random_placement_jitter(16, reg, PlacementEOT())
     eye = torch.eye(2, 3).expand(16, 2, 3)
     assert m.shape == (16, 2, 3) and not torch.allclose(m[0], m[1])
     assert (m[:, :, :2] - eye[:, :, :2]).abs().max() < 0.15
-    assert torch.equal(random_placement_jitter(4, reg, EOTConfig(enabled=False)), torch.eye(2, 3).expand(4, 2, 3))
+    assert torch.equal(random_placement_jitter(4, reg, PlacementEOT(enabled=False)), torch.eye(2, 3).expand(4, 2, 3))
     patch = torch.full((4, 3, 16, 16), 0.5, requires_grad=True)
-    out = color_jitter(patch, EOTConfig())
+    out = color_jitter(patch, PlacementEOT())
     assert out.shape == patch.shape and float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
     out.sum().backward()
     assert patch.grad is not None and patch.grad.abs().sum() > 0
@@ -197,7 +197,7 @@ def test_eot_jitter_is_small_random_and_differentiable():
     lms = torch.tensor(TEMPLATES["arcface-112"].points).expand(2, 5, 2)
     p = torch.rand(2, 3, 16, 16, requires_grad=True)
     mats = compose(invert_affine(photo_to_reference(lms)),
-                   compose(random_placement_jitter(2, reg, EOTConfig()), reg.patch_to_reference(16).expand(2, 2, 3)))
+                   compose(random_placement_jitter(2, reg, PlacementEOT()), reg.patch_to_reference(16).expand(2, 2, 3)))
     patched, alpha = place_on_canvas(canvas, p, reg, mats)
     patched.sum().backward()
     assert p.grad.abs().sum() > 0 and torch.equal(patched[alpha.expand_as(patched) == 0], canvas[alpha.expand_as(canvas) == 0])
@@ -343,7 +343,7 @@ def test_push_and_pull_move_the_right_way_with_real_surrogates(tmp_path, photo_d
         torch.manual_seed(0)
         cfg = _train_cfg(tmp_path, photo_dirs, out=str(tmp_path / mode), epochs=4, lr=1e-2,
                          targets=None if mode == "evasion" else [str(photo_dirs / "targets")],
-                         eot=EOTConfig(enabled=False), generator=GeneratorConfig(region="eyeglass", **TINY))
+                         eot=PlacementEOT(enabled=False), generator=GeneratorConfig(region="eyeglass", **TINY))
         tr = PatchTrainer(cfg, device="cpu", progress=False, surrogates=sur, detector=det)
         idx = torch.arange(len(tr.faces))
         with torch.no_grad():
@@ -453,7 +453,7 @@ def _noisy_generator(tmp_path, region="forehead"):
 def test_apply_end_to_end_on_a_group_photo(tmp_path, mtcnn):
     """All six faces patched, every other pixel of the photo unchanged (PNG output)."""
     from facepriv.core.faces import FacePolicy
-    from facepriv.core.pipeline import SaveOptions
+    from facepriv.core.photo import SaveOptions
     from facepriv.patch import PatchApplyConfig, run_patch_apply
 
     gen_dir = _noisy_generator(tmp_path)

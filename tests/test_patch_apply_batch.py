@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import fixture_path
 from facepriv.core.align import TEMPLATES
 from facepriv.core.faces import Face, FacePolicy
-from facepriv.core.pipeline import SaveOptions
+from facepriv.core.photo import SaveOptions
 from facepriv.patch import PatchApplier, PatchApplyConfig, run_patch_apply
 from test_patch import _noisy_generator
 

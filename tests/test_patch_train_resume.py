@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from facepriv.patch import EOTConfig, PatchGenerator, PatchLossWeights, get_region, patch_objective
+from facepriv.patch import PlacementEOT, PatchGenerator, PatchLossWeights, get_region, patch_objective
 from facepriv.patch.placement import random_placement_jitter
 from facepriv.patch.train import PatchTrainer, step_seed
 from test_patch import _fake_detector, _tiny_ensemble, _train_cfg, photo_dirs  # noqa: F401 - fixture
@@ -130,7 +130,7 @@ def test_step_seed_differs_across_ranks_and_reproduces_per_rank():
 
     def jitter(rank, step):
         torch.manual_seed(step_seed(0, rank, step))
-        return random_placement_jitter(8, reg, EOTConfig())
+        return random_placement_jitter(8, reg, PlacementEOT())
 
     assert torch.equal(jitter(0, 5), jitter(0, 5))
     assert not torch.allclose(jitter(0, 5), jitter(1, 5))  # another process draws other jitter

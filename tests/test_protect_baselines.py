@@ -1,5 +1,5 @@
 """protect's noise baselines: one AttackConfig (from ProtectConfig.attack), the AttackEditor protect
-and deid share, run through core.pipeline.process_photo end to end (dodging, impersonation, 16-bit
+and deid share, run through core.photo.process_photo end to end (dodging, impersonation, 16-bit
 output)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from facepriv.core.batch import InputItem
 from facepriv.core.errors import ConfigError
 from facepriv.core.faces import FacePolicy
 from facepriv.core.io import load_image
-from facepriv.core.pipeline import SaveOptions, process_photo
+from facepriv.core.photo import SaveOptions, process_photo
 from facepriv.core.regions import region_mask
 from facepriv.attacks import AttackConfig, AttackEditor
 from facepriv.protect import ProtectConfig

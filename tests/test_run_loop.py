@@ -1,5 +1,5 @@
 """One run loop: batch planning (shard, resume, order), the per-photo steps of
-core.pipeline (no-face results, saving an edit) and the detector that never detects an image twice."""
+core.photo (no-face results, saving an edit) and the detector that never detects an image twice."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from facepriv.core.batch import InputItem, ItemResult, plan_batch, run_batch
 from facepriv.core.errors import NoFaceError, ProtectionFailed
 from facepriv.core.faces import CachedDetector, Face, FaceDetector, FacePolicy
 from facepriv.core.io import load_image
-from facepriv.core.pipeline import (SaveOptions, load_and_detect, no_face_result, no_face_status, process_photo,
+from facepriv.core.photo import (SaveOptions, load_and_detect, no_face_result, no_face_status, process_photo,
                                     save_edited, unprotected_result)
 
 

@@ -504,8 +504,8 @@ class BatchOptions:
         return FacePolicy(on_no_face=self.on_no_face, max_faces=self.max_faces, min_face_size=self.min_face_size)
 
     def save(self):
-        """The :class:`~facepriv.core.pipeline.SaveOptions` (quality, metadata, pixel limit)."""
-        from ..core.pipeline import SaveOptions
+        """The :class:`~facepriv.core.photo.SaveOptions` (quality, metadata, pixel limit)."""
+        from ..core.photo import SaveOptions
 
         return SaveOptions(quality=self.quality, keep_metadata=self.keep_metadata, max_pixels=self.max_pixels)
 

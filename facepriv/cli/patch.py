@@ -76,13 +76,13 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
 ):
     from ..patch import GeneratorConfig, PatchLossWeights, PatchTrainConfig, train_patch_generator
-    from ..patch.placement import EOTConfig
+    from ..patch.placement import PlacementEOT
 
     cfg = PatchTrainConfig(
         data=[str(p) for p in data], out=str(out), targets=[str(p) for p in targets] if targets else None,
         surrogates=common.split_list(surrogates), epochs=epochs, batch_size=batch_size, lr=lr,
         weights=PatchLossWeights(pull=pull, push=push, tv=tv, nps=nps, prior=prior), evasion_prob=evasion_prob,
-        palette=str(palette) if palette else None, prior_unet=prior_unet, eot=EOTConfig(enabled=eot),
+        palette=str(palette) if palette else None, prior_unet=prior_unet, eot=PlacementEOT(enabled=eot),
         generator=GeneratorConfig(patch_size=patch_size, base_channels=base_channels, fusion=fusion, region=region,
                                   natural=natural, autoencoder=autoencoder if natural else None),
         detector=detector, min_face_size=min_face_size, glob=glob, seed=state.seed if state.seed is not None else 0,

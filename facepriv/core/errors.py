@@ -27,7 +27,7 @@ class ProtectionFailed(FaceprivError):
     """A face was left unprotected: the attack changed none of its pixels, or moved no surrogate.
 
     ``faces``: the per-face report rows (see :func:`facepriv.attacks.attack_faces`) of the faces
-    that failed. Raised from an edit function, it makes :func:`facepriv.core.pipeline.process_photo`
+    that failed. Raised from an edit function, it makes :func:`facepriv.core.photo.process_photo`
     write nothing and report the photo as an error.
     """
 

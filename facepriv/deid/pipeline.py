@@ -20,7 +20,7 @@ from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import CachedDetector, Face, FaceDetector, FacePolicy  # CachedDetector: importable here, as before
 from ..core.io import IMAGE_SUFFIXES
-from ..core.pipeline import SaveOptions, process_photo
+from ..core.photo import SaveOptions, process_photo
 from ..core.progress import make_progress
 from .base import DeidMethod, canonical_name, create_method
 from .video import VIDEO_SUFFIXES, VideoOptions, deid_video, is_video

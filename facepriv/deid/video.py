@@ -44,7 +44,7 @@ import torch
 from ..core.errors import ConfigError, FaceprivError
 from ..core.faces import Face, FacePolicy, box_iou
 from ..core.io import finalize_output
-from ..core.pipeline import no_face_status
+from ..core.photo import no_face_status
 from ..core.progress import make_progress
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")

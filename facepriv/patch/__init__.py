@@ -21,7 +21,7 @@ from .losses import (
     patch_objective,
     total_variation,
 )
-from .placement import BUILTIN_REGIONS, EOTConfig, PatchRegion, get_region, paste_patch, patch_to_photo
+from .placement import BUILTIN_REGIONS, PlacementEOT, PatchRegion, get_region, paste_patch, patch_to_photo
 from .train import (
     APPLY_WARN_RATE,
     GOOD_EVASION_RATE,
@@ -34,7 +34,7 @@ from .train import (
 )
 
 __all__ = [
-    "APPLY_WARN_RATE", "BUILTIN_REGIONS", "GOOD_EVASION_RATE", "EOTConfig", "GeneratorConfig", "LatentDecoder",
+    "APPLY_WARN_RATE", "BUILTIN_REGIONS", "GOOD_EVASION_RATE", "PlacementEOT", "GeneratorConfig", "LatentDecoder",
     "LatentScorePrior", "PatchApplier", "PatchApplyConfig", "PatchGenerator", "PatchLossWeights", "PatchRegion",
     "PatchTrainConfig", "PatchTrainer", "TrainResult", "default_palette", "generator_warning", "get_region",
     "load_palette", "non_printability", "paste_patch", "patch_objective", "patch_to_photo", "read_validation",

@@ -12,7 +12,7 @@ torchrun / MPI, see :func:`facepriv.core.distributed.distributed_context`). It r
 ``photo_batch`` photos ahead (in the order :func:`facepriv.core.batch.plan_batch` gives; load +
 detect, each photo on its own, so a bad file only fails itself), patches the faces of all of
 them with one :meth:`PatchApplier.apply_many` call (one generator pass per ``batch_size``
-faces), and writes each photo with the steps of :func:`facepriv.core.pipeline.process_photo`
+faces), and writes each photo with the steps of :func:`facepriv.core.photo.process_photo`
 (``load_and_detect``, ``no_face_result``, ``save_edited``: face policy, atomic outputs that
 never replace an input).
 
@@ -46,7 +46,7 @@ from ..core.distributed import distributed_context
 from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
 from ..core.io import LoadedImage, load_image
-from ..core.pipeline import SaveOptions, load_and_detect, no_face_result, save_edited
+from ..core.photo import SaveOptions, load_and_detect, no_face_result, save_edited
 from .generator import PatchGenerator, read_validation
 from .placement import patch_to_photo, paste_patch
 
@@ -256,7 +256,7 @@ class PatchApplier:
         return out
 
     def edit(self, x: torch.Tensor, faces, _loaded=None) -> torch.Tensor:
-        """The edit function for :func:`facepriv.core.pipeline.process_photo`."""
+        """The edit function for :func:`facepriv.core.photo.process_photo`."""
         return self.apply(x, landmarks_tensor(faces, x.device))
 
 

@@ -16,7 +16,7 @@ from ..attacks.identity import SurrogateEnsemble
 from ..core.align import align_faces, invert_affine
 from .losses import PatchLossWeights, default_palette, patch_objective
 from .placement import (
-    EOTConfig,
+    PlacementEOT,
     PatchRegion,
     color_jitter,
     compose,
@@ -33,7 +33,7 @@ def optimize_patches(image: torch.Tensor, landmarks: torch.Tensor, surrogates: S
                      region: str | PatchRegion = "forehead", patch_size: int = 64, steps: int = 50,
                      step_size: float = 4 / 255, final_step_size: float = 1 / 255,
                      weights: PatchLossWeights | None = None, target_ref: dict[str, torch.Tensor] | None = None,
-                     eot: EOTConfig | None = None, init: torch.Tensor | float = 0.5,
+                     eot: PlacementEOT | None = None, init: torch.Tensor | float = 0.5,
                      palette: torch.Tensor | None = None, context_scale: float = 1.5,
                      context_margin: float = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise one patch per face of ``image`` (3, H, W); returns (patched image, patches).
@@ -47,7 +47,7 @@ def optimize_patches(image: torch.Tensor, landmarks: torch.Tensor, surrogates: S
     from .train import context_template
 
     weights = weights or PatchLossWeights()
-    eot = eot or EOTConfig(enabled=False)
+    eot = eot or PlacementEOT(enabled=False)
     region = get_region(region)
     lms = torch.as_tensor(landmarks, dtype=torch.float32, device=image.device).reshape(-1, 5, 2)
     n = lms.shape[0]

@@ -356,8 +356,9 @@ def patch_coverage(image_size: tuple[int, int], region: PatchRegion, patch_size:
 
 # --------------------------------------------------------------------------------- EOT
 @dataclass
-class EOTConfig:
-    """Random transformations applied while training (expectation over transformation)."""
+class PlacementEOT:
+    """Random placements and colour changes of the patch while training (expectation over
+    transformation); :class:`facepriv.attacks.eot.EOTConfig` is the transfer attack's own."""
 
     enabled: bool = True
     rotate: float = 5.0  # degrees, uniform +-
@@ -369,7 +370,7 @@ class EOTConfig:
     noise: float = 0.01  # std of additive Gaussian noise on the patch
 
 
-def random_placement_jitter(n: int, region: PatchRegion, cfg: EOTConfig, *, device=None) -> torch.Tensor:
+def random_placement_jitter(n: int, region: PatchRegion, cfg: PlacementEOT, *, device=None) -> torch.Tensor:
     """(n, 2, 3) random affine maps of the reference frame around the region's centre.
 
     Draws from torch's global RNG; training re-seeds it for every step from ``(--seed, process
@@ -393,7 +394,7 @@ def random_placement_jitter(n: int, region: PatchRegion, cfg: EOTConfig, *, devi
     return m[:, :2].to(device)
 
 
-def color_jitter(patch: torch.Tensor, cfg: EOTConfig) -> torch.Tensor:
+def color_jitter(patch: torch.Tensor, cfg: PlacementEOT) -> torch.Tensor:
     """Random brightness / contrast / saturation (kornia.augmentation) and noise; differentiable."""
     if not cfg.enabled:
         return patch

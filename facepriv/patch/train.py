@@ -64,7 +64,7 @@ from ..core.io import load_image
 from ..core.progress import make_progress, stderr_console
 from .generator import GeneratorConfig, PatchGenerator
 from .losses import PatchLossWeights, default_palette, load_latent_prior, load_palette, patch_objective
-from .placement import EOTConfig, color_jitter, compose, get_region, photo_to_reference, random_placement_jitter
+from .placement import PlacementEOT, color_jitter, compose, get_region, photo_to_reference, random_placement_jitter
 
 CACHE_VERSION = 1
 #: validation evasion rate a well-trained generator reaches (what ``patch train`` calls good)
@@ -90,7 +90,7 @@ class PatchTrainConfig(ConfigBase):
     evasion_prob: float = 0.25  # share of samples trained without a target when targets exist
     palette: str | None = None
     prior_unet: str | None = None  # natural mode: diffusers UNet2D(Condition)Model on the autoencoder's latents
-    eot: EOTConfig = field(default_factory=EOTConfig)
+    eot: PlacementEOT = field(default_factory=PlacementEOT)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     detector: str = "mtcnn"
     min_face_size: float = 40.0

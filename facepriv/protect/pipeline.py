@@ -9,7 +9,7 @@
 * ``model=DIR``: reuse a network saved by ``save_model`` - one inversion + generation per face,
   no tuning, photo by photo.
 * ``method="pgd" | "mifgsm" | "tipim" | ...``: L-inf noise baselines from
-  :mod:`facepriv.protect.baselines`, photo by photo through :func:`core.pipeline.process_photo`.
+  :mod:`facepriv.protect.baselines`, photo by photo through :func:`core.photo.process_photo`.
 
 Each method is an entry of :mod:`facepriv.protect.registry` (name -> builder + traits), registered
 at the end of this module; ``run_protect`` resolves ``auto`` (:func:`resolve_method`) and runs the
@@ -38,7 +38,7 @@ from ..core.distributed import distributed_context  # also importable from here,
 from ..core.errors import ConfigError
 from ..core.faces import CachedDetector, Face, FacePolicy
 from ..core.io import load_image
-from ..core.pipeline import SaveOptions, process_photo
+from ..core.photo import SaveOptions, process_photo
 from ..core.progress import make_progress
 from .baselines import attack_config, build_baseline
 from .map.loading import score_model_reference

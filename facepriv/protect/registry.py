@@ -120,7 +120,7 @@ def photo_job(run: ProtectRun, edit, detector, *, description: str,
     """The usual job: ``process_photo`` with ``edit`` on each photo; ``report(res, edit)`` then
     adds the method's record to the result (``edit.last_result`` is reset before each photo
     where the edit has one)."""
-    from ..core.pipeline import process_photo
+    from ..core.photo import process_photo
 
     def process(item, dst):
         if hasattr(edit, "last_result"):

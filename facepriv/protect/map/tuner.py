@@ -454,7 +454,7 @@ class MAPEditor(_Regenerator):
         return cls(tuned, load_base_score_model(base_ref, device=device), config=cfg, device=device, feather=feather)
 
     def edit_faces(self, image: torch.Tensor, faces, _loaded=None) -> torch.Tensor:
-        """An ``EditFn`` for :func:`facepriv.core.pipeline.process_photo`."""
+        """An ``EditFn`` for :func:`facepriv.core.photo.process_photo`."""
         from ...core.align import landmarks_tensor
 
         return self.edit(image, landmarks_tensor(faces, image.device), self.feather)
