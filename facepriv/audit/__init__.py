@@ -11,7 +11,9 @@
 * image quality (PSNR, SSIM, LPIPS, FID) and optional utility (expression kept, face still
   detected);
 * online services (Face++, AWS Rekognition, Azure Face) through :mod:`facepriv.audit.apis`;
-* report.json / report.csv / self-contained report.html (:mod:`~facepriv.audit.report`).
+* report.json / report.csv / self-contained report.html (:mod:`~facepriv.audit.report`), all
+  read from one typed report, :class:`~facepriv.audit.schema.AuditReport` (``AuditReport.from_json``
+  reads a report.json back).
 
 The audit judges protections; it never imports the packages that make them (protect, patch,
 deid, attacks).
@@ -21,7 +23,8 @@ from .calibrate import CalibrationConfig, run_calibration
 from .embed import FaceEmbeddingCache, ImageFaces
 from .report import summarize, write_reports
 from .runner import AuditConfig, run_audit
+from .schema import AuditReport
 from ..models.thresholds import FARS, ThresholdSet, calibrate_scores, resolve_thresholds
 
-__all__ = ["FARS", "AuditConfig", "CalibrationConfig", "FaceEmbeddingCache", "ImageFaces", "ThresholdSet",
+__all__ = ["FARS", "AuditConfig", "AuditReport", "CalibrationConfig", "FaceEmbeddingCache", "ImageFaces", "ThresholdSet",
            "calibrate_scores", "resolve_thresholds", "run_audit", "run_calibration", "summarize", "write_reports"]

@@ -7,6 +7,8 @@ The HTML page and the terminal summary open with :func:`verdict_line` ("Protecti
 37 of 40 faces (93 %) against sface at FAR 1e-2"); the notes and warnings
 (:func:`report_notes`) follow it folded in one ``<details>`` block.
 
+Every function here reads the typed report (:class:`~facepriv.audit.schema.AuditReport`);
+each also takes a plain dict (a loaded report.json), read with ``AuditReport.from_json``.
 Everything written passes through :func:`facepriv.core.secrets.redact`.
 """
 
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,8 @@ import numpy as np
 from ..core.io import atomic_write_bytes
 from ..core.secrets import redact
 from ..models.thresholds import FARS
+from .schema import (AuditReport, Before, Dodging, ImageRow, Impersonation, ModelResult, QualitySummary, Rates, Roc,
+                     as_report, json_of)
 
 THUMB_SIDE = 224
 
@@ -54,11 +60,12 @@ def thresholds_seen_text(seen: dict | None, nd: int = 2) -> str:
     return ", ".join(parts)
 
 
-def psnr_text(q: dict) -> str:
+def psnr_text(q: QualitySummary | Mapping) -> str:
     """PSNR mean with the count of identical pairs (infinite PSNR) it leaves out."""
-    text = f"{_fmt(q.get('psnr'), nd=2)} dB"
-    n_id = q.get("n_identical") or 0
-    if n_id and q.get("psnr") is not None and not (isinstance(q.get("psnr"), float) and math.isinf(q["psnr"])):
+    q = q if isinstance(q, QualitySummary) else QualitySummary.from_json(q)
+    text = f"{_fmt(q.psnr, nd=2)} dB"
+    n_id = q.n_identical or 0
+    if n_id and q.psnr is not None and not (isinstance(q.psnr, float) and math.isinf(q.psnr)):
         text += f" (+ {n_id} identical pair(s), infinite PSNR, not in the mean)"
     elif n_id:
         text += f" ({n_id} identical pair(s))"
@@ -71,41 +78,54 @@ PROTOCOL_LABELS = {"other-photos": "other photos", "self": "self-verif."}
 SINGLE_PROTOCOL_LABELS = {"other-photos": "dodging (others)", "self": "dodging (self)"}
 
 
-def dodging_rows(d: dict) -> list[tuple[str, dict, dict | None]]:
+PsrRow = tuple[str, Rates, Before | None]
+
+
+def dodging_rows(d: Dodging | Mapping) -> list[PsrRow]:
     """The dodging rows a summary table shows: ``(label, stats, before)``. One row per protocol
     present (other photos: with its clean "before" over the same comparisons; self-verification
     has none), plus the headline over both when both are present. Reports written before the
     protocol split give the single headline row."""
-    by = d.get("by_protocol")
+    d = d if isinstance(d, Dodging) else Dodging.from_json(d)
+    by = d.by_protocol
     if not by:
-        return [("dodging", d, d.get("before"))]
-    present = [k for k in ("other-photos", "self") if (by.get(k) or {}).get("n")]
-    rows: list[tuple[str, dict, dict | None]] = []
+        return [("dodging", d, d.before)]
+    present = [k for k in ("other-photos", "self") if by.get(k) is not None and by[k].n]
+    rows: list[PsrRow] = []
     if len(present) > 1:
         rows.append(("dodging, all", d, None))
     for k in present:
         label = "  " + PROTOCOL_LABELS[k] if len(present) > 1 else SINGLE_PROTOCOL_LABELS[k]
-        rows.append((label, by[k], d.get("before") if k == "other-photos" else None))
+        rows.append((label, by[k], d.before if k == "other-photos" else None))
     return rows or [("dodging", d, None)]
 
 
-def api_problems(report: dict) -> list[str]:
+def psr_rows(entry: ModelResult) -> list[PsrRow]:
+    """A model's rows in the PSR tables (terminal and HTML): :func:`dodging_rows`, then
+    impersonation (with its clean "before") where it was measured."""
+    rows = dodging_rows(entry.dodging)
+    if entry.impersonation is not None:
+        rows.append(("impersonation", entry.impersonation, entry.impersonation.before))
+    return rows
+
+
+def api_problems(report: AuditReport | Mapping) -> list[str]:
     """One line per online provider that stopped (a fatal error such as rejected credentials)
     or whose every pair failed; the reason is the adapter's own (already redacted) message."""
     out = []
-    for name, a in (report.get("apis") or {}).items():
-        status = a.get("status")
-        if status == "stopped":
-            out.append(f"{name} stopped: {a.get('stopped') or a.get('first_error') or 'no reason given'}")
-        elif status == "failed":
-            out.append(f"{name}: all {a.get('pairs', 0)} pair(s) failed: {a.get('first_error') or 'no reason given'}")
+    for name, a in (as_report(report).apis or {}).items():
+        if a.status == "stopped":
+            out.append(f"{name} stopped: {a.stopped or a.first_error or 'no reason given'}")
+        elif a.status == "failed":
+            out.append(f"{name}: all {a.pairs or 0} pair(s) failed: {a.first_error or 'no reason given'}")
     return redact(out)
 
 
-def exit_code(report: dict) -> int:
+def exit_code(report: AuditReport | Mapping) -> int:
     """The CLI's exit status for a finished audit: 1 when some image could not be audited or an
     online provider stopped / failed on every pair (see :func:`api_problems`), else 0."""
-    return 1 if report.get("errors") or api_problems(report) else 0
+    report = as_report(report)
+    return 1 if report.errors or api_problems(report) else 0
 
 
 #: the false-accept rate the one-line verdict is given at
@@ -116,7 +136,7 @@ def _pct0(v: float) -> str:
     return f"{100 * v:.0f} %"
 
 
-def verdict_line(report: dict, far: str = VERDICT_FAR) -> str:
+def verdict_line(report: AuditReport | Mapping, far: str = VERDICT_FAR) -> str:
     """One line saying whether the protection holds, e.g. ``Protection holds for 37 of 40 faces
     (93 %) against sface at FAR 1e-2``.
 
@@ -125,16 +145,15 @@ def verdict_line(report: dict, far: str = VERDICT_FAR) -> str:
     a model judged by its default operating threshold says so. Impersonation, images that could
     not be audited and failed online APIs are appended.
     """
-    models = report.get("models") or {}
-    th = report.get("thresholds") or {}
+    report = as_report(report)
+    models, th = report.models, report.thresholds
     judged = []
     for m, e in models.items():
-        d = e.get("dodging") or {}
-        rate, n = (d.get("psr_faces") or {}).get(far), d.get("n_faces") or 0
+        rate, n = (e.dodging.psr_faces or {}).get(far), e.dodging.n_faces or 0
         if rate is not None and n:
             judged.append((float(rate), m, int(n)))
     tail = []
-    n_err = len(report.get("errors") or [])
+    n_err = len(report.errors or [])
     if n_err:
         tail.append(f"{n_err} image(s) could not be audited")
     problems = api_problems(report)
@@ -143,8 +162,8 @@ def verdict_line(report: dict, far: str = VERDICT_FAR) -> str:
     if not judged:
         if not models:
             text = "No verdict: no face-recognition model judged the faces" + (
-                " (see the online API results)" if report.get("apis") else "")
-        elif not any(((e.get("dodging") or {}).get("n_faces") or 0) for e in models.values()):
+                " (see the online API results)" if report.apis else "")
+        elif not any((e.dodging.n_faces or 0) for e in models.values()):
             text = "No verdict: no face was found in the original photos"
         else:
             names = ", ".join(models)
@@ -153,129 +172,142 @@ def verdict_line(report: dict, far: str = VERDICT_FAR) -> str:
         return "; ".join([text, *tail])
     rate, m, n = min(judged, key=lambda t: (t[0], t[1]))
     held = int(round(rate * n))
-    kind = (th.get(m) or {}).get("kind")
+    kind = th[m].kind if m in th else None
     at = "at its default threshold, not FAR-calibrated" if kind == "default" else f"at FAR {far}"
     text = f"Protection holds for {held} of {n} faces ({_pct0(rate)}) against {m} {at}"
     others = [(r, o) for r, o, _ in judged if o != m]
     if others:
         text += (f" (the weakest of {len(judged)} models; " + ", ".join(f"{o} {_pct0(r)}" for r, o in others) + ")")
-    imp = (models[m].get("impersonation") or {})
-    i_rate, i_n = (imp.get("psr_faces") or {}).get(far), imp.get("n_faces") or 0
+    imp = models[m].impersonation or Impersonation()
+    i_rate, i_n = (imp.psr_faces or {}).get(far), imp.n_faces or 0
     if i_rate is not None and i_n:
         text += f"; impersonation works for {int(round(float(i_rate) * i_n))} of {i_n} ({_pct0(float(i_rate))})"
     return "; ".join([text, *tail])
 
 
-def quality_notes(report: dict) -> list[str]:
+def quality_notes(report: AuditReport | Mapping) -> list[str]:
     """The quality section's notes: one line for the metrics left out for want of cached
     weights (:func:`facepriv.audit.metrics.left_out_line`), the other reasons a metric was not
     computed (not the ones the user switched off), and the PSNR / FID caveats."""
-    q = report.get("quality") or {}
-    left = (q.get("left_out") or {})
+    q = as_report(report).quality
+    left = q.left_out or {}
     out = [left["line"]] if left.get("line") else []
-    for k, v in (q.get("unavailable") or {}).items():
+    for k, v in (q.unavailable or {}).items():
         if k in (left.get("metrics") or []) or str(v).startswith("disabled"):
             continue
         out.append(f"{k.upper() if k in ('lpips', 'fid') else k} not computed: {v}")
-    for k in ("psnr_note", "fid_note"):
-        if q.get(k):
-            out.append(f"{k.split('_')[0].upper()}: {q[k]}")
+    for label, note in (("PSNR", q.psnr_note), ("FID", q.fid_note)):
+        if note:
+            out.append(f"{label}: {note}")
     return out
 
 
-def report_notes(report: dict) -> list[str]:
+def report_notes(report: AuditReport | Mapping) -> list[str]:
     """Every note and warning of a report, in the order the HTML lists them under the verdict:
     the protocol notes, then quality, then utility."""
-    notes = list(report.get("protocol_notes") or [])
+    report = as_report(report)
+    notes = list(report.protocol_notes or [])
     notes += quality_notes(report)
-    for k, v in ((report.get("utility") or {}).get("unavailable") or {}).items():
+    for k, v in ((report.utility.unavailable if report.utility else None) or {}).items():
         notes.append(f"utility: {k.replace('_', ' ')} not computed: {v}")
     return notes
 
 
-def summarize(report: dict) -> dict:
+#: what the summary keeps of each section
+SUMMARY_KEYS = {
+    "dodging": ("n", "psr", "psr_faces", "mean_similarity", "not_detected", "protocol", "by_protocol"),
+    "impersonation": ("n", "psr", "psr_faces", "mean_similarity", "excluded"),
+    "api": ("dodging", "impersonation", "calls", "cache_hits", "retries", "errors", "status", "stopped",
+            "first_error", "pairs", "failed_pairs"),
+}
+
+
+def _keep(section, keys: tuple[str, ...]) -> dict:
+    """The JSON of ``section`` limited to ``keys`` (in the section's order)."""
+    return {k: v for k, v in section.to_json().items() if k in keys}
+
+
+def summarize(report: AuditReport | Mapping) -> dict:
     """The compact summary the CLI prints (and ``--json`` emits)."""
-    out = {"verdict": verdict_line(report),
-           "models": {}, "thresholds": report.get("thresholds", {}), "quality": report.get("quality", {}),
-           "faces": report.get("faces", {}), "counts": report.get("counts", {}),
-           "errors": len(report.get("errors", [])), "notes": report.get("protocol_notes", [])}
-    for m, e in report.get("models", {}).items():
-        s = {"dodging": {k: e["dodging"][k] for k in ("n", "psr", "psr_faces", "mean_similarity", "not_detected",
-                                                       "protocol", "by_protocol") if k in e["dodging"]},
-             "dodging_before": e["dodging"]["before"]["psr"]}
-        if "impersonation" in e:
-            s["impersonation"] = {k: e["impersonation"][k] for k in ("n", "psr", "psr_faces", "mean_similarity",
-                                                                     "excluded") if k in e["impersonation"]}
-        if "identification" in e:
-            s["identification"] = e["identification"]
-        if "roc" in e:
-            s["auc"] = {k: e["roc"][k]["auc"] for k in ("before", "after") if k in e["roc"]}
+    report = as_report(report)
+    out = {"verdict": verdict_line(report), "models": {}, "thresholds": json_of(report.thresholds),
+           "quality": report.quality.to_json(), "faces": report.faces.to_json(), "counts": report.counts.to_json(),
+           "errors": len(report.errors), "notes": report.protocol_notes}
+    for m, e in report.models.items():
+        s = {"dodging": _keep(e.dodging, SUMMARY_KEYS["dodging"]),
+             "dodging_before": e.dodging.before.psr if e.dodging.before is not None else None}
+        if e.impersonation is not None:
+            s["impersonation"] = _keep(e.impersonation, SUMMARY_KEYS["impersonation"])
+        if e.identification is not None:
+            s["identification"] = e.identification.to_json()
+        if e.roc is not None:
+            s["auc"] = {k: getattr(e.roc, k).auc for k in ("before", "after") if getattr(e.roc, k) is not None}
         out["models"][m] = s
-    if "utility" in report:
-        out["utility"] = report["utility"]
-    if "apis" in report:
-        out["apis"] = {n: {k: v for k, v in a.items() if k in ("dodging", "impersonation", "calls", "cache_hits",
-                                                                  "retries", "errors", "status", "stopped",
-                                                                  "first_error", "pairs", "failed_pairs")}
-                       for n, a in report["apis"].items()}
+    if report.utility is not None:
+        out["utility"] = report.utility.to_json()
+    if report.apis is not None:
+        out["apis"] = {n: _keep(a, SUMMARY_KEYS["api"]) for n, a in report.apis.items()}
         out["api_problems"] = api_problems(report)
-    if "outputs" in report:
-        out["outputs"] = report["outputs"]
+    if report.outputs is not None:
+        out["outputs"] = report.outputs
     return redact(out)
 
 
 # ------------------------------------------------------------------------------ csv
-def csv_rows(report: dict) -> tuple[list[str], list[dict]]:
-    models = list(report.get("models", {}))
-    apis = list(report.get("apis", {}))
+def csv_rows(report: AuditReport | Mapping) -> tuple[list[str], list[dict]]:
+    """report.csv: its columns, and one row per image (None: empty cell)."""
+    report = as_report(report)
+    models = list(report.models)
+    apis = list(report.apis or {})
     cols = ["protected", "original", "identity", "identity_source", "error", "faces_original", "faces_protected",
             "faces_not_detected", "psnr", "ssim", "lpips"]
     for m in models:
         cols += [f"{m}:protocol", f"{m}:dodging_mean", f"{m}:dodging_max"] + [f"{m}:protected@{f}" for f in FARS]
         cols += [f"{m}:impersonation_max", f"{m}:rank_before", f"{m}:rank_after"]
-    if "utility" in report:
+    if report.utility is not None:
         cols += ["expression_kept", "expression_tv"]
     for a in apis:
         cols += [f"{a}:dodging_score", f"{a}:impersonation_score", f"{a}:error"]
-    out = []
-    for r in report.get("images", []):
-        row = {c: r.get(c) for c in cols[:8]}
-        q = r.get("quality") or {}
-        row.update(psnr=q.get("psnr"), ssim=q.get("ssim"), lpips=q.get("lpips"))
-        for m in models:
-            mr = (r.get("models") or {}).get(m)
-            if not mr:
-                continue
-            f0 = mr["faces"][0] if mr["faces"] else {}
-            dod = [s for f in mr["faces"] for s in f.get("dodging", []) if s is not None]
-            imp = [s for f in mr["faces"] for s in f.get("impersonation", []) if s is not None]
-            row[f"{m}:protocol"] = f0.get("protocol")
-            row[f"{m}:dodging_mean"] = float(np.mean(dod)) if dod else None
-            row[f"{m}:dodging_max"] = mr.get("dodging_max")
-            for f in FARS:
-                row[f"{m}:protected@{f}"] = mr.get("protected_at", {}).get(f)
-            row[f"{m}:impersonation_max"] = max(imp) if imp else None
-            row[f"{m}:rank_before"] = f0.get("rank_before")
-            row[f"{m}:rank_after"] = f0.get("rank_after")
-        # the primary face's (face 0) expression, empty when face 0 has none (not detected after
-        # protection); reports written before faces were numbered have no "face": position 0
-        ex = (r.get("utility") or {}).get("expression") or []
-        f0 = next((e for e in ex if e.get("face", 0 if e is ex[0] else None) == 0), None)
-        if f0 is not None:
-            row["expression_kept"] = f0["expression_kept"]
-            row["expression_tv"] = f0["expression_tv"]
-        for a in apis:
-            calls = (r.get("apis") or {}).get(a, [])
-            d = [c for c in calls if c["kind"] == "dodging"]
-            i = [c for c in calls if c["kind"] == "impersonation"]
-            row[f"{a}:dodging_score"] = d[0]["score"] if d else None
-            row[f"{a}:impersonation_score"] = i[0]["score"] if i else None
-            row[f"{a}:error"] = "; ".join(c["error"] for c in calls if c.get("error")) or None
-        out.append(row)
-    return cols, out
+    return cols, [_csv_row(r, cols[:8], models, apis) for r in report.images]
 
 
-def write_csv(report: dict, path: Path) -> Path:
+def _csv_row(r: ImageRow, first: list[str], models: list[str], apis: list[str]) -> dict:
+    row = {c: getattr(r, c) for c in first}
+    q = r.quality or {}
+    row.update(psnr=q.get("psnr"), ssim=q.get("ssim"), lpips=q.get("lpips"))
+    for m in models:
+        mr = r.models.get(m)
+        if mr is None:
+            continue
+        f0 = mr.faces[0] if mr.faces else {}
+        dod = [s for f in mr.faces for s in f.get("dodging", []) if s is not None]
+        imp = [s for f in mr.faces for s in f.get("impersonation", []) if s is not None]
+        row[f"{m}:protocol"] = f0.get("protocol")
+        row[f"{m}:dodging_mean"] = float(np.mean(dod)) if dod else None
+        row[f"{m}:dodging_max"] = mr.dodging_max
+        for f in FARS:
+            row[f"{m}:protected@{f}"] = mr.protected_at.get(f)
+        row[f"{m}:impersonation_max"] = max(imp) if imp else None
+        row[f"{m}:rank_before"] = f0.get("rank_before")
+        row[f"{m}:rank_after"] = f0.get("rank_after")
+    # the primary face's (face 0) expression, empty when face 0 has none (not detected after
+    # protection); reports written before faces were numbered have no "face": position 0
+    ex = (r.utility or {}).get("expression") or []
+    f0 = next((e for e in ex if e.get("face", 0 if e is ex[0] else None) == 0), None)
+    if f0 is not None:
+        row["expression_kept"] = f0["expression_kept"]
+        row["expression_tv"] = f0["expression_tv"]
+    for a in apis:
+        calls = (r.apis or {}).get(a, [])
+        d = [c for c in calls if c["kind"] == "dodging"]
+        i = [c for c in calls if c["kind"] == "impersonation"]
+        row[f"{a}:dodging_score"] = d[0]["score"] if d else None
+        row[f"{a}:impersonation_score"] = i[0]["score"] if i else None
+        row[f"{a}:error"] = "; ".join(c["error"] for c in calls if c.get("error")) or None
+    return row
+
+
+def write_csv(report: AuditReport | Mapping, path: Path) -> Path:
     cols, rows = csv_rows(report)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -331,19 +363,19 @@ def _histogram(model: str, scores: dict, thresholds: dict) -> str | None:
     return _png(fig)
 
 
-def _roc_figure(model: str, roc: dict | None, calibration: dict | None) -> str | None:
+def _roc_figure(model: str, roc: Roc | None, calibration: dict | None) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     curves = []
-    if roc:
-        n_gen = f", {roc['n_genuine']} other-photo pairs" if roc.get("n_genuine") is not None else ""
+    if roc is not None:
+        n_gen = f", {roc.n_genuine} other-photo pairs" if roc.n_genuine is not None else ""
         for key, color in (("before", "tab:blue"), ("after", "tab:red")):
-            if key in roc:
-                curves.append((f"audit {key} protection (AUC {roc[key]['auc']:.3f}{n_gen})", roc[key]["fpr"],
-                               roc[key]["tpr"], color))
+            curve = getattr(roc, key)
+            if curve is not None:
+                curves.append((f"audit {key} protection (AUC {curve.auc:.3f}{n_gen})", curve.fpr, curve.tpr, color))
     if calibration and calibration.get("roc"):
         c = calibration["roc"]
         curves.append((f"calibration pairs (AUC {calibration.get('auc', float('nan')):.3f})", c["fpr"], c["tpr"], "tab:gray"))
@@ -417,15 +449,23 @@ def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
-def write_html(report: dict, path: Path, cfg=None) -> Path:
+def _figures_table(cells: dict[str, object]) -> str:
+    """A one-row table of figures: ``{header: value}``."""
+    return _table(list(cells), [list(cells.values())], left=0)
+
+
+def write_html(report: AuditReport | Mapping, path: Path, cfg=None) -> Path:
+    """report.html (self-contained); ``cfg`` (the audit's) says where the photos are, else the
+    report's own ``config``."""
+    report = as_report(report)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>facepriv audit</title><style>{_CSS}</style>"
              "</head><body>", f"<h1 class='verdict'>{html.escape(verdict_line(report))}</h1>"]
-    c = report.get("config", {})
-    parts.append(f"<p class='meta'>facepriv audit report · {html.escape(report.get('created', ''))} · protected "
+    c = report.config
+    parts.append(f"<p class='meta'>facepriv audit report · {html.escape(report.created)} · protected "
                  f"<code>{html.escape(str(c.get('protected')))}</code>"
                  f" vs original <code>{html.escape(str(c.get('original')))}</code> · "
-                 f"{report.get('counts', {}).get('evaluated', 0)} of {report.get('counts', {}).get('pairs', 0)} images evaluated"
-                 f" · facepriv {html.escape(str(report.get('versions', {}).get('facepriv')))}</p>")
+                 f"{report.counts.evaluated} of {report.counts.pairs} images evaluated"
+                 f" · facepriv {html.escape(str(report.versions.facepriv))}</p>")
     notes = report_notes(report)
     if notes:
         parts.append(f"<details class='notes'><summary>{len(notes)} note(s) and warning(s)</summary>"
@@ -435,185 +475,170 @@ def write_html(report: dict, path: Path, cfg=None) -> Path:
     parts += _html_apis(report)
     parts += _html_figures(report)
     parts += _html_images(report, cfg)
-    errs = report.get("errors", [])
-    if errs:
+    if report.errors:
         parts.append("<h2>Errors</h2><ul>" + "".join(
-            f"<li>{html.escape(str(e.get('file')))}: {html.escape(str(e.get('error')))}</li>" for e in errs) + "</ul>")
-    v = report.get("versions", {})
-    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(v, indent=1, default=str)) + "</pre>")
+            f"<li>{html.escape(str(e.get('file')))}: {html.escape(str(e.get('error')))}</li>" for e in report.errors)
+            + "</ul>")
+    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(report.versions.to_json(), indent=1, default=str))
+                 + "</pre>")
     parts.append("</body></html>")
     return atomic_write_bytes(path, redact("\n".join(parts)).encode())
 
 
-def _html_psr(report: dict) -> list[str]:
+def _psr_cells(stats: Rates | Before | None) -> str:
+    """``a / b / c``: a PSR at each FAR (``n/a`` where there is none)."""
+    if stats is None:
+        return "n/a"
+    return " / ".join(_fmt(stats.psr.get(f), pct=True) for f in FARS)
+
+
+def _html_psr(report: AuditReport) -> Iterator[str]:
     """Thresholds, PSR per model and protocol, identification and face counts."""
-    parts: list[str] = []
-    parts.append("<h2>Thresholds</h2>")
-    trows = [[m, *[_fmt(t.get(f), nd=4) for f in FARS], t.get("source", "")] for m, t in report.get("thresholds", {}).items()]
-    parts.append(_table(["model", *[f"FAR {f}" for f in FARS], "source"], trows))
+    yield "<h2>Thresholds</h2>"
+    trows = [[m, *[_fmt(t.at(f), nd=4) for f in FARS], t.source] for m, t in report.thresholds.items()]
+    yield _table(["model", *[f"FAR {f}" for f in FARS], "source"], trows)
 
     # summary per model
-    parts.append("<h2>Protection success rate (PSR) per model</h2>")
+    yield "<h2>Protection success rate (PSR) per model</h2>"
     srows = []
-
-    def per_face(stats: dict) -> str:
-        return " / ".join(_fmt((stats.get("psr_faces") or {}).get(f), pct=True) for f in FARS)
-
-    for m, e in report.get("models", {}).items():
-        for label, d, before in dodging_rows(e["dodging"]):
-            srows.append([m, label.strip(), d["n"], d.get("n_faces", "–"), *[_fmt(d["psr"].get(f), pct=True) for f in FARS],
-                          per_face(d),
-                          " / ".join(_fmt(before["psr"].get(f), pct=True) for f in FARS) if before else "n/a",
-                          _fmt(d["mean_similarity"]), d.get("not_detected", 0)])
-        if "impersonation" in e:
-            i = e["impersonation"]
-            srows.append([m, "impersonation", i["n"], i.get("n_faces", "–"), *[_fmt(i["psr"].get(f), pct=True) for f in FARS],
-                          per_face(i), " / ".join(_fmt(i["before"]["psr"].get(f), pct=True) for f in FARS),
-                          _fmt(i["mean_similarity"]), ""])
-    parts.append(_table(["model", "protocol", "comparisons", "faces", *[f"PSR @ {f}" for f in FARS],
-                         "per-face PSR @ " + " / ".join(FARS), "PSR before (clean, same comparisons)",
-                         "mean similarity", "face not detected"], srows, left=2))
-    parts.append("<p>Dodging rows: <i>other photos</i> compares each protected face with other clean photos of the "
-                 "same person (its <i>before</i> is the same comparisons made with the clean original); "
-                 "<i>self-verif.</i> compares it with its own original (weaker; no <i>before</i>); <i>all</i> is the "
-                 "headline PSR over both. Per-face PSR: a face counts as protected when none of its comparisons "
-                 "verifies (impersonation: when one reaches the threshold).</p>")
-    idrows = [[m, e["identification"]["n"], _fmt(e["identification"]["rank1_before"], pct=True),
-               _fmt(e["identification"]["rank1_after"], pct=True), _fmt(e["identification"]["rank5_before"], pct=True),
-               _fmt(e["identification"]["rank5_after"], pct=True)]
-              for m, e in report.get("models", {}).items() if "identification" in e]
+    for m, e in report.models.items():
+        for label, d, before in psr_rows(e):
+            imp = isinstance(d, Impersonation)
+            srows.append([m, label.strip(), d.n, "–" if d.n_faces is None else d.n_faces,
+                          *[_fmt(d.psr.get(f), pct=True) for f in FARS],
+                          " / ".join(_fmt((d.psr_faces or {}).get(f), pct=True) for f in FARS), _psr_cells(before),
+                          _fmt(d.mean_similarity), "" if imp else (d.not_detected or 0)])
+    yield _table(["model", "protocol", "comparisons", "faces", *[f"PSR @ {f}" for f in FARS],
+                  "per-face PSR @ " + " / ".join(FARS), "PSR before (clean, same comparisons)",
+                  "mean similarity", "face not detected"], srows, left=2)
+    yield ("<p>Dodging rows: <i>other photos</i> compares each protected face with other clean photos of the "
+           "same person (its <i>before</i> is the same comparisons made with the clean original); "
+           "<i>self-verif.</i> compares it with its own original (weaker; no <i>before</i>); <i>all</i> is the "
+           "headline PSR over both. Per-face PSR: a face counts as protected when none of its comparisons "
+           "verifies (impersonation: when one reaches the threshold).</p>")
+    idrows = [[m, i.n, _fmt(i.rank1_before, pct=True), _fmt(i.rank1_after, pct=True), _fmt(i.rank5_before, pct=True),
+               _fmt(i.rank5_after, pct=True)]
+              for m, i in ((m, e.identification) for m, e in report.models.items()) if i is not None]
     if idrows:
-        parts.append("<h3>Identification (gallery)</h3>")
-        parts.append(_table(["model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"], idrows))
-    f = report.get("faces", {})
-    parts.append(f"<p>Faces in originals: {f.get('original', 0)}; still detected after protection: {f.get('matched', 0)}; "
-                 f"not detected: {f.get('not_detected', 0)} (counted as protected for dodging); protected images "
-                 f"without any face: {f.get('images_no_face_after', 0)}.</p>")
-    return parts
+        yield "<h3>Identification (gallery)</h3>"
+        yield _table(["model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"], idrows)
+    f = report.faces
+    yield (f"<p>Faces in originals: {f.original}; still detected after protection: {f.matched}; "
+           f"not detected: {f.not_detected} (counted as protected for dodging); protected images "
+           f"without any face: {f.images_no_face_after}.</p>")
 
 
-def _html_quality(report: dict) -> list[str]:
+def _html_quality(report: AuditReport) -> Iterator[str]:
     """Image quality and utility."""
-    parts: list[str] = []
-    q = report.get("quality", {})
-    parts.append("<h2>Image quality (protected vs original)</h2>")
-    parts.append(_table(["PSNR (dB)", "identical pairs (infinite PSNR, not in the mean)", "SSIM", "LPIPS", "FID"],
-                        [[_fmt(q.get("psnr"), nd=2), q.get("n_identical", 0), _fmt(q.get("ssim"), nd=4),
-                          _fmt(q.get("lpips"), nd=4), _fmt(q.get("fid"), nd=2)]], left=0))
+    q = report.quality
+    yield "<h2>Image quality (protected vs original)</h2>"
+    yield _figures_table({
+ "PSNR (dB)": _fmt(q.psnr, nd=2), "identical pairs (infinite PSNR, not in the mean)": q.n_identical or 0,
+ "SSIM": _fmt(q.ssim, nd=4), "LPIPS": _fmt(q.lpips, nd=4), "FID": _fmt(q.fid, nd=2)})
     if quality_notes(report):
-        parts.append("<p>Notes on these figures (metrics left out, caveats): see the notes under the verdict "
-                     "at the top.</p>")
-    if "utility" in report:
-        u = report["utility"]
-        parts.append("<h2>Utility</h2>")
-        parts.append(_table(["face still detected", "expression kept", "mean expression TV distance"],
-                            [[_fmt(u.get("face_detected_rate"), pct=True), _fmt(u.get("expression_kept_rate"), pct=True),
-                              _fmt(u.get("expression_tv_mean"))]], left=0))
-        if u.get("face_detection"):
-            parts.append(f"<p>Face still detected: {html.escape(str(u['face_detection']))}, over the "
-                         f"{u.get('faces_judged', 0)} crop(s) whose original face it found "
-                         f"({u.get('faces_left_out', 0)} left out).</p>")
-    return parts
+        yield ("<p>Notes on these figures (metrics left out, caveats): see the notes under the verdict "
+               "at the top.</p>")
+    u = report.utility
+    if u is not None:
+        yield "<h2>Utility</h2>"
+        yield _figures_table({"face still detected": _fmt(u.face_detected_rate, pct=True),
+                              "expression kept": _fmt(u.expression_kept_rate, pct=True),
+                              "mean expression TV distance": _fmt(u.expression_tv_mean)})
+        if u.face_detection:
+            yield (f"<p>Face still detected: {html.escape(str(u.face_detection))}, over the "
+                   f"{u.faces_judged or 0} crop(s) whose original face it found "
+                   f"({u.faces_left_out or 0} left out).</p>")
 
 
-def _html_apis(report: dict) -> list[str]:
+def _html_apis(report: AuditReport) -> Iterator[str]:
     """The online services, where the audit used any."""
-    parts: list[str] = []
-    if "apis" in report:
-        parts.append("<h2>Online APIs</h2>")
+    if report.apis is not None:
+        yield "<h2>Online APIs</h2>"
         for line in api_problems(report):
-            parts.append(f"<div class='note err'>{html.escape(line)}</div>")
+            yield f"<div class='note err'>{html.escape(line)}</div>"
         arows = []
-        for n, a in report["apis"].items():
-            for kind in ("dodging", "impersonation"):
-                if kind in a:
-                    s = a[kind]
-                    arows.append([n, kind, s["n"], ", ".join(f"{k}: {_fmt(v, pct=True)}" for k, v in s["psr"].items()),
-                                  thresholds_seen_text(s.get("thresholds_seen")),
-                                  _fmt(s["mean_score"], nd=2), s["no_face_protected"], s["errors"], s.get("cached", 0),
-                                  a.get("status", "")])
-        parts.append(_table(["API", "protocol", "pairs", "PSR at the provider's thresholds",
-                             "thresholds used (min–max seen)", "mean score", "no face (protected)", "errors", "cached",
-                             "status"], arows, left=2))
-        for n, a in report["apis"].items():
-            if a.get("first_error") and a.get("status") not in ("stopped", "failed"):
-                parts.append(f"<div class='note'>{html.escape(n)}: first error: {html.escape(str(a['first_error']))}</div>")
-    return parts
+        for n, a in report.apis.items():
+            for kind, s in (("dodging", a.dodging), ("impersonation", a.impersonation)):
+                if s is not None:
+                    arows.append([n, kind, s.n, ", ".join(f"{k}: {_fmt(v, pct=True)}" for k, v in s.psr.items()),
+                                  thresholds_seen_text(s.thresholds_seen), _fmt(s.mean_score, nd=2),
+                                  s.no_face_protected, s.errors, s.cached or 0, a.status or ""])
+        yield _table(["API", "protocol", "pairs", "PSR at the provider's thresholds",
+                      "thresholds used (min–max seen)", "mean score", "no face (protected)", "errors", "cached",
+                      "status"], arows, left=2)
+        for n, a in report.apis.items():
+            if a.first_error and a.status not in ("stopped", "failed"):
+                yield f"<div class='note'>{html.escape(n)}: first error: {html.escape(str(a.first_error))}</div>"
 
 
-def _html_figures(report: dict) -> list[str]:
+def _html_figures(report: AuditReport) -> Iterator[str]:
     """Per model: the similarity histograms and the ROC."""
-    parts: list[str] = []
-    parts.append("<h2>Similarity distributions and ROC</h2>")
-    for m in report.get("models", {}):
-        th = report.get("thresholds", {}).get(m, {})
-        hist = _histogram(m, report.get("scores", {}).get(m, {}), th)
-        roc = _roc_figure(m, report["models"][m].get("roc"), (report.get("calibration") or {}).get(m))
-        parts.append("<div>")
+    yield "<h2>Similarity distributions and ROC</h2>"
+    for m, e in report.models.items():
+        th = report.thresholds[m].values if m in report.thresholds else {}
+        hist = _histogram(m, report.scores.get(m, {}), th)
+        roc = _roc_figure(m, e.roc, (report.calibration or {}).get(m))
+        yield "<div>"
         if hist:
-            parts.append(f"<img alt='{html.escape(m)} histogram' src='data:image/png;base64,{hist}'>")
+            yield f"<img alt='{html.escape(m)} histogram' src='data:image/png;base64,{hist}'>"
         if roc:
-            parts.append(f"<img alt='{html.escape(m)} ROC' src='data:image/png;base64,{roc}'>")
-        parts.append("</div>")
-        r_entry = report["models"][m].get("roc") or {}
-        if r_entry.get("n_genuine") is not None:
-            parts.append(f"<p>{html.escape(m)}: ROC before and after over the same {r_entry['n_genuine']} other-photo "
-                         f"comparison(s) against {r_entry.get('n_impostor')} impostor pair(s); "
-                         f"{r_entry.get('self_left_out', 0)} self-verification comparison(s) left out (they have no "
-                         "before; the histogram shows them separately).</p>")
-    return parts
+            yield f"<img alt='{html.escape(m)} ROC' src='data:image/png;base64,{roc}'>"
+        yield "</div>"
+        if e.roc is not None and e.roc.n_genuine is not None:
+            yield (f"<p>{html.escape(m)}: ROC before and after over the same {e.roc.n_genuine} other-photo "
+                   f"comparison(s) against {e.roc.n_impostor} impostor pair(s); "
+                   f"{e.roc.self_left_out or 0} self-verification comparison(s) left out (they have no "
+                   "before; the histogram shows them separately).</p>")
 
 
-def _html_images(report: dict, cfg) -> list[str]:
+def _html_images(report: AuditReport, cfg) -> Iterator[str]:
     """The per-image grid: thumbnails and each image's details (at most ``html_max_images``)."""
-    c = report.get("config", {})
-    parts: list[str] = []
-    images = report.get("images", [])
+    c = report.config
+    images = report.images
     limit = getattr(cfg, "html_max_images", 60) if cfg is not None else int(c.get("html_max_images") or 60)
     prot_root = Path(cfg.protected) if cfg is not None else (Path(c["protected"]) if c.get("protected") else None)
     orig_root = Path(cfg.original) if cfg is not None else (Path(c["original"]) if c.get("original") else None)
-    parts.append(f"<h2>Images ({min(limit, len(images))} of {len(images)})</h2>")
-    parts.append("<table class='grid'><tr><th>original</th><th>protected</th><th>|difference| amplified</th>"
-                 "<th class='l'>details</th></tr>")
-    models = list(report.get("models", {}))
+    yield f"<h2>Images ({min(limit, len(images))} of {len(images)})</h2>"
+    yield ("<table class='grid'><tr><th>original</th><th>protected</th><th>|difference| amplified</th>"
+           "<th class='l'>details</th></tr>")
+    models = list(report.models)
     for r in images[:limit]:
-        parts.append(_html_image_row(r, models, prot_root, orig_root))
-    parts.append("</table>")
-    return parts
+        yield _html_image_row(r, models, prot_root, orig_root)
+    yield "</table>"
 
 
-def _html_image_row(r: dict, models: list[str], prot_root: Path | None, orig_root: Path | None) -> str:
+def _html_image_row(r: ImageRow, models: list[str], prot_root: Path | None, orig_root: Path | None) -> str:
     th = None
     if prot_root is not None and orig_root is not None:
-        prot = prot_root if prot_root.is_file() else prot_root / r["protected"]
-        orig = orig_root if orig_root.is_file() else orig_root / r["original"]
+        prot = prot_root if prot_root.is_file() else prot_root / r.protected
+        orig = orig_root if orig_root.is_file() else orig_root / r.original
         th = _thumbs(prot, orig)
     cells = ["<td>–</td>"] * 3
     if th:
         a, b, d, gain = th
         cells = [f"<td><img src='data:image/jpeg;base64,{a}'></td>", f"<td><img src='data:image/jpeg;base64,{b}'></td>",
                  f"<td><img src='data:image/jpeg;base64,{d}'><br>×{gain:.1f}</td>"]
-    det = [f"<b>{html.escape(r['protected'])}</b>"]
-    if r.get("identity"):
-        det.append(f"identity: {html.escape(str(r['identity']))} ({html.escape(str(r.get('identity_source')))})")
-    if r.get("error"):
-        det.append(f"<span class='err'>{html.escape(r['error'])}</span>")
+    det = [f"<b>{html.escape(r.protected)}</b>"]
+    if r.identity:
+        det.append(f"identity: {html.escape(str(r.identity))} ({html.escape(str(r.identity_source))})")
+    if r.error:
+        det.append(f"<span class='err'>{html.escape(r.error)}</span>")
     for m in models:
-        mr = (r.get("models") or {}).get(m)
-        if not mr:
+        mr = r.models.get(m)
+        if mr is None:
             continue
-        pa = mr.get("protected_at", {}).get("1e-3")
+        pa = mr.protected_at.get("1e-3")
         if pa is None:  # the model has no threshold: nothing can be decided
             verdict = "<span>no threshold @1e-3</span>"
         else:
             verdict = f"<span class='{'ok' if pa else 'bad'}'>{'protected' if pa else 'recognised'} @1e-3</span>"
-        det.append(f"{html.escape(m)}: max sim {_fmt(mr.get('dodging_max'))} · {verdict}")
-    qq = r.get("quality") or {}
+        det.append(f"{html.escape(m)}: max sim {_fmt(mr.dodging_max)} · {verdict}")
+    qq = r.quality or {}
     if qq:
         det.append(f"PSNR {_fmt(qq.get('psnr'), nd=2)} dB · SSIM {_fmt(qq.get('ssim'), nd=4)}")
-    if r.get("resized"):
-        det.append(html.escape(r["resized"]))
-    for x in r.get("impersonation_excluded") or []:
+    if r.resized:
+        det.append(html.escape(r.resized))
+    for x in r.impersonation_excluded or []:
         det.append(f"impersonation target {html.escape(str(x.get('target')))} left out "
                    f"({html.escape(str(x.get('reason')))})")
     return "<tr>" + "".join(cells) + f"<td class='l'>{'<br>'.join(det)}</td></tr>"
@@ -632,14 +657,14 @@ def json_safe(obj):
     return obj
 
 
-def write_reports(report: dict, out: str | Path, cfg=None) -> dict[str, Path]:
+def write_reports(report: AuditReport | Mapping, out: str | Path, cfg=None) -> dict[str, Path]:
     """Write report.json, report.csv and report.html under ``out``."""
+    report = as_report(report)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "csv": out / "report.csv", "html": out / "report.html"}
-    full = dict(report)
-    full["outputs"] = {k: str(v) for k, v in paths.items()}
-    atomic_write_bytes(paths["json"], json.dumps(json_safe(redact(full)), indent=1, default=str,
+    full = dataclasses.replace(report, outputs={k: str(v) for k, v in paths.items()})
+    atomic_write_bytes(paths["json"], json.dumps(json_safe(redact(full.to_json())), indent=1, default=str,
                                                  allow_nan=False).encode())
     write_csv(report, paths["csv"])
     write_html(report, paths["html"], cfg)

@@ -35,7 +35,8 @@ configuration), :mod:`.loading` (models, thresholds, embedding), :mod:`.identiti
 reference pool, targets, gallery), :mod:`.images` (the per-image pass) with :mod:`.protocols`
 (dodging, impersonation, identification) and :mod:`.tally`, :mod:`.aggregate` (per-model
 figures, ROC), :mod:`.utility`, :mod:`.quality`, :mod:`.api_run` (online services),
-:mod:`.notes` and :mod:`.versions`. This module re-exports their names.
+:mod:`.notes` and :mod:`.versions`; the report they fill is :class:`.schema.AuditReport`. This
+module re-exports their names.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import time
 
 from ..core.device import resolve_device
 from ..core.errors import ConfigError
-from ..core.secrets import redact
 from . import inputs as inp, loading
 from .aggregate import model_summaries
 from .api_run import build_apis
@@ -57,6 +57,8 @@ from .notes import (_aligned_utility_notes, _protocol_notes, _thin_statistics_no
                     sampled_refs_note, threshold_notes)
 from .protocols import identification
 from .quality import measure_quality
+from .schema import (ApiResult, AuditReport, Counts, ImageRow, ModelResult, QualitySummary, ThresholdEntry,
+                     UtilitySummary, Versions)
 from .utility import _utility_summary, aligned_face_detection
 from .versions import model_versions
 
@@ -80,7 +82,8 @@ from ..models.thresholds import FARS, ThresholdSet, calibration_mismatch, resolv
 
 def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=None, apis: dict | None = None,
               quality_meter: QualityMeter | None = None, expression_model=None) -> dict:
-    """Run the audit described by ``cfg``; returns the report dict (and writes it when ``cfg.out``).
+    """Run the audit described by ``cfg``; returns the report as a dict (the JSON form of the
+    :class:`~facepriv.audit.schema.AuditReport` it builds, and writes when ``cfg.out``).
 
     ``recognizers`` / ``detector`` / ``apis`` / ``quality_meter`` / ``expression_model`` replace
     the registry models or API adapters (for library use and tests).
@@ -138,40 +141,34 @@ def run_audit(cfg: AuditConfig, *, recognizers: dict | None = None, detector=Non
         notes += _aligned_utility_notes(aligned_detection, cfg.detector)
 
     # ---- the report
-    faces = res.faces.to_json()
-    report: dict = {
-        "facepriv_report": "audit", "version": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config": cfg.to_json(),
-        "versions": _versions(cfg, models, loaded, recognizers is not None, quality_meter, quality_injected),
-        "thresholds": {m: t.to_json() for m, t in thresholds.items()},
-        "models": report_models,
-        "quality": quality,
-        "faces": faces,
-        "counts": {"pairs": len(pairs), "evaluated": sum(1 for r in res.rows if not r["error"]),
-                   "identities_known": known, "reference_photos": len(pool.entries), "targets": len(tgt.ok),
-                   "gallery_images": len(gal.ok)},
-        "protocol_notes": notes + threshold_notes(cfg, thresholds),
-        "images": res.rows,
-        "scores": scores,
-        "errors": errors,
-    }
+    report = AuditReport(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"), config=cfg.to_json(),
+        versions=Versions.from_json(_versions(cfg, models, loaded, recognizers is not None, quality_meter,
+                                              quality_injected)),
+        thresholds={m: ThresholdEntry.from_json(t.to_json()) for m, t in thresholds.items()},
+        models={m: ModelResult.from_json(e) for m, e in report_models.items()},
+        quality=QualitySummary.from_json(quality), faces=res.faces,
+        counts=Counts(pairs=len(pairs), evaluated=sum(1 for r in res.rows if not r["error"]), identities_known=known,
+                      reference_photos=len(pool.entries), targets=len(tgt.ok), gallery_images=len(gal.ok)),
+        protocol_notes=notes + threshold_notes(cfg, thresholds), scores=scores, errors=errors)
     if cfg.utility:
-        report["utility"] = _utility_summary(res.utility_rows, faces, cfg.aligned, cfg.detector)
+        report.utility = UtilitySummary.from_json(
+            _utility_summary(res.utility_rows, res.faces.to_json(), cfg.aligned, cfg.detector))
         if loaded.utility_detector_error:
-            report["utility"]["face_detected_rate"] = None
-            report["utility"]["unavailable"] = {"face_detection": loaded.utility_detector_error}
-    if adapters:
-        report["apis"] = _run_apis(cfg, res.rows, res.api_jobs, adapters)
-    report["timings"] = {"total_s": round(time.perf_counter() - t_start, 3), "embedding_s": round(embed_seconds, 3),
-                         **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in cache.timings.items()}}
-    report["calibration"] = {m: t.calibration for m, t in thresholds.items() if t.calibration}
-    report = redact(report)
+            report.utility.face_detected_rate = None
+            report.utility.unavailable = {"face_detection": loaded.utility_detector_error}
+    if adapters:  # the services add their comparisons to the rows
+        report.apis = {n: ApiResult.from_json(a) for n, a in _run_apis(cfg, res.rows, res.api_jobs, adapters).items()}
+    report.images = [ImageRow.from_json(r) for r in res.rows]
+    report.timings = {"total_s": round(time.perf_counter() - t_start, 3), "embedding_s": round(embed_seconds, 3),
+                      **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in cache.timings.items()}}
+    report.calibration = {m: t.calibration for m, t in thresholds.items() if t.calibration}
+    report = report.redacted()
     if cfg.out is not None:
         from .report import write_reports
 
-        report["outputs"] = {k: str(v) for k, v in write_reports(report, cfg.out, cfg).items()}
-    return report
+        report.outputs = {k: str(v) for k, v in write_reports(report, cfg.out, cfg).items()}
+    return report.to_json()
 
 
 def _versions(cfg: AuditConfig, models: dict, loaded: loading.AuditModels, recognizers_injected: bool,

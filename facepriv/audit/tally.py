@@ -1,9 +1,11 @@
 """What the per-image pass collects for the report: per-model score lists and counters
-(:class:`ModelTally`) and the face counts (:class:`FaceCounts`)."""
+(:class:`ModelTally`) and the face counts (:class:`FaceCounts`, a report section)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+from .schema import FaceCounts  # noqa: F401 - counted here, a section of the report
 
 PROTOCOLS = ("other-photos", "self")  # dodging: vs other clean photos of the person | vs its own original
 SELF_REASONS = ("identity-unknown", "no-other-photo", "secondary-face")  # why a face fell back to "self"
@@ -41,23 +43,3 @@ class ModelTally:
     dod_by: dict[str, ProtocolScores] = field(default_factory=lambda: {k: ProtocolScores() for k in PROTOCOLS})
     self_reasons: dict[str, int] = field(default_factory=lambda: _counts(SELF_REASONS))
     imp_excluded: dict[str, int] = field(default_factory=lambda: _counts(TARGET_EXCLUSIONS))
-
-
-@dataclass
-class FaceCounts:
-    """Faces of the originals, how many were found again in the protected photos, and the
-    protected photos in which no face at all was found (report.json ``faces``)."""
-
-    original: int = 0
-    matched: int = 0
-    not_detected: int = 0
-    images_no_face_after: int = 0
-
-    def add(self, n_original: int, n_matched: int, n_protected: int) -> None:
-        self.original += n_original
-        self.matched += n_matched
-        self.not_detected += n_original - n_matched
-        self.images_no_face_after += int(n_protected == 0)
-
-    def to_json(self) -> dict[str, int]:
-        return asdict(self)

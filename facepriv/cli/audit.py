@@ -6,8 +6,9 @@ calibrate --pairs FILE --models ...`` computes FAR thresholds from labelled clea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape as rich_escape
@@ -15,6 +16,9 @@ from rich.table import Table
 
 from . import common
 from .common import err_console, handle_errors, out_console, state
+
+if TYPE_CHECKING:
+    from ..audit.schema import AuditReport
 
 HELP = """Audit protected photos: verification (dodging), impersonation and identification per face-recognition
 model at FAR 1e-1/1e-2/1e-3, image quality (PSNR, SSIM, LPIPS, FID), optional utility and online APIs.
@@ -105,6 +109,7 @@ def audit(
         raise typer.Exit(2)
     from ..audit import AuditConfig, run_audit, summarize
     from ..audit.report import api_problems, exit_code, json_safe
+    from ..audit.schema import as_report
 
     cfg = AuditConfig(
         protected=protected, original=original, models=common.split_list(models), out=out, gallery=gallery,
@@ -119,7 +124,7 @@ def audit(
         glob=glob, max_images=max_images, max_pixels=max_pixels, html_max_images=html_max_images,
         progress=not (state.quiet or state.json),
     )
-    report = run_audit(cfg)
+    report = as_report(run_audit(cfg))
     summary = summarize(report)
     if state.json:
         common.emit_json(json_safe(summary))
@@ -144,13 +149,14 @@ def _num(v, nd: int = 3) -> str:
     return f"{v:.{nd}f}"
 
 
-def psr_table(report: dict) -> Table:
+def psr_table(report: AuditReport | Mapping) -> Table:
     """The PSR summary (fits 80 columns): per model, one row per dodging protocol present (and
     the headline over both when both are), and impersonation; per-comparison PSR at each FAR,
     per-face PSR and the clean "before" (same comparisons) at FAR 1e-3, and the mean similarity."""
     from rich import box
 
-    from ..audit.report import dodging_rows
+    from ..audit.report import psr_rows
+    from ..audit.schema import as_report
     from ..models.thresholds import FARS
 
     t = Table(title="protection success rate (PSR): share of comparisons that defeat recognition",
@@ -160,95 +166,101 @@ def psr_table(report: dict) -> Table:
               caption_justify="left")
     for c in ("model / protocol", "n", *[f"PSR {f}" for f in FARS], "faces 1e-3", "before 1e-3", "mean sim"):
         t.add_column(c, justify="left" if c == "model / protocol" else "right", no_wrap=c == "model / protocol")
-    for m, e in report.get("models", {}).items():
+    for m, e in as_report(report).models.items():
         t.add_row(rich_escape(m), style="bold")
-        for label, d, before in dodging_rows(e["dodging"]):
-            t.add_row("  " + label, str(d["n"]), *[_pct(d["psr"].get(f)) for f in FARS],
-                      _pct((d.get("psr_faces") or {}).get("1e-3")),
-                      _pct(before["psr"].get("1e-3")) if before else "n/a", _num(d["mean_similarity"]))
-        if "impersonation" in e:
-            i = e["impersonation"]
-            t.add_row("  impersonation", str(i["n"]), *[_pct(i["psr"].get(f)) for f in FARS],
-                      _pct((i.get("psr_faces") or {}).get("1e-3")), _pct(i["before"]["psr"].get("1e-3")),
-                      _num(i["mean_similarity"]))
+        for label, d, before in psr_rows(e):
+            t.add_row("  " + label, str(d.n), *[_pct(d.psr.get(f)) for f in FARS], _pct((d.psr_faces or {}).get("1e-3")),
+                      _pct(before.psr.get("1e-3")) if before is not None else "n/a", _num(d.mean_similarity))
     return t
 
 
-def print_problems(report: dict) -> None:
+def print_problems(report: AuditReport | Mapping) -> None:
     """``--quiet``: only what went wrong, as errors on stderr (stopped or failing APIs, images that
     could not be audited)."""
     from ..audit.report import api_problems
-    from ..core.secrets import redact
+    from ..audit.schema import as_report
 
-    report = redact(report)
+    report = as_report(report).redacted()
     for line in api_problems(report):
         common.print_error(line)
-    for e in report.get("errors", []):
+    for e in report.errors:
         common.print_error(f"{e.get('file')}: {e.get('error')}")
 
 
-def print_summary(report: dict) -> None:
-    from ..audit.report import api_problems, psnr_text, quality_notes, thresholds_seen_text, verdict_line
-    from ..core.secrets import redact
-    from ..models.thresholds import FARS
+def print_summary(report: AuditReport | Mapping) -> None:
+    """The terminal summary: the verdict, the PSR, thresholds and identification tables, quality,
+    faces, utility, online APIs, notes, problems and where the report files are."""
+    from ..audit.report import api_problems, verdict_line
+    from ..audit.schema import as_report
 
-    report = redact(report)
-    th = report.get("thresholds", {})
+    report = as_report(report).redacted()
     out_console.print(verdict_line(report), markup=False, highlight=False, style="bold")
     out_console.print(psr_table(report))
-    tt = Table(title="thresholds (similarity, higher = same person)", header_style="bold")
-    for c in ("model", *[f"FAR {f}" for f in FARS], "source"):
-        tt.add_column(c, justify="left" if c in ("model", "source") else "right")
-    for m, tm in th.items():
-        tt.add_row(m, *[_num(tm.get(f), 4) for f in FARS], str(tm.get("source", "")))
-    out_console.print(tt)
-    ids = [(m, e["identification"]) for m, e in report.get("models", {}).items() if "identification" in e]
-    if ids:
-        t2 = Table(title="identification (gallery)", header_style="bold")
-        for c in ("model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"):
-            t2.add_column(c, justify="left" if c == "model" else "right")
-        for m, s in ids:
-            t2.add_row(m, str(s["n"]), _pct(s["rank1_before"]), _pct(s["rank1_after"]), _pct(s["rank5_before"]),
-                       _pct(s["rank5_after"]))
-        out_console.print(t2)
-    q = report.get("quality", {})
-    out_console.print(f"quality: PSNR {psnr_text(q)} · SSIM {_num(q.get('ssim'), 4)} · "
-                      f"LPIPS {_num(q.get('lpips'), 4)} · FID {_num(q.get('fid'), 2)}")
-    for note in quality_notes(report):
-        out_console.print(common.labelled("  note:", "yellow", note), soft_wrap=True)
-    f = report.get("faces", {})
-    out_console.print(f"faces: {f.get('original', 0)} in originals, {f.get('not_detected', 0)} no longer detected after "
-                      "protection (counted as protected for dodging)")
-    if "utility" in report:
-        u = report["utility"]
-        how = f" ({u['face_detection']}, {u.get('faces_judged', 0)} crop(s))" if u.get("face_detection") else ""
-        out_console.print(f"utility: face still detected {_pct(u.get('face_detected_rate'))}{how}, expression kept "
-                          f"{_pct(u.get('expression_kept_rate'))}", highlight=False, markup=False)
-    for name, a in (report.get("apis") or {}).items():
-        for kind in ("dodging", "impersonation"):
-            if kind in a:
-                s = a[kind]
-                rates = ", ".join(f"{k}: {_pct(v)}" for k, v in s["psr"].items()) or "no scores"
-                out_console.print(f"{name} {kind}: {s['n']} pairs, PSR {rates} (thresholds "
-                                  f"{thresholds_seen_text(s.get('thresholds_seen'))}); no face in protected "
-                                  f"{s['no_face_protected']}, errors {s['errors']}, cached {s.get('cached', 0)}",
-                                  highlight=False, markup=False)
-        out_console.print(f"{name}: {a.get('calls', 0)} requests sent, {a.get('cache_hits', 0)} cache hits, "
-                          f"{a.get('retries', 0)} retries", highlight=False, markup=False)
-        if a.get("first_error") and a.get("status") not in ("stopped", "failed"):
-            out_console.print(f"{name}: first error: {a['first_error']}", highlight=False, markup=False)
-    for n in report.get("protocol_notes", []):
+    for table in _model_tables(report):
+        out_console.print(table)
+    _print_figures(report)
+    for n in report.protocol_notes:
         out_console.print(common.labelled("note:", "yellow", n), soft_wrap=True)
     for line in api_problems(report):
         common.print_error(line, out_console)
-    errs = report.get("errors", [])
-    if errs:
-        out_console.print(f"[red]{len(errs)} image(s) could not be audited:[/red]")
-        for e in errs[:20]:
+    if report.errors:
+        out_console.print(f"[red]{len(report.errors)} image(s) could not be audited:[/red]")
+        for e in report.errors[:20]:
             out_console.print(f"  {e.get('file')}: {e.get('error')}", highlight=False, markup=False)
-    outs = report.get("outputs", {})
+    outs = report.outputs or {}
     if outs:
         out_console.print(f"report: {outs.get('html')} (+ report.json, report.csv)", highlight=False, markup=False)
+
+
+def _model_tables(report: AuditReport) -> list[Table]:
+    """The thresholds table, and the identification table where a gallery was used."""
+    from ..models.thresholds import FARS
+
+    tt = Table(title="thresholds (similarity, higher = same person)", header_style="bold")
+    for c in ("model", *[f"FAR {f}" for f in FARS], "source"):
+        tt.add_column(c, justify="left" if c in ("model", "source") else "right")
+    for m, tm in report.thresholds.items():
+        tt.add_row(m, *[_num(tm.at(f), 4) for f in FARS], str(tm.source))
+    ids = [(m, e.identification) for m, e in report.models.items() if e.identification is not None]
+    if not ids:
+        return [tt]
+    t2 = Table(title="identification (gallery)", header_style="bold")
+    for c in ("model", "probes", "rank-1 before", "rank-1 after", "rank-5 before", "rank-5 after"):
+        t2.add_column(c, justify="left" if c == "model" else "right")
+    for m, s in ids:
+        t2.add_row(m, str(s.n), _pct(s.rank1_before), _pct(s.rank1_after), _pct(s.rank5_before), _pct(s.rank5_after))
+    return [tt, t2]
+
+
+def _print_figures(report: AuditReport) -> None:
+    """Quality (with its notes), faces, utility and the online APIs, one line each."""
+    from ..audit.report import psnr_text, quality_notes, thresholds_seen_text
+
+    q = report.quality
+    out_console.print(f"quality: PSNR {psnr_text(q)} · SSIM {_num(q.ssim, 4)} · "
+                      f"LPIPS {_num(q.lpips, 4)} · FID {_num(q.fid, 2)}")
+    for note in quality_notes(report):
+        out_console.print(common.labelled("  note:", "yellow", note), soft_wrap=True)
+    f = report.faces
+    out_console.print(f"faces: {f.original} in originals, {f.not_detected} no longer detected after "
+                      "protection (counted as protected for dodging)")
+    u = report.utility
+    if u is not None:
+        how = f" ({u.face_detection}, {u.faces_judged or 0} crop(s))" if u.face_detection else ""
+        out_console.print(f"utility: face still detected {_pct(u.face_detected_rate)}{how}, expression kept "
+                          f"{_pct(u.expression_kept_rate)}", highlight=False, markup=False)
+    for name, a in (report.apis or {}).items():
+        for kind, s in (("dodging", a.dodging), ("impersonation", a.impersonation)):
+            if s is not None:
+                rates = ", ".join(f"{k}: {_pct(v)}" for k, v in s.psr.items()) or "no scores"
+                out_console.print(f"{name} {kind}: {s.n} pairs, PSR {rates} (thresholds "
+                                  f"{thresholds_seen_text(s.thresholds_seen)}); no face in protected "
+                                  f"{s.no_face_protected}, errors {s.errors}, cached {s.cached or 0}",
+                                  highlight=False, markup=False)
+        out_console.print(f"{name}: {a.calls} requests sent, {a.counter('cache_hits')} cache hits, "
+                          f"{a.counter('retries')} retries", highlight=False, markup=False)
+        if a.first_error and a.status not in ("stopped", "failed"):
+            out_console.print(f"{name}: first error: {a.first_error}", highlight=False, markup=False)
 
 
 def calibration_tables(result: dict, name: str) -> list[Table]:
