@@ -1,6 +1,7 @@
 """Pairs files for `facepriv audit calibrate`: LFW's pairs.txt as distributed, space-separated
-lists (flattened CFP-FP / CFP-FF protocol), CSV; error messages name the line and what was
-expected. Tiny synthetic LFW-style trees only (never the real LFW)."""
+lists (flattened CFP-FP / CFP-FF protocol), CSV, CFP's split folders; error messages name the
+line and what was expected. Tiny synthetic LFW-style trees only (never the real LFW).
+"""
 
 from __future__ import annotations
 
@@ -10,30 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
 from facepriv.audit import inputs as inp
 from facepriv.core.errors import ConfigError
 
+from .helpers import MeanColour
+
+
 # person -> (photo numbers, colour)
 PEOPLE = {"Ann_Lee": ((1, 2, 12), (200, 40, 40)), "Bo_Ma": ((1,), (40, 40, 200)), "Cy_Ng": ((1, 3), (40, 200, 40))}
 
+
 # LFW layout: "FOLDS N" header, N same pairs then N different pairs per fold, tab separated
 LFW_PAIRS = "1\t2\nAnn_Lee\t1\t12\nCy_Ng\t1\t3\nAnn_Lee\t2\tBo_Ma\t1\nBo_Ma\t1\tCy_Ng\t3\n"
-
-
-class MeanColour(nn.Module):
-    """A fake recogniser: the embedding of a crop is the mean RGB of its centre."""
-
-    def __init__(self):
-        super().__init__()
-        self.spec = type("S", (), {"template": "arcface-112", "input_size": (112, 112), "metric": "cosine",
-                                   "name": "mean-colour", "thresholds": {}, "threshold_source": None,
-                                   "architecture": "mean colour", "runtime": "torch"})()
-
-    def forward(self, x):
-        return x[:, :, 28:84, 28:84].mean((2, 3))
 
 
 def lfw_tree(top: Path, sub: str | None = "images") -> Path:

@@ -1,6 +1,7 @@
-"""The audit's embedding pipeline after its throughput work: embeddings identical to the plain
-path (decode the whole photo, align every face, embed in batches), one forward per batch and
-no extra probe pass, and readers that keep preparing images while a forward runs."""
+"""The audit's embedding pipeline: faces batched across images stay in place, embeddings equal
+the plain path (decode the whole photo, align every face, embed in batches) with one forward
+per batch, pre-aligned crops, and readers that keep preparing images while a forward runs.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +13,58 @@ import numpy as np
 import pytest
 import torch
 from conftest import fixture_path
+from PIL import Image
 from torch import nn
 
 from facepriv.audit.embed import FaceEmbeddingCache, embed_aligned, model_input_size, model_template, source_region
 from facepriv.core.align import align_faces
 from facepriv.core.io import load_image
+
+from .helpers import TinyRecognizer
+
+
+def test_batching_across_images_keeps_every_face_in_place(mtcnn):
+    paths = [fixture_path(n) for n in ("group.jpg", "obama.jpg", "biden.jpg", "obama2.jpg")]
+    models = {"tiny": TinyRecognizer(), "tiny-dlib": TinyRecognizer("dlib-150", (150, 150), dim=7)}
+    one = FaceEmbeddingCache(models, detector=mtcnn, batch_size=1, workers=1).process(paths, progress=False)
+    many = FaceEmbeddingCache(models, detector=mtcnn, batch_size=4, workers=2).process(paths, progress=False)
+    big = FaceEmbeddingCache(models, detector=mtcnn, batch_size=64).process(paths, progress=False)
+    assert len(one[paths[0].resolve()].faces) == 6
+    for p in paths:
+        for m in models:
+            a, b, c = (r[p.resolve()].embeddings[m] for r in (one, many, big))
+            assert a.shape == (len(one[p.resolve()].faces), 12 if m == "tiny" else 7)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    # faces are sorted largest first (the primary face)
+    areas = [f.width * f.height for f in one[paths[0].resolve()].faces]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_pipeline_matches_embed_faces_and_aligned_crops(tmp_path, mtcnn):
+    from facepriv.core.align import align_faces, landmarks_tensor
+    from facepriv.core.io import load_image
+    from facepriv.models.recognition import embed_faces
+
+    model = TinyRecognizer()
+    p = fixture_path("obama.jpg")
+    cache = FaceEmbeddingCache({"tiny": model}, detector=mtcnn)
+    res = cache.process([p], progress=False)[p.resolve()]
+    x = load_image(p).to_tensor()
+    ref = embed_faces(model, x, landmarks_tensor(res.faces))
+    torch.testing.assert_close(res.embeddings["tiny"], ref, atol=1e-5, rtol=1e-5)
+    # extra landmark sets are embedded too
+    res2 = cache.process([p], extra={p: np.stack([f.landmarks for f in res.faces])}, progress=False)[p.resolve()]
+    torch.testing.assert_close(res2.extra["tiny"], ref, atol=1e-5, rtol=1e-5)
+    # a pre-aligned crop (arcface-112 at 224 px) re-aligned per model gives the same embedding
+    crop = align_faces(x, landmarks_tensor(res.faces[:1]), "arcface-112", size=(224, 224)).crops[0]
+    cp = tmp_path / "crop.png"
+    Image.fromarray((crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(cp)
+    al = FaceEmbeddingCache({"tiny": model}, aligned=True).process([cp], progress=False)[cp.resolve()]
+    assert len(al.faces) == 1
+    cos = torch.nn.functional.cosine_similarity(al.embeddings["tiny"], ref[:1])
+    assert float(cos) > 0.999
+
 
 NAMES = ("group.jpg", "obama.jpg", "biden.jpg", "obama2.jpg")
 
