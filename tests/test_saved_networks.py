@@ -216,3 +216,19 @@ def test_a_ksame_method_given_a_saved_pool_folder_loads_it_in_setup(tmp_path):
     m = create_method("k-same-average", k=2, model=None, match_color=False, size=32, pool=folder)
     m.setup("cpu")
     assert m.pool is not None and len(m.pool) == 3 and m.pool.n_identities == 2
+
+
+def test_patch_apply_refuses_a_folder_that_is_not_a_saved_generator_before_any_work(tmp_path):
+    from facepriv.patch import PatchApplyConfig, run_patch_apply
+
+    other = tmp_path / "pool"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"format": "facepriv-ksame-pool", "version": 1, "config": {}}))
+    photos = tmp_path / "in"
+    photos.mkdir()
+    with pytest.raises(ConfigError, match=r"--generator: .*pool is not a facepriv patch generator"):
+        run_patch_apply([photos], tmp_path / "out", PatchApplyConfig(generator=str(other)), progress=False)
+    with pytest.raises(ConfigError, match=r"--generator: .*missing is not a saved patch generator"):
+        run_patch_apply([photos], tmp_path / "out", PatchApplyConfig(generator=str(tmp_path / "missing")),
+                        progress=False)
+    assert not (tmp_path / "out").exists()

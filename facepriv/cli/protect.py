@@ -33,6 +33,11 @@ _BASE = "Baselines (pgd, mifgsm, tidim, tipim)"
 _TR = "Transfer (the default without a GPU)"
 
 
+def _base(*flags: str, **kw):
+    """An option of the baselines' help panel."""
+    return typer.Option(*flags, rich_help_panel=_BASE, **kw)
+
+
 @handle_errors
 @common.batch_options()
 def protect(
@@ -114,52 +119,44 @@ def protect(
                                               rich_help_panel=_BASE)] = 50,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Per-step change (default: from the "
                                                                         "budget and steps).", rich_help_panel=_BASE)] = None,
-    region: Annotated[str | None, typer.Option(
-        "--region", help="Pixels the noise may change: face (ellipse) | head (larger ellipse) | box (default: face).",
-        rich_help_panel=_BASE)] = None,
-    random_start: Annotated[bool | None, typer.Option(
+    region: Annotated[str | None, _base(
+        "--region", help="Pixels the noise may change: face (ellipse) | head (larger ellipse) | box (default: face).")] = None,
+    random_start: Annotated[bool | None, _base(
         "--random-start/--no-random-start", help="Start from uniform noise in the budget (default: off).",
-        show_default=False, rich_help_panel=_BASE)] = None,
-    momentum: Annotated[float | None, typer.Option(
+        show_default=False)] = None,
+    momentum: Annotated[float | None, _base(
         "--momentum", min=0.0, help="Decay of the accumulated gradient, 0 = plain PGD (default: 0 for pgd, "
-                                    "1 for mifgsm/tidim/tipim).", rich_help_panel=_BASE)] = None,
-    diversity_prob: Annotated[float | None, typer.Option(
+                                    "1 for mifgsm/tidim/tipim).")] = None,
+    diversity_prob: Annotated[float | None, _base(
         "--diversity-prob", min=0.0, max=1.0, help="Input diversity: probability per step of a random resize and "
-                                                    "affine of the input (default: 0 for pgd/mifgsm, 0.5 for tidim/tipim).",
-        rich_help_panel=_BASE)] = None,
-    diversity_scale: Annotated[float | None, typer.Option(
-        "--diversity-scale", min=0.0, help="Input diversity: largest random rescale (fraction) (default: 0.1).",
-        rich_help_panel=_BASE)] = None,
-    diversity_shift: Annotated[float | None, typer.Option(
+                                                    "affine of the input (default: 0 for pgd/mifgsm, 0.5 for tidim/tipim).")] = None,
+    diversity_scale: Annotated[float | None, _base(
+        "--diversity-scale", min=0.0, help="Input diversity: largest random rescale (fraction) (default: 0.1).")] = None,
+    diversity_shift: Annotated[float | None, _base(
         "--diversity-shift", min=0.0, help="Input diversity: largest random shift (fraction of the face) "
-                                           "(default: 0.04).", rich_help_panel=_BASE)] = None,
-    diversity_rotate: Annotated[float | None, typer.Option(
-        "--diversity-rotate", min=0.0, help="Input diversity: largest random rotation in degrees (default: 6).",
-        rich_help_panel=_BASE)] = None,
-    ti_kernel: Annotated[int | None, typer.Option(
+                                           "(default: 0.04).")] = None,
+    diversity_rotate: Annotated[float | None, _base(
+        "--diversity-rotate", min=0.0, help="Input diversity: largest random rotation in degrees (default: 6).")] = None,
+    ti_kernel: Annotated[int | None, _base(
         "--ti-kernel", min=0, help="Translation-invariant gradient smoothing: Gaussian kernel length in pixels of a "
-                                   "100 px face, 0 = off (default: 9 for tidim, else 0).", rich_help_panel=_BASE)] = None,
-    early_stop: Annotated[bool | None, typer.Option(
+                                   "100 px face, 0 = off (default: 9 for tidim, else 0).")] = None,
+    early_stop: Annotated[bool | None, _base(
         "--early-stop/--no-early-stop", help="Stop a face once every surrogate is past its verification threshold "
-                                             "(default: off).", show_default=False, rich_help_panel=_BASE)] = None,
-    early_stop_margin: Annotated[float | None, typer.Option(
-        "--early-stop-margin", help="How far past the threshold, in each model's similarity units (default: 0.05).",
-        rich_help_panel=_BASE)] = None,
-    early_stop_far: Annotated[str | None, typer.Option(
-        "--early-stop-far", help="False-accept rate of the thresholds early stopping uses (default: 1e-2).",
-        rich_help_panel=_BASE)] = None,
-    thresholds: Annotated[str | None, typer.Option(
+                                             "(default: off).", show_default=False)] = None,
+    early_stop_margin: Annotated[float | None, _base(
+        "--early-stop-margin", help="How far past the threshold, in each model's similarity units (default: 0.05).")] = None,
+    early_stop_far: Annotated[str | None, _base(
+        "--early-stop-far", help="False-accept rate of the thresholds early stopping uses (default: 1e-2).")] = None,
+    thresholds: Annotated[str | None, _base(
         "--thresholds", help="Verification thresholds for early stopping, e.g. 'dlib-resnet=-0.6,facenet-casia=0.45' "
-                             "(default: the model's calibration).", rich_help_panel=_BASE)] = None,
-    push_weight: Annotated[float | None, typer.Option(
+                             "(default: the model's calibration).")] = None,
+    push_weight: Annotated[float | None, _base(
         "--push-weight", min=0.0, help="With --target: weight of moving away from the source (default: 1 for tipim, "
-                                       "else 0).", rich_help_panel=_BASE)] = None,
-    naturalness: Annotated[str | None, typer.Option(
-        "--naturalness", help="Naturalness penalty on the noise: hf (high-frequency energy) | mmd (default: hf).",
-        rich_help_panel=_BASE)] = None,
-    naturalness_weight: Annotated[float | None, typer.Option(
-        "--naturalness-weight", min=0.0, help="Weight of the naturalness penalty (default: 0.5 for tipim, else 0).",
-        rich_help_panel=_BASE)] = None,
+                                       "else 0).")] = None,
+    naturalness: Annotated[str | None, _base(
+        "--naturalness", help="Naturalness penalty on the noise: hf (high-frequency energy) | mmd (default: hf).")] = None,
+    naturalness_weight: Annotated[float | None, _base(
+        "--naturalness-weight", min=0.0, help="Weight of the naturalness penalty (default: 0.5 for tipim, else 0).")] = None,
     # ---- transfer
     min_psnr: Annotated[float, typer.Option(
         "--min-psnr", min=20.0, max=60.0, help="Quality floor: PSNR of each protected face region against the "

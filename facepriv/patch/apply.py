@@ -47,7 +47,8 @@ from ..core.errors import ConfigError, NoFaceError
 from ..core.faces import FacePolicy
 from ..core.io import LoadedImage, load_image
 from ..core.photo import SaveOptions, load_and_detect, no_face_result, save_edited
-from .generator import PatchGenerator, read_validation
+from ..core.saving import read_metadata
+from .generator import GENERATOR_FORMAT, PatchGenerator, read_validation
 from .placement import patch_to_photo, paste_patch
 
 
@@ -85,8 +86,8 @@ def generator_surrogates(path: str | os.PathLike) -> list[str]:
 
     path = Path(path).expanduser()
     try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        meta = read_metadata(path, GENERATOR_FORMAT)
+    except ConfigError:
         meta = {}
     v = meta.get("validation") if isinstance(meta, dict) else None
     if isinstance(v, dict) and isinstance(v.get("surrogates"), dict) and v["surrogates"]:
@@ -445,8 +446,10 @@ def run_patch_apply(inputs: list[str | Path], out: str | Path, cfg: PatchApplyCo
     save = save or SaveOptions()
     out = Path(out)
     gen_dir = Path(cfg.generator).expanduser()
-    if not (gen_dir / "config.json").is_file():
-        raise ConfigError(f"--generator {gen_dir}: not a trained patch generator folder (no config.json)")
+    try:
+        read_metadata(gen_dir, GENERATOR_FORMAT)  # before any work: the folder is a saved generator
+    except ConfigError as exc:
+        raise ConfigError(f"--generator: {exc}") from None
     if cfg.target is not None and not Path(cfg.target).is_file():
         raise ConfigError(f"--target {cfg.target}: no such image")
     items = collect_inputs(inputs, glob=glob, exclude=[out])
